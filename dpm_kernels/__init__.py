@@ -1,0 +1,13 @@
+"""dpm_kernels: fused DPM-Solver / DPM-Solver++ sampling steps (Lu et al. 2022).
+
+    import dpm_kernels as dk
+    ns = dk.NoiseScheduleVP("discrete", betas=betas)
+    model_fn = dk.model_wrapper(model, ns, model_type="noise")
+    x0 = dk.DPMSolver(model_fn, ns, algorithm_type="dpmsolver++").sample(x_T, steps=20, order=2)
+"""
+
+from . import layout, ops
+from .schedule import NoiseScheduleVP
+
+__all__ = ["NoiseScheduleVP", "layout", "ops"]
+__version__ = "0.1.0"

@@ -1,0 +1,1 @@
+"""Implementations of the fused step: `reference` (PyTorch), `cpu` (C++), `cuda` (C++/CUDA), `triton`."""

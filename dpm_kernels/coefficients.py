@@ -1,0 +1,359 @@
+"""Every DPM-Solver update as float64 scalars: ``x_t = a * x + sum_j c[j] * m_j + noise * z`` (MATH.md).
+
+This file is the one place where the solver formulas live in Python. Each function takes the points of
+the trajectory (alpha, sigma, lambda of each time) and returns an `Update`; the fused kernels only ever
+see the resulting numbers. ``c[0]`` multiplies the newest model output, ``c[1]`` the one before, and so on.
+
+Points are generic (alpha, sigma) pairs with ``lam = log(alpha) - log(sigma)``: VP points from a noise
+schedule, or k-diffusion's VE points (alpha = 1, sigma = sigma_k) -- the formulas only use ratios and lambda,
+so both work. A point with sigma = 0 (the end of a trajectory that denoises completely) has lam = +inf;
+only first-order steps may end there, and they are computed by their finite limits, never as 0 * inf.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+ALGORITHMS = ("dpmsolver++", "dpmsolver", "sde-dpmsolver++", "sde-dpmsolver")
+SOLVER_TYPES = ("dpmsolver", "taylor")
+# diffusers' names for the same two variants.
+_SOLVER_ALIASES = {"midpoint": "dpmsolver", "heun": "taylor", "dpmsolver": "dpmsolver", "taylor": "taylor"}
+
+
+@dataclass(frozen=True)
+class Point:
+    """One time of a trajectory: alpha_t, sigma_t and lambda_t = log(alpha_t / sigma_t), all float64."""
+
+    alpha: float
+    sigma: float
+    lam: float
+
+    @staticmethod
+    def from_log_alpha(log_alpha: float) -> Point:
+        """A VP point from log(alpha_t); sigma_t = sqrt(1 - alpha_t^2) computed without cancellation."""
+        log_alpha = float(log_alpha)
+        if log_alpha == 0.0:
+            return Point(1.0, 0.0, math.inf)
+        log_sigma = 0.5 * math.log(-math.expm1(2.0 * log_alpha))
+        return Point(math.exp(log_alpha), math.exp(log_sigma), log_alpha - log_sigma)
+
+    @staticmethod
+    def from_ve_sigma(sigma: float) -> Point:
+        """k-diffusion's parameterisation x_ve = x / alpha: alpha = 1, sigma = sigma_ve."""
+        sigma = float(sigma)
+        return Point(1.0, sigma, math.inf if sigma == 0.0 else -math.log(sigma))
+
+    @staticmethod
+    def from_vp_of_ve_sigma(sigma: float) -> Point:
+        """diffusers' conversion of a VE sigma to VP: alpha = 1/sqrt(1 + s^2), sigma_vp = s * alpha."""
+        sigma = float(sigma)
+        alpha = 1.0 / math.sqrt(1.0 + sigma * sigma)
+        return Point(alpha, sigma * alpha, math.inf if sigma == 0.0 else -math.log(sigma))
+
+
+@dataclass(frozen=True)
+class Update:
+    """``x_t = a * x + sum_j c[j] * m_j + noise * z``: c[0] for the newest model output."""
+
+    a: float
+    c: tuple[float, ...]
+    noise: float = 0.0
+
+
+def normalize_solver_type(solver_type: str) -> str:
+    if solver_type not in _SOLVER_ALIASES:
+        raise ValueError(f"solver_type: expected 'dpmsolver' or 'taylor' (or 'midpoint'/'heun'), got {solver_type!r}")
+    return _SOLVER_ALIASES[solver_type]
+
+
+def is_data_prediction(algorithm_type: str) -> bool:
+    """True when the solver's history holds x0 (DPM-Solver++), False when it holds eps."""
+    if algorithm_type not in ALGORITHMS:
+        raise ValueError(f"algorithm_type: expected one of {ALGORITHMS}, got {algorithm_type!r}")
+    return algorithm_type.endswith("++")
+
+
+def _expm1_over(x: float) -> float:
+    """expm1(x) / x, continuous at x = 0."""
+    return math.expm1(x) / x if x != 0.0 else 1.0
+
+
+def _sigma_expm1_h(pt: Point, ps: Point) -> float:
+    """sigma_t * expm1(lambda_t - lambda_s), finite also when sigma_t = 0 (then it is alpha_t sigma_s / alpha_s)."""
+    if pt.sigma == 0.0:
+        return pt.alpha * ps.sigma / ps.alpha
+    return pt.sigma * math.expm1(pt.lam - ps.lam)
+
+
+def _check_finite_step(order: int, pt: Point) -> None:
+    if pt.sigma == 0.0 and order > 1:
+        raise ValueError("order: a step that ends at sigma = 0 must be first order (higher orders divide by h = inf)")
+
+
+def multistep(algorithm_type: str, solver_type: str, order: int, prev: list[Point], pt: Point) -> Update:
+    """Multistep DPM-Solver(++) of ``order`` from ``prev[0]`` (newest) to ``pt``; prev[1], prev[2] older.
+
+    ODE algorithms only; see `sde_multistep` for the SDE variants.
+    """
+    solver_type = normalize_solver_type(solver_type)
+    if order not in (1, 2, 3) or len(prev) < order:
+        raise ValueError(f"order: need 1..3 and as many previous points, got order={order} with {len(prev)}")
+    _check_finite_step(order, pt)
+    s0 = prev[0]
+    h = pt.lam - s0.lam
+    plus = is_data_prediction(algorithm_type)
+    if algorithm_type.startswith("sde"):
+        raise ValueError("algorithm_type: use sde_multistep for SDE algorithms")
+    if plus:
+        a = pt.sigma / s0.sigma
+        phi1 = math.expm1(-h)  # -1 when h = inf
+        k = pt.alpha  # x_t = a x - k*phi1*m0 + ...
+    else:
+        a = pt.alpha / s0.alpha
+        phi1 = math.expm1(h)
+        k = pt.sigma
+    if order == 1:
+        if plus:
+            return Update(a, (-k * phi1,))
+        return Update(a, (-_sigma_expm1_h(pt, s0),))
+    s1 = prev[1]
+    r0 = (s0.lam - s1.lam) / h
+    if order == 2:
+        # D1 = (m0 - m1) / r0; x_t = a x - k phi1 m0 + e * D1.
+        if solver_type == "dpmsolver":
+            e = -0.5 * k * phi1
+        else:
+            e = k * (phi1 / h + 1.0) if plus else -k * (phi1 / h - 1.0)
+        return Update(a, (-k * phi1 + e / r0, -e / r0))
+    s2 = prev[2]
+    r1 = (s1.lam - s2.lam) / h
+    if plus:
+        phi2 = phi1 / h + 1.0
+        phi3 = phi2 / h - 0.5
+        e1, e2 = k * phi2, -k * phi3  # + e1 * D1 + e2 * D2
+    else:
+        phi2 = phi1 / h - 1.0
+        phi3 = phi2 / h - 0.5
+        e1, e2 = -k * phi2, -k * phi3
+    # D1_0 = (m0 - m1)/r0, D1_1 = (m1 - m2)/r1, D1 = D1_0 + r0/(r0+r1) (D1_0 - D1_1), D2 = (D1_0 - D1_1)/(r0+r1).
+    w = r0 / (r0 + r1)
+    d1_0 = (1.0 / r0, -1.0 / r0, 0.0)
+    d1_1 = (0.0, 1.0 / r1, -1.0 / r1)
+    d1 = tuple((1.0 + w) * p - w * q for p, q in zip(d1_0, d1_1, strict=True))
+    d2 = tuple((p - q) / (r0 + r1) for p, q in zip(d1_0, d1_1, strict=True))
+    c = [e1 * d1[j] + e2 * d2[j] for j in range(3)]
+    c[0] += -k * phi1
+    return Update(a, tuple(c))
+
+
+def sde_multistep(
+    algorithm_type: str,
+    solver_type: str,
+    order: int,
+    prev: list[Point],
+    pt: Point,
+    eta: float = 1.0,
+    s_noise: float = 1.0,
+    order3: str = "exact",
+) -> Update:
+    """SDE-DPM-Solver(++) multistep of ``order`` 1..3 with noise scale ``eta`` (k-diffusion's generalisation).
+
+    ``sde-dpmsolver++`` (data prediction), with H = (1 + eta) h:
+        x_t = (sigma_t/sigma_s0) e^{-eta h} x + alpha_t (1 - e^{-H}) m0 + [D terms] + sigma_t sqrt(1 - e^{-2 eta h}) s_noise z
+    order 2: midpoint adds 0.5 alpha_t (1 - e^{-H}) D1, taylor adds alpha_t phi2(H) D1 with
+    phi2(H) = expm1(-H)/H + 1; order 3 adds alpha_t phi2(H) D1 - alpha_t phi3(H) D2 with phi3 = phi2/H - 1/2,
+    which is third order (its local truncation error is O(h^4)). ``order3="diffusers"`` reproduces
+    diffusers' third-order branch instead, whose D2 coefficient is alpha_t (phi3(2h) - 1) with eta = 1
+    (a sign slip that makes it second order); only the diffusers drop-in scheduler uses it.
+    ``sde-dpmsolver`` (noise prediction, diffusers' semantics, eta = 1 only): orders 1 and 2.
+    With eta = 0, ``sde-dpmsolver++`` equals the ODE solver of the same order (taylor form at order 3).
+    """
+    solver_type = normalize_solver_type(solver_type)
+    if order not in (1, 2, 3) or len(prev) < order:
+        raise ValueError(f"order: need 1..3 and as many previous points, got order={order} with {len(prev)}")
+    if eta < 0 or s_noise < 0:
+        raise ValueError("eta: eta and s_noise must be >= 0")
+    _check_finite_step(order, pt)
+    s0 = prev[0]
+    h = pt.lam - s0.lam
+    if h <= 0:
+        raise ValueError("t: SDE steps must go towards the data (lambda increasing); SDE inversion is not defined")
+    if algorithm_type == "sde-dpmsolver++":
+        big_h = (1.0 + eta) * h
+        psi = -math.expm1(-big_h)  # 1 - e^{-H}, = 1 at sigma_t = 0
+        a = pt.sigma / s0.sigma * math.exp(-eta * h) if pt.sigma != 0.0 else 0.0
+        noise = pt.sigma * math.sqrt(-math.expm1(-2.0 * eta * h)) * s_noise if pt.sigma != 0.0 else 0.0
+        c = [pt.alpha * psi, 0.0, 0.0]
+        if order >= 2:
+            s1 = prev[1]
+            r0 = (s0.lam - s1.lam) / h
+            phi2 = -psi / big_h + 1.0
+            if order == 2:
+                e1 = 0.5 * pt.alpha * psi if solver_type == "dpmsolver" else pt.alpha * phi2
+                c[0] += e1 / r0
+                c[1] -= e1 / r0
+            else:
+                s2 = prev[2]
+                r1 = (s1.lam - s2.lam) / h
+                phi3 = phi2 / big_h - 0.5
+                e1 = pt.alpha * phi2
+                if order3 == "exact":
+                    e2 = -pt.alpha * phi3
+                elif order3 == "diffusers":
+                    if eta != 1.0:
+                        raise ValueError("eta: the diffusers third-order SDE variant is defined for eta = 1 only")
+                    e2 = pt.alpha * ((-psi - 2.0 * h) / (2.0 * h) ** 2 - 0.5)
+                else:
+                    raise ValueError(f"order3: expected 'exact' or 'diffusers', got {order3!r}")
+                w = r0 / (r0 + r1)
+                d1_0 = (1.0 / r0, -1.0 / r0, 0.0)
+                d1_1 = (0.0, 1.0 / r1, -1.0 / r1)
+                for j in range(3):
+                    d1 = (1.0 + w) * d1_0[j] - w * d1_1[j]
+                    d2 = (d1_0[j] - d1_1[j]) / (r0 + r1)
+                    c[j] += e1 * d1 + e2 * d2
+        return Update(a, tuple(c[:order]), noise)
+    if algorithm_type == "sde-dpmsolver":
+        if eta != 1.0:
+            raise ValueError("eta: 'sde-dpmsolver' is defined for eta = 1 only")
+        if pt.sigma == 0.0:
+            raise ValueError("t: 'sde-dpmsolver' cannot end at sigma = 0")
+        if order == 3:
+            raise ValueError("order: 'sde-dpmsolver' supports orders 1 and 2")
+        phi1 = math.expm1(h)
+        a = pt.alpha / s0.alpha
+        noise = pt.sigma * math.sqrt(math.expm1(2.0 * h)) * s_noise
+        c = [-2.0 * pt.sigma * phi1, 0.0]
+        if order == 2:
+            r0 = (s0.lam - prev[1].lam) / h
+            e1 = -pt.sigma * phi1 if solver_type == "dpmsolver" else -2.0 * pt.sigma * (phi1 / h - 1.0)
+            c[0] += e1 / r0
+            c[1] -= e1 / r0
+        return Update(a, tuple(c[:order]), noise)
+    raise ValueError(f"algorithm_type: {algorithm_type!r} is not an SDE algorithm")
+
+
+def singlestep_intermediate(algorithm_type: str, ps: Point, pu: Point) -> Update:
+    """First-order step from the block start ``ps`` to an intermediate point ``pu`` (uses m_s only)."""
+    return multistep(algorithm_type, "dpmsolver", 1, [ps], pu)
+
+
+def singlestep(
+    algorithm_type: str,
+    solver_type: str,
+    order: int,
+    ps: Point,
+    inner: list[Point],
+    pt: Point,
+    u2_form: str = "taylor",
+) -> list[Update]:
+    """Singlestep DPM-Solver(++) of ``order`` from ``ps`` to ``pt`` through the intermediate points ``inner``.
+
+    Returns one `Update` per model evaluation: for order 3, [u1, u2, x_t]; order 2, [u1, x_t]; order 1, [x_t].
+    The updates of a block combine the block-start x with the block's model outputs, newest first:
+    u2 uses (m_s1, m_s), x_t of order 3 uses (m_s2, m_s1, m_s). ``r1, r2`` are the lambda fractions of the
+    intermediate points. ``u2_form`` picks the second-order formula for u2: "taylor" is the authors' code
+    (whatever the solver_type), "solver_type" follows ``solver_type`` (diffusers' singlestep scheduler).
+    """
+    solver_type = normalize_solver_type(solver_type)
+    if order not in (1, 2, 3) or len(inner) != order - 1:
+        raise ValueError(f"order: singlestep order {order} needs {order - 1} intermediate points, got {len(inner)}")
+    if algorithm_type.startswith("sde"):
+        raise ValueError("algorithm_type: singlestep solvers are ODE solvers; use method='multistep' for SDE")
+    _check_finite_step(order, pt)
+    if order == 1:
+        return [multistep(algorithm_type, solver_type, 1, [ps], pt)]
+    plus = is_data_prediction(algorithm_type)
+    h = pt.lam - ps.lam
+    r = [(p.lam - ps.lam) / h for p in inner]
+    updates = [singlestep_intermediate(algorithm_type, ps, inner[0])]
+    if order == 2:
+        updates.append(_single2_final(plus, solver_type, ps, pt, r[0]))
+        return updates
+    r1, r2 = r
+    pu2 = inner[1]
+    # u2: second order from s to s2 via s1; its own r is r1 / r2.
+    u2_type = "taylor" if u2_form == "taylor" else solver_type
+    if u2_form not in ("taylor", "solver_type"):
+        raise ValueError(f"u2_form: expected 'taylor' or 'solver_type', got {u2_form!r}")
+    u2 = _single2_final(plus, u2_type, ps, pu2, r1 / r2)
+    updates.append(Update(u2.a, (u2.c[1], u2.c[0])))  # reorder to (m_s1, m_s): newest first
+    updates.append(_single3_final(plus, solver_type, ps, pt, r1, r2))
+    return updates
+
+
+def _single2_final(plus: bool, solver_type: str, ps: Point, pt: Point, r1: float) -> Update:
+    """x_t from (m_s, m_s1) -- returned as c = (c_s, c_s1), i.e. oldest first (callers reorder)."""
+    h = pt.lam - ps.lam
+    if plus:
+        a = pt.sigma / ps.sigma
+        phi1 = math.expm1(-h)
+        base = -pt.alpha * phi1
+        e = -(0.5 / r1) * pt.alpha * phi1 if solver_type == "dpmsolver" else (1.0 / r1) * pt.alpha * (phi1 / h + 1.0)
+    else:
+        a = pt.alpha / ps.alpha
+        phi1 = math.expm1(h)
+        base = -pt.sigma * phi1
+        e = -(0.5 / r1) * pt.sigma * phi1 if solver_type == "dpmsolver" else -(1.0 / r1) * pt.sigma * (phi1 / h - 1.0)
+    # x_t = a x + base m_s + e (m_s1 - m_s)
+    return Update(a, (base - e, e))
+
+
+def _single3_final(plus: bool, solver_type: str, ps: Point, pt: Point, r1: float, r2: float) -> Update:
+    h = pt.lam - ps.lam
+    if plus:
+        a = pt.sigma / ps.sigma
+        phi1 = math.expm1(-h)
+        phi2 = phi1 / h + 1.0
+        phi3 = phi2 / h - 0.5
+        k, g1, g2, g3 = pt.alpha, -1.0, 1.0, -1.0  # x_t = a x + k(g1 phi1 m_s + g2 phi2 D1 + g3 phi3 D2)
+    else:
+        a = pt.alpha / ps.alpha
+        phi1 = math.expm1(h)
+        phi2 = phi1 / h - 1.0
+        phi3 = phi2 / h - 0.5
+        k, g1, g2, g3 = pt.sigma, -1.0, -1.0, -1.0
+    # coefficients on (m_s, m_s1, m_s2)
+    c = [k * g1 * phi1, 0.0, 0.0]
+    if solver_type == "dpmsolver":
+        # + k g2 phi2 (m_s2 - m_s) / r2
+        g = k * g2 * phi2 / r2
+        c[0] -= g
+        c[2] += g
+    else:
+        d1_0 = (-1.0 / r1, 1.0 / r1, 0.0)
+        d1_1 = (-1.0 / r2, 0.0, 1.0 / r2)
+        for j in range(3):
+            d1 = (r2 * d1_0[j] - r1 * d1_1[j]) / (r2 - r1)
+            d2 = 2.0 * (d1_1[j] - d1_0[j]) / (r2 - r1)
+            c[j] += k * g2 * phi2 * d1 + k * g3 * phi3 * d2
+    return Update(a, (c[2], c[1], c[0]))
+
+
+def conversion(model_type: str, target: str, alpha: float, sigma: float) -> tuple[float, float]:
+    """(px, pm) with ``target = px * x + pm * model_output`` (MATH.md, "Notation").
+
+    model_type: "noise" | "x_start" | "v" | "score"; target: "x0" | "eps".
+    """
+    if target not in ("x0", "eps"):
+        raise ValueError(f"target: expected 'x0' or 'eps', got {target!r}")
+    if target == "x0":
+        table = {
+            "noise": (1.0 / alpha, -sigma / alpha),
+            "x_start": (0.0, 1.0),
+            "v": (alpha, -sigma),
+            "score": (1.0 / alpha, sigma * sigma / alpha),
+        }
+    else:
+        if sigma == 0.0 and model_type in ("x_start", "v"):
+            raise ValueError("t: cannot convert to a noise prediction at sigma = 0")
+        table = {
+            "noise": (0.0, 1.0),
+            "x_start": (1.0 / sigma if sigma else 0.0, -alpha / sigma if sigma else 0.0),
+            "v": (sigma, alpha),
+            "score": (0.0, -sigma),
+        }
+    if model_type not in table:
+        raise ValueError(f"model_type: expected one of {tuple(table)}, got {model_type!r}")
+    return table[model_type]

@@ -1,0 +1,35 @@
+"""The per-step coefficient row shared by every backend (mirrored by `csrc/dpm_math.h`, `enum CoefIndex`).
+
+A fused step is, per element (MATH.md; `csrc/dpm_math.h` has the formulas):
+
+    raw = model_out                                   (no guidance)
+        | uncond + GUIDE * (cond - uncond)            (classifier-free guidance)
+    y   = PX * x_eval + PM * raw                      (conversion to the solver's prediction, or to x0)
+    if thresholding:  y = clamp(y, -s, s) / s;  y = QX * x_eval + QM * y     (s: per-sample quantile)
+    m   = y                                           (written to hist_out)
+    out = A * x + C0 * m + C1 * hist1 + C2 * hist2 + CN * noise
+
+The row is float64 on the host and on the device; kernels read it once per program and compute in float32
+(float64 for float64 tensors). A coefficient tensor is [NCOEF] (one row for the batch) or [B, NCOEF]
+(one row per sample: per-sample times).
+"""
+
+GUIDE = 0
+PX = 1
+PM = 2
+QX = 3
+QM = 4
+A = 5
+C0 = 6
+C1 = 7
+C2 = 8
+CN = 9
+NCOEF = 10
+
+NAMES = ("guide", "px", "pm", "qx", "qm", "a", "c0", "c1", "c2", "cn")
+
+# classifier-free guidance layouts of the raw model output
+CFG_NONE = 0  # model_out is the prediction
+CFG_PAIR = 1  # model_out = uncond, model_cond = cond, both [B, ...]
+CFG_STACKED = 2  # model_out = cat([uncond, cond]) along dim 0: [2B, ...] (the authors' and diffusers' order)
+CFG_MODES = {"none": CFG_NONE, "pair": CFG_PAIR, "stacked": CFG_STACKED}

@@ -1,0 +1,60 @@
+"""Shared test setup: which backends run here, tolerances, and the float64 reference comparison."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+# Triton's interpreter must be chosen before any Triton kernel is defined: on a machine without a GPU the
+# Triton backend then runs on CPU tensors (slowly: tests keep shapes small).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+from dpm_kernels.backends import registry  # noqa: E402
+
+# Relative error bounds against the float64 reference, per dtype: float64 and float32 are judged against
+# rounding of the arithmetic type; half types by the "2x eager PyTorch at the same precision" rule instead.
+RTOL = {torch.float64: 1e-12, torch.float32: 2e-6}
+
+
+def devices() -> list[str]:
+    return ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def backends_for(device: str) -> list[str]:
+    """Backends that must work for tensors on `device` here (a compiled backend that fails to build fails
+    the tests that use it instead of being skipped, unless explicitly disabled)."""
+    names = ["torch"]
+    if device == "cpu":
+        if os.environ.get("DPM_KERNELS_NO_EXT") != "1":
+            names.append("cpu")
+        if os.environ.get("TRITON_INTERPRET") == "1" and registry._why_not("triton", torch.device("cpu")) is None:
+            names.append("triton")
+    else:
+        names += ["cuda", "triton"]
+    return names
+
+
+ALL_BACKEND_CASES = [(d, b) for d in devices() for b in backends_for(d)]
+
+
+@pytest.fixture(params=ALL_BACKEND_CASES, ids=[f"{d}-{b}" for d, b in ALL_BACKEND_CASES])
+def device_backend(request):
+    return request.param
+
+
+def poison(t: torch.Tensor | None) -> None:
+    if t is not None:
+        t.fill_(float("nan"))
+
+
+def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
+    """max |a - ref| / max(1, max |ref|), in float64."""
+    a64, r64 = a.double(), ref.double()
+    if a64.numel() == 0:
+        return 0.0
+    scale = max(1.0, float(r64.abs().max()))
+    return float((a64 - r64).abs().max()) / scale

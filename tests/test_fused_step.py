@@ -1,0 +1,291 @@
+"""The fused step op on every backend present, against the float64 reference.
+
+Each case builds inputs in the tested dtype, runs the backend into poisoned outputs, and compares with
+`reference.fused_step` evaluated in float64 on the same (rounded) inputs:
+- float64 / float32: error within a few units of rounding of the terms' magnitude;
+- float16 / bfloat16: error at most 2x that of eager PyTorch doing the same arithmetic op by op in that
+  dtype, and within one unit in the last place of the reference run at that dtype (f32 math, one rounding).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+from conftest import ALL_BACKEND_CASES, poison
+
+from dpm_kernels import layout as L
+from dpm_kernels import ops
+from dpm_kernels.backends import reference
+
+AUTHORS_THR = (0.995, 1.0, math.inf)
+DIFFUSERS_THR = (0.995, 1.0, 1.5)
+LOW_THR = (0.6, 0.05, 3.0)  # q well inside (lo, hi): exercises the quantile itself
+
+SHAPES = [(1, 1), (1, 1023), (3, 5, 7, 11), (17, 3, 4)]
+DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
+
+
+def _coef_row(gen: torch.Generator, nhist: int, noise: bool, thr: bool) -> torch.Tensor:
+    r = (torch.rand(L.NCOEF, generator=gen, dtype=torch.float64) * 2 - 1) * 1.5
+    r[L.GUIDE] = 1.0 + 6.0 * torch.rand((), generator=gen, dtype=torch.float64)
+    if nhist < 2:
+        r[L.C2] = 0.0
+    if nhist < 1:
+        r[L.C1] = 0.0
+    if not noise:
+        r[L.CN] = 0.0
+    if not thr:
+        r[L.QX], r[L.QM] = 0.0, 1.0
+    return r
+
+
+def make_case(shape, dtype, device, *, nhist=2, cfg="none", thr=None, noise=False, x_eval=False,
+              per_sample=False, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    b = shape[0]
+
+    def rnd(*s, scale=1.0):
+        return (torch.randn(*s, generator=gen, dtype=torch.float64) * scale).to(dtype).to(device)
+
+    case = {
+        "x": rnd(*shape),
+        "model_out": rnd(*((2 * b,) + tuple(shape[1:])) if cfg == "stacked" else shape, scale=2.0),
+        "model_cond": rnd(*shape, scale=2.0) if cfg == "pair" else None,
+        "x_eval": rnd(*shape) if x_eval else None,
+        "hist": [rnd(*shape) for _ in range(nhist)],
+        "noise": rnd(*shape) if noise else None,
+    }
+    if per_sample:
+        coef = torch.stack([_coef_row(gen, nhist, noise, thr is not None) for _ in range(b)])
+    else:
+        coef = _coef_row(gen, nhist, noise, thr is not None)
+    case["coef"] = coef.to(device)
+    case["cfg"] = cfg
+    case["threshold"] = thr
+    return case
+
+
+def run_backend(case, backend, out=None, hist_out=None, write_hist=True):
+    x = case["x"]
+    if out is None:
+        out = torch.empty_like(x)
+        poison(out)
+    if hist_out is None and write_hist:
+        hist_out = torch.empty_like(x)
+        poison(hist_out)
+    ops.fused_step(x, case["model_out"], case["coef"], out=out, hist_out=hist_out, hist=case["hist"],
+                   model_cond=case["model_cond"], x_eval=case["x_eval"], noise=case["noise"], cfg=case["cfg"],
+                   threshold=case["threshold"], backend=backend)
+    return out, hist_out
+
+
+def run_reference(case, dtype=torch.float64):
+    def cv(t):
+        return None if t is None else t.to(dtype)
+
+    thr = case["threshold"]
+    h = [cv(t) for t in case["hist"]] + [None, None]
+    return reference.fused_step(
+        cv(case["x"]), cv(case["model_out"]), case["coef"], cv(case["model_cond"]), cv(case["x_eval"]),
+        h[0], h[1], cv(case["noise"]), L.CFG_MODES[case["cfg"]], thr is not None,
+        *(thr if thr is not None else (0.0, 1.0, 1.0)),
+    )
+
+
+def naive_lowp(case):
+    """Eager PyTorch in the tensors' own dtype, op by op (what an unfused sampler in fp16/bf16 does)."""
+    c = case["coef"].cpu()
+    rows = c if c.dim() == 2 else c.unsqueeze(0).expand(case["x"].shape[0], -1)
+    outs, ms = [], []
+    for i in range(case["x"].shape[0]):
+        k = [float(v) for v in rows[i]]
+        xi = case["x"][i]
+        xe = xi if case["x_eval"] is None else case["x_eval"][i]
+        if case["cfg"] == "stacked":
+            b = case["x"].shape[0]
+            u, cd = case["model_out"][i], case["model_out"][b + i]
+            raw = u + k[L.GUIDE] * (cd - u)
+        elif case["cfg"] == "pair":
+            u, cd = case["model_out"][i], case["model_cond"][i]
+            raw = u + k[L.GUIDE] * (cd - u)
+        else:
+            raw = case["model_out"][i]
+        y = k[L.PX] * xe + k[L.PM] * raw
+        if case["threshold"] is not None:
+            ratio, lo, hi = case["threshold"]
+            q = torch.quantile(y.abs().reshape(-1).float(), ratio).to(y.dtype)
+            s = torch.clamp(q, lo, hi)
+            y = torch.clamp(y, -s, s) / s
+            y = k[L.QX] * xe + k[L.QM] * y
+        o = k[L.A] * xi + k[L.C0] * y
+        for j, hh in enumerate(case["hist"]):
+            o = o + k[L.C1 + j] * hh[i]
+        if case["noise"] is not None:
+            o = o + k[L.CN] * case["noise"][i]
+        outs.append(o)
+        ms.append(y)
+    return torch.stack(outs), torch.stack(ms)
+
+
+def term_scale(case) -> tuple[float, float]:
+    """max over elements of sum |coef * value| for out and for m, in float64 (the rounding error scale)."""
+    d = {k: (None if v is None or not isinstance(v, torch.Tensor) else v.double()) for k, v in case.items()}
+    c = case["coef"].double()
+    cc = c if c.dim() == 2 else c.unsqueeze(0)
+    shape = (-1,) + (1,) * (case["x"].dim() - 1)
+
+    def col(i):
+        return cc[:, i].abs().reshape(shape)
+
+    b = case["x"].shape[0]
+    if case["cfg"] == "stacked":
+        raw = d["model_out"][:b].abs() + col(L.GUIDE) * (d["model_out"][b:].abs() + d["model_out"][:b].abs())
+    elif case["cfg"] == "pair":
+        raw = d["model_out"].abs() + col(L.GUIDE) * (d["model_cond"].abs() + d["model_out"].abs())
+    else:
+        raw = d["model_out"].abs()
+    xe = (d["x_eval"] if d["x_eval"] is not None else d["x"]).abs()
+    sm = col(L.PX) * xe + col(L.PM) * raw
+    if case["threshold"] is not None:
+        sm = col(L.QX) * xe + col(L.QM) * (1.0 + sm)
+    so = col(L.A) * d["x"].abs() + col(L.C0) * sm
+    for j, hh in enumerate(case["hist"]):
+        so = so + col(L.C1 + j) * hh.double().abs()
+    if case["noise"] is not None:
+        so = so + col(L.CN) * d["noise"].abs()
+    return float(so.max()) if so.numel() else 0.0, float(sm.max()) if sm.numel() else 0.0
+
+
+def assert_close_to_reference(case, out, m):
+    dtype = case["x"].dtype
+    ref_out, ref_m = run_reference(case)
+    if dtype in (torch.float64, torch.float32):
+        eps = torch.finfo(dtype).eps
+        so, sm = term_scale(case)
+        # With thresholding, m is divided by s >= lo; a relative error of s moves m by up to |m| * eps.
+        err_o = float((out.double() - ref_out).abs().max()) if out.numel() else 0.0
+        err_m = float((m.double() - ref_m).abs().max()) if m.numel() else 0.0
+        assert err_o <= 16 * eps * max(so, 1e-30) + 1e-300, f"out error {err_o:.3e} vs scale {so:.3e}"
+        assert err_m <= 16 * eps * max(sm, 1e-30) + 1e-300, f"m error {err_m:.3e} vs scale {sm:.3e}"
+        return
+    # half types: within 1 ulp of the reference computed at that dtype, and <= 2x naive eager error
+    same_out, same_m = run_reference(case, dtype)
+    for got, want in ((out.cpu(), same_out.cpu()), (m.cpu(), same_m.cpu())):
+        ulp = torch.finfo(dtype).eps * torch.maximum(want.double().abs(), torch.full_like(want.double(),
+                                                                                          torch.finfo(dtype).tiny))
+        diff = (got.double() - want.double()).abs()
+        assert bool((diff <= ulp * 1.0001 + 1e-30).all()), f"more than 1 ulp from the same-dtype reference: {diff.max()}"
+    nv_out, nv_m = naive_lowp(case)
+    for got, nv, ref in ((out, nv_out, ref_out), (m, nv_m, ref_m)):
+        e_got = float((got.double().cpu() - ref.cpu()).abs().max())
+        e_nv = float((nv.double().cpu() - ref.cpu()).abs().max())
+        assert e_got <= 2 * e_nv + 4 * torch.finfo(dtype).eps * float(ref.abs().max() + 1), (e_got, e_nv)
+
+
+def _matrix():
+    """A covering subset of shapes x dtypes x flags (the full product is tested for the reference elsewhere)."""
+    flags = list(itertools.product([0, 1, 2], ["none", "pair", "stacked"], [None, AUTHORS_THR, DIFFUSERS_THR, LOW_THR],
+                                   [False, True], [False, True], [False, True]))
+    cases = []
+    for i, (nhist, cfg, thr, noise, x_eval, per_sample) in enumerate(flags):
+        shape = SHAPES[i % len(SHAPES)]
+        dtype = DTYPES[(i // len(SHAPES)) % len(DTYPES)]
+        cases.append((shape, dtype, nhist, cfg, thr, noise, x_eval, per_sample, i))
+    return cases
+
+
+MATRIX = _matrix()
+
+
+@pytest.mark.parametrize("device,backend", ALL_BACKEND_CASES, ids=[f"{d}-{b}" for d, b in ALL_BACKEND_CASES])
+def test_matrix_against_float64_reference(device, backend):
+    for shape, dtype, nhist, cfg, thr, noise, x_eval, per_sample, seed in MATRIX:
+        if backend == "triton" and device == "cpu" and seed % 3:
+            continue  # the interpreter is slow: every third case (still covers every flag value)
+        case = make_case(shape, dtype, device, nhist=nhist, cfg=cfg, thr=thr, noise=noise, x_eval=x_eval,
+                         per_sample=per_sample, seed=seed)
+        out, m = run_backend(case, backend)
+        try:
+            assert_close_to_reference(case, out, m)
+        except AssertionError as e:
+            raise AssertionError(f"case shape={shape} dtype={dtype} nhist={nhist} cfg={cfg} thr={thr} "
+                                 f"noise={noise} x_eval={x_eval} per_sample={per_sample}: {e}") from e
+
+
+@pytest.mark.parametrize("device,backend", ALL_BACKEND_CASES, ids=[f"{d}-{b}" for d, b in ALL_BACKEND_CASES])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_every_dtype_with_thresholding_and_guidance(device, backend, dtype):
+    for shape in SHAPES:
+        case = make_case(shape, dtype, device, nhist=2, cfg="stacked", thr=LOW_THR, noise=True, seed=7)
+        out, m = run_backend(case, backend)
+        assert_close_to_reference(case, out, m)
+
+
+@pytest.mark.parametrize("device,backend", ALL_BACKEND_CASES, ids=[f"{d}-{b}" for d, b in ALL_BACKEND_CASES])
+@pytest.mark.parametrize("thr", [None, LOW_THR], ids=["plain", "thresholded"])
+def test_out_aliases_x(device, backend, thr):
+    case = make_case((3, 5, 7, 11), torch.float32, device, nhist=2, thr=thr, noise=True, seed=3)
+    ref_out, ref_m = run_reference(case)
+    x = case["x"].clone()
+    case["x"] = x
+    hist_out = torch.full_like(x, float("nan"))
+    out, m = run_backend(case, backend, out=x, hist_out=hist_out)
+    assert out.data_ptr() == x.data_ptr()
+    case["x"] = case["x"]  # now holds the result; compare against the reference computed before
+    assert float((out.double() - ref_out).abs().max()) < 1e-4
+    assert float((m.double() - ref_m).abs().max()) < 1e-4
+
+
+@pytest.mark.parametrize("device,backend", ALL_BACKEND_CASES, ids=[f"{d}-{b}" for d, b in ALL_BACKEND_CASES])
+def test_non_contiguous_inputs_and_outputs(device, backend):
+    case = make_case((4, 6, 10), torch.float32, device, nhist=2, thr=LOW_THR, noise=True, x_eval=True, seed=5)
+    ref_out, ref_m = run_reference(case)
+    # transpose every input: same values, non-contiguous layout
+    for k in ("x", "model_out", "x_eval", "noise"):
+        case[k] = case[k].transpose(1, 2).contiguous().transpose(1, 2)
+    case["hist"] = [h.transpose(1, 2).contiguous().transpose(1, 2) for h in case["hist"]]
+    assert not case["x"].is_contiguous()
+    big = torch.full((4, 6, 20), float("nan"), device=device)
+    out = big[:, :, ::2]  # strided output view
+    hist_big = torch.full((2, 4, 6, 10), float("nan"), device=device)
+    hist_out = hist_big[1]
+    run_backend(case, backend, out=out, hist_out=hist_out)
+    assert float((out.double() - ref_out).abs().max()) < 1e-4
+    assert float((hist_out.double() - ref_m).abs().max()) < 1e-4
+    assert bool(torch.isnan(big[:, :, 1::2]).all()), "wrote outside the strided out view"
+    assert bool(torch.isnan(hist_big[0]).all()), "wrote outside the history slot"
+
+
+@pytest.mark.parametrize("device,backend", ALL_BACKEND_CASES, ids=[f"{d}-{b}" for d, b in ALL_BACKEND_CASES])
+def test_without_history_write(device, backend):
+    case = make_case((2, 33), torch.float32, device, nhist=1, seed=11)
+    out, _ = run_backend(case, backend, write_hist=False)
+    ref_out, _ = run_reference(case)
+    assert float((out.double() - ref_out).abs().max()) < 1e-5
+
+
+@pytest.mark.parametrize("device,backend", ALL_BACKEND_CASES, ids=[f"{d}-{b}" for d, b in ALL_BACKEND_CASES])
+def test_zero_size_batch_is_a_no_op(device, backend):
+    case = make_case((0, 5), torch.float32, device, nhist=1, thr=AUTHORS_THR, seed=1)
+    out, m = run_backend(case, backend)
+    assert out.shape == (0, 5) and m.shape == (0, 5)
+
+
+@pytest.mark.parametrize("device,backend", ALL_BACKEND_CASES, ids=[f"{d}-{b}" for d, b in ALL_BACKEND_CASES])
+def test_quantile_equals_torch_quantile(device, backend):
+    """With px = 1, pm = 0, a = 0, c0 = 1 and a huge lo, the step returns clamp(x, -s, s)/s with s from the
+    kernel's own quantile; recover s and compare with torch.quantile."""
+    gen = torch.Generator().manual_seed(0)
+    for n in (1, 2, 3, 10, 1000, 4097):
+        for ratio in (0.0, 0.3, 0.5, 0.995, 1.0):
+            x = (torch.randn(3, n, generator=gen) * 3).to(device)
+            x[1] = x[1].round()  # ties
+            coef = torch.zeros(L.NCOEF, dtype=torch.float64, device=device)
+            coef[L.PX], coef[L.QM], coef[L.C0] = 1.0, 1.0, 1.0
+            out = ops.fused_step(x, torch.zeros_like(x), coef, threshold=(ratio, 1e-30, math.inf), backend=backend)
+            q = torch.quantile(x.abs().double(), ratio, dim=1).clamp(min=1e-30)[:, None]
+            expect = torch.minimum(torch.maximum(x.double(), -q), q) / q
+            assert torch.allclose(out.double(), expect, rtol=1e-5, atol=1e-6), f"n={n} ratio={ratio}"
