@@ -7,7 +7,22 @@
 """
 
 from . import layout, ops
+from .analytic import GaussianMixtureModel, exact_ode_solution
+from .model_wrapper import model_wrapper
 from .schedule import NoiseScheduleVP
+from .solver import DPM_Solver, DPMSolver
+from .update import History, multistep_update
 
-__all__ = ["NoiseScheduleVP", "layout", "ops"]
+__all__ = [
+    "DPMSolver",
+    "DPM_Solver",
+    "GaussianMixtureModel",
+    "History",
+    "NoiseScheduleVP",
+    "exact_ode_solution",
+    "layout",
+    "model_wrapper",
+    "multistep_update",
+    "ops",
+]
 __version__ = "0.1.0"

@@ -91,20 +91,48 @@ def _check_finite_step(order: int, pt: Point) -> None:
         raise ValueError("order: a step that ends at sigma = 0 must be first order (higher orders divide by h = inf)")
 
 
-def multistep(algorithm_type: str, solver_type: str, order: int, prev: list[Point], pt: Point) -> Update:
+MULTISTEP3 = ("standard", "third_order")
+
+
+def _d_weights(r0: float, r1: float, d2_weight_scale: float) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Weights of (m0, m1, m2) in D1 and in d2_weight_scale * D2 (MATH.md, multistep 3).
+
+    D1 = h x0' + O(h^3) and D2 = h^2 x0''/2 + O(h^3) for smooth outputs; the exact update needs
+    h^2 x0'' = 2 D2 in front of phi3, hence the scale 2 of the "third_order" variant.
+    """
+    w = r0 / (r0 + r1)
+    d1_0 = (1.0 / r0, -1.0 / r0, 0.0)
+    d1_1 = (0.0, 1.0 / r1, -1.0 / r1)
+    d1 = tuple((1.0 + w) * p - w * q for p, q in zip(d1_0, d1_1, strict=True))
+    d2 = tuple(d2_weight_scale * (p - q) / (r0 + r1) for p, q in zip(d1_0, d1_1, strict=True))
+    return d1, d2
+
+
+def _d2_scale(multistep3: str) -> float:
+    if multistep3 not in MULTISTEP3:
+        raise ValueError(f"multistep3: expected one of {MULTISTEP3}, got {multistep3!r}")
+    return 1.0 if multistep3 == "standard" else 2.0
+
+
+def multistep(algorithm_type: str, solver_type: str, order: int, prev: list[Point], pt: Point,
+              multistep3: str = "standard") -> Update:
     """Multistep DPM-Solver(++) of ``order`` from ``prev[0]`` (newest) to ``pt``; prev[1], prev[2] older.
 
-    ODE algorithms only; see `sde_multistep` for the SDE variants.
+    ODE algorithms only; see `sde_multistep` for the SDE variants. Order 3 comes in two variants:
+    "standard" is the update of the authors' code, diffusers and k-diffusion (MATH.md): its D2 term carries
+    half the weight a Taylor expansion asks for, so its local error is O(h^3) and the method is second
+    order globally; "third_order" doubles the D2 term, giving local error O(h^4) (third order globally).
     """
     solver_type = normalize_solver_type(solver_type)
     if order not in (1, 2, 3) or len(prev) < order:
         raise ValueError(f"order: need 1..3 and as many previous points, got order={order} with {len(prev)}")
+    scale = _d2_scale(multistep3)
     _check_finite_step(order, pt)
+    if algorithm_type.startswith("sde"):
+        raise ValueError("algorithm_type: use sde_multistep for SDE algorithms")
     s0 = prev[0]
     h = pt.lam - s0.lam
     plus = is_data_prediction(algorithm_type)
-    if algorithm_type.startswith("sde"):
-        raise ValueError("algorithm_type: use sde_multistep for SDE algorithms")
     if plus:
         a = pt.sigma / s0.sigma
         phi1 = math.expm1(-h)  # -1 when h = inf
@@ -126,8 +154,7 @@ def multistep(algorithm_type: str, solver_type: str, order: int, prev: list[Poin
         else:
             e = k * (phi1 / h + 1.0) if plus else -k * (phi1 / h - 1.0)
         return Update(a, (-k * phi1 + e / r0, -e / r0))
-    s2 = prev[2]
-    r1 = (s1.lam - s2.lam) / h
+    r1 = (s1.lam - prev[2].lam) / h
     if plus:
         phi2 = phi1 / h + 1.0
         phi3 = phi2 / h - 0.5
@@ -136,12 +163,7 @@ def multistep(algorithm_type: str, solver_type: str, order: int, prev: list[Poin
         phi2 = phi1 / h - 1.0
         phi3 = phi2 / h - 0.5
         e1, e2 = -k * phi2, -k * phi3
-    # D1_0 = (m0 - m1)/r0, D1_1 = (m1 - m2)/r1, D1 = D1_0 + r0/(r0+r1) (D1_0 - D1_1), D2 = (D1_0 - D1_1)/(r0+r1).
-    w = r0 / (r0 + r1)
-    d1_0 = (1.0 / r0, -1.0 / r0, 0.0)
-    d1_1 = (0.0, 1.0 / r1, -1.0 / r1)
-    d1 = tuple((1.0 + w) * p - w * q for p, q in zip(d1_0, d1_1, strict=True))
-    d2 = tuple((p - q) / (r0 + r1) for p, q in zip(d1_0, d1_1, strict=True))
+    d1, d2 = _d_weights(r0, r1, scale)
     c = [e1 * d1[j] + e2 * d2[j] for j in range(3)]
     c[0] += -k * phi1
     return Update(a, tuple(c))
@@ -155,17 +177,18 @@ def sde_multistep(
     pt: Point,
     eta: float = 1.0,
     s_noise: float = 1.0,
-    order3: str = "exact",
+    multistep3: str = "standard",
 ) -> Update:
     """SDE-DPM-Solver(++) multistep of ``order`` 1..3 with noise scale ``eta`` (k-diffusion's generalisation).
 
     ``sde-dpmsolver++`` (data prediction), with H = (1 + eta) h:
         x_t = (sigma_t/sigma_s0) e^{-eta h} x + alpha_t (1 - e^{-H}) m0 + [D terms] + sigma_t sqrt(1 - e^{-2 eta h}) s_noise z
     order 2: midpoint adds 0.5 alpha_t (1 - e^{-H}) D1, taylor adds alpha_t phi2(H) D1 with
-    phi2(H) = expm1(-H)/H + 1; order 3 adds alpha_t phi2(H) D1 - alpha_t phi3(H) D2 with phi3 = phi2/H - 1/2,
-    which is third order (its local truncation error is O(h^4)). ``order3="diffusers"`` reproduces
-    diffusers' third-order branch instead, whose D2 coefficient is alpha_t (phi3(2h) - 1) with eta = 1
-    (a sign slip that makes it second order); only the diffusers drop-in scheduler uses it.
+    phi2(H) = expm1(-H)/H + 1; order 3 adds alpha_t phi2(H) D1 - alpha_t phi3(H) D2 with phi3 = phi2/H - 1/2
+    (k-diffusion's 3M; ``multistep3="third_order"`` doubles the D2 term as for the ODE, see `multistep`).
+    ``multistep3="diffusers"`` reproduces diffusers' third-order branch, whose D2 coefficient is
+    alpha_t (phi3(2h) - 1) with eta = 1 (a sign slip: local error O(h^2) instead of k-diffusion's O(h^3));
+    only the diffusers drop-in scheduler uses it.
     ``sde-dpmsolver`` (noise prediction, diffusers' semantics, eta = 1 only): orders 1 and 2.
     With eta = 0, ``sde-dpmsolver++`` equals the ODE solver of the same order (taylor form at order 3).
     """
@@ -198,21 +221,15 @@ def sde_multistep(
                 r1 = (s1.lam - s2.lam) / h
                 phi3 = phi2 / big_h - 0.5
                 e1 = pt.alpha * phi2
-                if order3 == "exact":
-                    e2 = -pt.alpha * phi3
-                elif order3 == "diffusers":
+                if multistep3 == "diffusers":
                     if eta != 1.0:
                         raise ValueError("eta: the diffusers third-order SDE variant is defined for eta = 1 only")
-                    e2 = pt.alpha * ((-psi - 2.0 * h) / (2.0 * h) ** 2 - 0.5)
+                    e2, scale = pt.alpha * ((-psi - 2.0 * h) / (2.0 * h) ** 2 - 0.5), 1.0
                 else:
-                    raise ValueError(f"order3: expected 'exact' or 'diffusers', got {order3!r}")
-                w = r0 / (r0 + r1)
-                d1_0 = (1.0 / r0, -1.0 / r0, 0.0)
-                d1_1 = (0.0, 1.0 / r1, -1.0 / r1)
+                    e2, scale = -pt.alpha * phi3, _d2_scale(multistep3)
+                d1, d2 = _d_weights(r0, r1, scale)
                 for j in range(3):
-                    d1 = (1.0 + w) * d1_0[j] - w * d1_1[j]
-                    d2 = (d1_0[j] - d1_1[j]) / (r0 + r1)
-                    c[j] += e1 * d1 + e2 * d2
+                    c[j] += e1 * d1[j] + e2 * d2[j]
         return Update(a, tuple(c[:order]), noise)
     if algorithm_type == "sde-dpmsolver":
         if eta != 1.0:
@@ -277,14 +294,13 @@ def singlestep(
     u2_type = "taylor" if u2_form == "taylor" else solver_type
     if u2_form not in ("taylor", "solver_type"):
         raise ValueError(f"u2_form: expected 'taylor' or 'solver_type', got {u2_form!r}")
-    u2 = _single2_final(plus, u2_type, ps, pu2, r1 / r2)
-    updates.append(Update(u2.a, (u2.c[1], u2.c[0])))  # reorder to (m_s1, m_s): newest first
+    updates.append(_single2_final(plus, u2_type, ps, pu2, r1 / r2))
     updates.append(_single3_final(plus, solver_type, ps, pt, r1, r2))
     return updates
 
 
 def _single2_final(plus: bool, solver_type: str, ps: Point, pt: Point, r1: float) -> Update:
-    """x_t from (m_s, m_s1) -- returned as c = (c_s, c_s1), i.e. oldest first (callers reorder)."""
+    """x_t from m_s and m_s1 (r1: the lambda fraction of s1); c = (c_s1, c_s), newest first."""
     h = pt.lam - ps.lam
     if plus:
         a = pt.sigma / ps.sigma
@@ -297,7 +313,7 @@ def _single2_final(plus: bool, solver_type: str, ps: Point, pt: Point, r1: float
         base = -pt.sigma * phi1
         e = -(0.5 / r1) * pt.sigma * phi1 if solver_type == "dpmsolver" else -(1.0 / r1) * pt.sigma * (phi1 / h - 1.0)
     # x_t = a x + base m_s + e (m_s1 - m_s)
-    return Update(a, (base - e, e))
+    return Update(a, (e, base - e))
 
 
 def _single3_final(plus: bool, solver_type: str, ps: Point, pt: Point, r1: float, r2: float) -> Update:

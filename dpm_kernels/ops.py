@@ -207,7 +207,12 @@ def fused_step(
             raise TypeError(f"x: expected a torch.Tensor, got {type(x).__name__}")
         out = torch.empty_like(x, memory_format=torch.contiguous_format)
     args = (x, model_out, model_cond, x_eval, hist1, hist2, noise, coef, L.CFG_MODES[cfg], thr, ratio, lo, hi)
-    check_step_args(*args, out, hist_out)
-    impl = registry.resolve(backend, x)
+    if torch.compiler.is_compiling():
+        # Traced: shapes and dtypes are checked by the fake implementation; memory overlap and coefficient
+        # values are data the tracer cannot read (they were checked on the eager path or by the planner).
+        impl = registry.resolve_cached(backend, x)
+    else:
+        check_step_args(*args, out, hist_out)
+        impl = registry.resolve(backend, x)
     impl(*args, out, hist_out)
     return out

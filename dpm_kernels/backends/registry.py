@@ -20,6 +20,7 @@ log = logging.getLogger("dpm_kernels")
 
 BACKENDS = ("torch", "cpu", "cuda", "triton")
 _warned: set[str] = set()
+_chosen: dict[tuple[str, str], str] = {}  # (requested backend, device type) -> backend name
 
 
 def _torch_impl(x, model_out, model_cond, x_eval, hist1, hist2, noise, coef, cfg, thr, ratio, lo, hi, out, hist_out):
@@ -97,7 +98,32 @@ def resolve(backend: str, x: torch.Tensor) -> Callable[..., None]:
     """The implementation (op-schema positional arguments) for `backend` and x's device."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x: expected a torch.Tensor, got {type(x).__name__}")
-    return _impl(choose(backend, x.device))
+    name = choose(backend, x.device)
+    _chosen[(backend, x.device.type)] = name
+    return _impl(name)
+
+
+def resolve_cached(backend: str, x: torch.Tensor) -> Callable[..., None]:
+    """`resolve` for code being traced by torch.compile: uses the decision made eagerly before.
+
+    Loading an extension (locks, a compiler run) cannot be traced; `prepare` (or any eager call) makes
+    the decision first.
+    """
+    key = (backend, x.device.type)
+    if key not in _chosen:
+        raise RuntimeError(
+            f"backend: {backend!r} for {x.device.type} tensors was not resolved before tracing; call "
+            "dpm_kernels.backends.registry.prepare(backend, device) (or run one step eagerly) first"
+        )
+    return _impl(_chosen[key])
+
+
+def prepare(backend: str, device: torch.device | str) -> str:
+    """Resolve (and load) `backend` for `device` eagerly; returns the backend name that will serve it."""
+    device = torch.device(device)
+    name = choose(backend, device)
+    _chosen[(backend, device.type)] = name
+    return name
 
 
 def available() -> dict[str, str | None]:

@@ -1,9 +1,112 @@
-"""The Triton backend (placeholder until the Triton kernels land)."""
+"""The Triton backend: ``torch.ops.dpm_kernels.fused_step_triton``, registered on first use.
 
-from __future__ import annotations
+The op is a `torch.library.triton_op` (torch.compile traces into it and sees the kernels) with the
+schema of `ops.SCHEMA` and the shared fake implementation (`ops.fake_impl()`, the same validation as every
+backend). It serves CUDA tensors, and CPU tensors when the kernels were defined under the Triton interpreter
+(TRITON_INTERPRET=1 set before this backend was first used), which is how CI without a GPU runs it.
+
+The op takes any layout: inputs are made contiguous, and an output that is not contiguous is computed into
+a contiguous temporary and copied back; out may be x or x_eval itself (the update is elementwise).
+"""
+
+import os
+from typing import Optional
 
 import torch
 
+OP_NAME = "fused_step_triton"
+_state: dict[str, str | None] = {}  # "load" -> None once registered, else why it failed
+
+
+def _load() -> str | None:
+    """Import Triton and the kernels and register the op (once); None on success, else the reason."""
+    if "load" in _state:
+        return _state["load"]
+    try:
+        import triton  # noqa: F401
+    except Exception as e:  # ImportError, or a broken install failing its own import
+        _state["load"] = f"triton: cannot import triton ({type(e).__name__}: {e})"
+        return _state["load"]
+    try:
+        _register()
+        _state["load"] = None
+    except Exception as e:
+        _state["load"] = f"triton: could not register the Triton op ({type(e).__name__}: {e})"
+    return _state["load"]
+
+
+def interpreted() -> bool:
+    """True when the kernels were defined under the Triton interpreter (they then run on CPU tensors)."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    from . import triton_kernels
+
+    return isinstance(triton_kernels._step_kernel, InterpretedFunction)
+
 
 def why_unavailable(device: torch.device) -> str | None:
-    return "triton: not implemented yet"
+    """None when the Triton op can serve tensors on `device` (and is registered), else the reason."""
+    device = torch.device(device)
+    if device.type not in ("cuda", "cpu"):
+        return f"triton: serves CUDA tensors (or CPU tensors under TRITON_INTERPRET=1), got {device.type}"
+    why = _load()
+    if why is not None:
+        return why
+    if device.type == "cpu" and not interpreted():
+        if os.environ.get("TRITON_INTERPRET") == "1":
+            return ("triton: TRITON_INTERPRET=1 was set after the Triton kernels were defined; set it before "
+                    "importing dpm_kernels' Triton backend to run on CPU tensors")
+        return "triton: serves CUDA tensors; CPU tensors need the Triton interpreter (TRITON_INTERPRET=1)"
+    if device.type == "cuda" and not torch.cuda.is_available():
+        return "triton: CUDA is not available to this PyTorch build"
+    return None
+
+
+def _contig_out(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    if t is None or t.is_contiguous():
+        return t
+    return torch.empty(t.shape, dtype=t.dtype, device=t.device)
+
+
+def fused_step_triton(
+    x: torch.Tensor,
+    model_out: torch.Tensor,
+    model_cond: Optional[torch.Tensor],
+    x_eval: Optional[torch.Tensor],
+    hist1: Optional[torch.Tensor],
+    hist2: Optional[torch.Tensor],
+    noise: Optional[torch.Tensor],
+    coef: torch.Tensor,
+    cfg: int,
+    threshold: bool,
+    thr_ratio: float,
+    thr_min: float,
+    thr_max: float,
+    out: torch.Tensor,
+    hist_out: Optional[torch.Tensor],
+) -> None:
+    """The op's implementation (arguments as in `ops.SCHEMA`; `ops.fused_step` documents them)."""
+    from . import triton_kernels
+
+    def c(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        return None if t is None else t.contiguous()
+
+    # An input that is out itself stays that very tensor, so the kernel reads and writes the same memory
+    # element by element; a non-contiguous one was copied by c() before anything is written.
+    o, ho = _contig_out(out), _contig_out(hist_out)
+    triton_kernels.fused_step(c(x), c(model_out), c(model_cond), c(x_eval), c(hist1), c(hist2), c(noise), c(coef),
+                              cfg, threshold, thr_ratio, thr_min, thr_max, o, ho)
+    if o is not out:
+        out.copy_(o)
+    if ho is not hist_out:
+        hist_out.copy_(ho)
+
+
+def _register() -> None:
+    from .. import ops
+
+    name = f"{ops.NAMESPACE}::{OP_NAME}"
+    # `schema` documents intent; the torch versions we support infer the identical schema from the annotations
+    # (tests compare the two).
+    torch.library.triton_op(name, fused_step_triton, mutates_args={"out", "hist_out"}, schema=ops.SCHEMA)
+    torch.library.register_fake(name, ops.fake_impl())

@@ -1,0 +1,159 @@
+"""The per-element math of a fused step in Triton: `csrc/dpm_math.h`, function for function.
+
+Every @triton.jit helper here has the C++ twin of the same name (`guided`, `convert`, `threshold`, `combine`,
+`add_term`, `lerp_torch`, `threshold_scale`, `abs_key`, `key_value`, `load_coef`), written in the same order
+of operations so the Triton, CUDA and CPU kernels round identically where the hardware lets them. Things
+the header gets from C++ that Triton spells differently:
+
+- the arithmetic type T is a constexpr flag `F64` (float64 tensors) instead of a template parameter; a flag,
+  not a `tl.dtype`, because dtype-valued constexprs are awkward for torch.compile's kernel capture;
+- `a / b` in float32 lowers to the approximate `div.full.f32` on NVIDIA GPUs, while nvcc's `/` is IEEE
+  (`div.rn`), so `div_` calls `tl.math.div_rn`; float64 `/` is already IEEE;
+- `min_`/`max_` are `tl.where` on the same comparison as the header, so NaN propagates the same way
+  (torch.minimum/maximum semantics for a NaN y; `tl.minimum` would not promise that);
+- radix-select keys are signed integers with the sign bit cleared (int32 for float, int64 for double):
+  non-negative, so arithmetic shifts equal the header's logical ones and no unsigned types are needed.
+
+`load_converted` is the one place the select kernels and the update kernel compute y, so both see the same
+bits (the select recomputes y from the inputs in every pass instead of storing it).
+"""
+
+import triton
+import triton.language as tl
+
+from .. import layout as L
+
+# Coefficient indices as Triton compile-time constants (globals must be constexpr inside @triton.jit).
+GUIDE: tl.constexpr = tl.constexpr(L.GUIDE)
+PX: tl.constexpr = tl.constexpr(L.PX)
+PM: tl.constexpr = tl.constexpr(L.PM)
+QX: tl.constexpr = tl.constexpr(L.QX)
+QM: tl.constexpr = tl.constexpr(L.QM)
+A: tl.constexpr = tl.constexpr(L.A)
+C0: tl.constexpr = tl.constexpr(L.C0)
+C1: tl.constexpr = tl.constexpr(L.C1)
+C2: tl.constexpr = tl.constexpr(L.C2)
+CN: tl.constexpr = tl.constexpr(L.CN)
+CFG_PAIR: tl.constexpr = tl.constexpr(L.CFG_PAIR)
+CFG_STACKED: tl.constexpr = tl.constexpr(L.CFG_STACKED)
+
+
+@triton.jit
+def to_acc(v, F64: tl.constexpr):
+    """Upcast a loaded value to the arithmetic type (float32, or float64 for float64 tensors)."""
+    if F64:
+        return v.to(tl.float64)
+    else:
+        return v.to(tl.float32)
+
+
+@triton.jit
+def load_coef(row, F64: tl.constexpr):
+    """One float64 coefficient row, each entry rounded once to the arithmetic type (scalar loads)."""
+    return (
+        to_acc(tl.load(row + GUIDE), F64), to_acc(tl.load(row + PX), F64), to_acc(tl.load(row + PM), F64),
+        to_acc(tl.load(row + QX), F64), to_acc(tl.load(row + QM), F64), to_acc(tl.load(row + A), F64),
+        to_acc(tl.load(row + C0), F64), to_acc(tl.load(row + C1), F64), to_acc(tl.load(row + C2), F64),
+        to_acc(tl.load(row + CN), F64),
+    )
+
+
+@triton.jit
+def from_bits(bits, F64: tl.constexpr):
+    """A host float passed as its float64 bit pattern (Triton passes Python floats as fp32), in T."""
+    return to_acc(tl.cast(bits, tl.int64).to(tl.float64, bitcast=True), F64)
+
+
+@triton.jit
+def min_(a, b):
+    return tl.where(b < a, b, a)
+
+
+@triton.jit
+def max_(a, b):
+    return tl.where(a < b, b, a)
+
+
+@triton.jit
+def div_(a, b):
+    if a.dtype == tl.float64:
+        return a / b
+    else:
+        return tl.math.div_rn(a, b)
+
+
+@triton.jit
+def guided(uncond, cond, g):
+    return uncond + g * (cond - uncond)
+
+
+@triton.jit
+def convert(x_eval, raw, px, pm):
+    return px * x_eval + pm * raw
+
+
+@triton.jit
+def threshold(x_eval, y, s, qx, qm):
+    clipped = div_(min_(max_(y, -s), s), s)
+    return qx * x_eval + qm * clipped
+
+
+@triton.jit
+def combine(x, m, a, c0):
+    return a * x + c0 * m
+
+
+@triton.jit
+def add_term(acc, c, v):
+    return acc + c * v
+
+
+@triton.jit
+def lerp_torch(lo, hi, w):
+    return tl.where(w < 0.5, lo + w * (hi - lo), hi - (hi - lo) * (1.0 - w))
+
+
+@triton.jit
+def threshold_scale(q, lo, hi):
+    return min_(max_(q, lo), hi)
+
+
+@triton.jit
+def abs_key(v):
+    """The bits of |v| as a non-negative integer, monotone in |v| (NaN above +inf, as torch.sort)."""
+    if v.dtype == tl.float64:
+        return v.to(tl.int64, bitcast=True) & 0x7FFFFFFFFFFFFFFF
+    else:
+        return v.to(tl.int32, bitcast=True) & 0x7FFFFFFF
+
+
+@triton.jit
+def key_value(k):
+    if k.dtype == tl.int64:
+        return k.to(tl.float64, bitcast=True)
+    else:
+        return k.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def key_max(F64: tl.constexpr):
+    """The largest key (a NaN with every payload bit set): the identity of a min over keys."""
+    if F64:
+        return tl.full([], 0x7FFFFFFFFFFFFFFF, tl.int64)
+    else:
+        return tl.full([], 0x7FFFFFFF, tl.int32)
+
+
+@triton.jit
+def load_converted(mo_ptr, mc_ptr, xe_ptr, idx, mask, cond_off, g, px, pm, CFG: tl.constexpr, F64: tl.constexpr):
+    """(x_eval, y) at flat offsets idx: guidance then conversion, in the arithmetic type.
+
+    cond_off: element offset of the conditional half of a stacked model_out ([2B, ...]: B * n).
+    """
+    xe = to_acc(tl.load(xe_ptr + idx, mask=mask, other=0.0), F64)
+    raw = to_acc(tl.load(mo_ptr + idx, mask=mask, other=0.0), F64)
+    if CFG == CFG_PAIR:
+        raw = guided(raw, to_acc(tl.load(mc_ptr + idx, mask=mask, other=0.0), F64), g)
+    elif CFG == CFG_STACKED:
+        raw = guided(raw, to_acc(tl.load(mo_ptr + cond_off + idx, mask=mask, other=0.0), F64), g)
+    return xe, convert(xe, raw, px, pm)

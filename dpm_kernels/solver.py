@@ -1,0 +1,448 @@
+"""`DPMSolver`: DPM-Solver and DPM-Solver++ samplers running every step as one fused op.
+
+Drop-in for the authors' `DPM_Solver` (same constructor and `sample` arguments, defaults and results),
+plus: SDE-DPM-Solver++ 1/2/3M (``algorithm_type="sde-dpmsolver++"``, ``eta``, ``s_noise``, reproducible
+noise), Karras / exponential spacings, diffusers' thresholding semantics, an explicit lower-order-final
+threshold, and a choice of backend. The trajectory is planned once in float64 (`planner`); each model
+evaluation is followed by one `ops.fused_step` call that converts, guides, thresholds, stores in a ring
+buffer, combines and adds noise.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import numpy as np
+import torch
+
+from . import coefficients as C
+from . import layout as L
+from . import planner as P
+from .compat import AuthorsUpdatesMixin
+from .model_wrapper import WrappedModel
+from .noise import NoiseSource
+from .ops import fused_step
+from .schedule import NoiseScheduleVP
+
+THRESHOLDING_SEMANTICS = ("authors", "diffusers")
+
+
+class _ModelSpec:
+    """What the solver needs to know about a model function to fuse its output conversion."""
+
+    def __init__(self, model_fn: Callable):
+        if isinstance(model_fn, WrappedModel):
+            self.raw = model_fn.raw
+            self.raw_type = model_fn.raw_type
+            self.cfg = model_fn.cfg
+            self.guidance_scale = model_fn.guidance_scale
+        else:  # a plain `model_fn(x, t_continuous) -> noise`, as the authors' solver expects
+            self.raw = model_fn
+            self.raw_type = "noise"
+            self.cfg = "none"
+            self.guidance_scale = 1.0
+
+
+class DPMSolver(AuthorsUpdatesMixin):
+    """DPM-Solver / DPM-Solver++ (Lu et al. 2022) for a VP diffusion model.
+
+    Args:
+        model_fn: ``model_fn(x, t_continuous) -> noise`` (from `model_wrapper`, which also enables fusing
+            the output conversion and classifier-free guidance).
+        noise_schedule: a `NoiseScheduleVP`.
+        algorithm_type: "dpmsolver++" (data prediction), "dpmsolver" (noise prediction),
+            "sde-dpmsolver++" (SDE, multistep only; see ``eta``/``s_noise`` of `sample`) or "sde-dpmsolver".
+        correcting_x0_fn: None, "dynamic_thresholding", or ``f(x0, t) -> x0`` applied to data predictions.
+        correcting_xt_fn: ``f(x_t, t, step) -> x_t`` applied after each step.
+        thresholding_max_val, dynamic_thresholding_ratio: see ``thresholding_semantics``.
+        backend: "auto" | "torch" | "cpu" | "cuda" | "triton".
+        thresholding_semantics: "authors": s = max(quantile, thresholding_max_val), applied to data
+            predictions (DPM-Solver++ and the final denoising); "diffusers": s = clamp(quantile, 1,
+            thresholding_max_val), applied for every algorithm (noise predictions via x0 and back).
+    """
+
+    def __init__(
+        self,
+        model_fn: Callable,
+        noise_schedule: NoiseScheduleVP,
+        algorithm_type: str = "dpmsolver++",
+        correcting_x0_fn=None,
+        correcting_xt_fn: Callable | None = None,
+        thresholding_max_val: float = 1.0,
+        dynamic_thresholding_ratio: float = 0.995,
+        backend: str = "auto",
+        thresholding_semantics: str = "authors",
+    ) -> None:
+        if not callable(model_fn):
+            raise TypeError(f"model_fn: expected a callable, got {type(model_fn).__name__}")
+        if not isinstance(noise_schedule, NoiseScheduleVP):
+            raise TypeError(f"noise_schedule: expected a NoiseScheduleVP, got {type(noise_schedule).__name__}")
+        C.is_data_prediction(algorithm_type)  # validates the name
+        if not (correcting_x0_fn is None or correcting_x0_fn == "dynamic_thresholding" or callable(correcting_x0_fn)):
+            raise ValueError("correcting_x0_fn: expected None, 'dynamic_thresholding' or a callable")
+        if correcting_xt_fn is not None and not callable(correcting_xt_fn):
+            raise TypeError("correcting_xt_fn: expected a callable or None")
+        if thresholding_semantics not in THRESHOLDING_SEMANTICS:
+            raise ValueError(f"thresholding_semantics: expected one of {THRESHOLDING_SEMANTICS}, got "
+                             f"{thresholding_semantics!r}")
+        if not (0.0 <= dynamic_thresholding_ratio <= 1.0):
+            raise ValueError("dynamic_thresholding_ratio: must lie in [0, 1]")
+        if not thresholding_max_val > 0:
+            raise ValueError("thresholding_max_val: must be > 0")
+        from .backends import registry
+
+        if backend != "auto" and backend not in registry.BACKENDS:
+            raise ValueError(f"backend: expected 'auto' or one of {registry.BACKENDS}, got {backend!r}")
+        self.model = lambda x, t: model_fn(x, t.expand((x.shape[0])))
+        self.noise_schedule = noise_schedule
+        self.algorithm_type = algorithm_type
+        self.dynamic_thresholding_ratio = float(dynamic_thresholding_ratio)
+        self.thresholding_max_val = float(thresholding_max_val)
+        self.thresholding_semantics = thresholding_semantics
+        self.correcting_x0_fn = self.dynamic_thresholding_fn if correcting_x0_fn == "dynamic_thresholding" else correcting_x0_fn
+        self._thresholding = correcting_x0_fn == "dynamic_thresholding"
+        self.correcting_xt_fn = correcting_xt_fn
+        self.backend = backend
+        self._spec = _ModelSpec(model_fn)
+
+    # ----- model output helpers (the authors' API; unfused) -----
+    def threshold_bounds(self) -> tuple[float, float, float]:
+        """(ratio, lo, hi) of s = clamp(quantile(|x0|, ratio), lo, hi)."""
+        if self.thresholding_semantics == "authors":
+            return self.dynamic_thresholding_ratio, self.thresholding_max_val, math.inf
+        return self.dynamic_thresholding_ratio, 1.0, self.thresholding_max_val
+
+    def dynamic_thresholding_fn(self, x0: torch.Tensor, t=None) -> torch.Tensor:
+        """Dynamic thresholding of x0 [B, ...] per sample (Imagen)."""
+        from .backends.reference import threshold_scale
+
+        ratio, lo, hi = self.threshold_bounds()
+        dt = torch.float64 if x0.dtype == torch.float64 else torch.float32
+        y = x0.to(dt)
+        s = threshold_scale(y, ratio, lo, hi).reshape((-1,) + (1,) * (x0.dim() - 1))
+        return (torch.minimum(torch.maximum(y, -s), s) / s).to(x0.dtype)
+
+    def noise_prediction_fn(self, x, t):
+        return self.model(x, t)
+
+    def data_prediction_fn(self, x, t):
+        noise = self.noise_prediction_fn(x, t)
+        ns = self.noise_schedule
+        dims = x.dim()
+        alpha_t = ns.marginal_alpha(t).to(x.dtype)[(...,) + (None,) * (dims - 1)]
+        sigma_t = ns.marginal_std(t).to(x.dtype)[(...,) + (None,) * (dims - 1)]
+        x0 = (x - sigma_t * noise) / alpha_t
+        if self.correcting_x0_fn is not None:
+            x0 = self.correcting_x0_fn(x0, t)
+        return x0
+
+    def model_fn(self, x, t):
+        if C.is_data_prediction(self.algorithm_type):
+            return self.data_prediction_fn(x, t)
+        return self.noise_prediction_fn(x, t)
+
+    def denoise_to_zero_fn(self, x, s):
+        return self.data_prediction_fn(x, s)
+
+    def get_time_steps(self, skip_type, t_T, t_0, N, device):
+        """N + 1 time steps from t_T to t_0 as a float32 tensor on `device` (the authors' API)."""
+        return torch.from_numpy(P.time_steps(self.noise_schedule, skip_type, t_T, t_0, N)).float().to(device)
+
+    def get_orders_and_timesteps_for_singlestep_solver(self, steps, order, skip_type, t_T, t_0, device):
+        orders, outer = self._singlestep_layout(steps, order, skip_type, t_T, t_0, "singlestep")
+        return torch.from_numpy(outer).float().to(device), orders
+
+    def add_noise(self, x, t, noise=None):
+        """x_t = alpha_t x + sigma_t noise; t of shape (t_size,) gives (t_size, B, ...) (squeezed if 1)."""
+        t = torch.as_tensor(t, device=x.device)
+        alpha_t, sigma_t = self.noise_schedule.marginal_alpha(t), self.noise_schedule.marginal_std(t)
+        if noise is None:
+            noise = torch.randn((t.shape[0], *x.shape), device=x.device, dtype=x.dtype)
+        xx = x.reshape((-1, *x.shape))
+        dims = xx.dim()
+        xt = alpha_t.to(x.dtype)[(...,) + (None,) * (dims - 1)] * xx + sigma_t.to(x.dtype)[(...,) + (None,) * (dims - 1)] * noise
+        return xt.squeeze(0) if t.shape[0] == 1 else xt
+
+    # ----- planning -----
+    def _singlestep_layout(self, steps, order, skip_type, t_T, t_0, method):
+        ns = self.noise_schedule
+        if method == "singlestep":
+            orders = P.singlestep_orders(steps, order)
+            if skip_type in ("logSNR", "uniform_lambda", "exponential"):
+                outer = P.time_steps(ns, skip_type, t_T, t_0, len(orders))  # reproduces the paper's results
+            else:
+                full = P.time_steps(ns, skip_type, t_T, t_0, steps)
+                outer = full[np.cumsum([0] + orders)]
+        else:  # singlestep_fixed: steps // order blocks of `order`; fewer steps than order -> one block of `steps`
+            k = steps // order
+            if k == 0:
+                order, k = steps, 1
+            orders = [order] * k
+            outer = P.time_steps(ns, skip_type, t_T, t_0, k)
+        return orders, outer
+
+    def plan(self, steps=20, t_start=None, t_end=None, order=2, skip_type="time_uniform", method="multistep",
+             lower_order_final=True, solver_type="dpmsolver", lower_order_final_threshold=10, eta=1.0,
+             s_noise=1.0, multistep3="standard") -> P.Plan:
+        """The evaluation plan `sample` would run (times, orders, coefficients), for inspection."""
+        t_T, t_0 = self._time_range(t_start, t_end, inverse=False)
+        return self._plan(steps, t_T, t_0, order, skip_type, method, lower_order_final, solver_type,
+                          lower_order_final_threshold, eta, s_noise, multistep3)
+
+    def _plan(self, steps, t_T, t_0, order, skip_type, method, lower_order_final, solver_type, lof_threshold,
+              eta, s_noise, multistep3="standard"):
+        ns = self.noise_schedule
+        if method == "multistep":
+            times = P.time_steps(ns, skip_type, t_T, t_0, steps)
+            orders = P.multistep_orders(steps, order, lower_order_final, lof_threshold)
+            return P.plan_multistep(ns, self.algorithm_type, solver_type, times, orders, eta, s_noise, multistep3)
+        orders, outer = self._singlestep_layout(steps, order, skip_type, t_T, t_0, method)
+        return P.plan_singlestep(ns, self.algorithm_type, solver_type, outer, orders, skip_type)
+
+    def _time_range(self, t_start, t_end, inverse: bool):
+        ns = self.noise_schedule
+        if inverse:
+            t_0 = 1.0 / ns.total_N if t_start is None else float(t_start)
+            t_T = ns.T if t_end is None else float(t_end)
+            lo, hi, lo_name, hi_name = t_0, t_T, "t_start", "t_end"
+        else:
+            t_T = ns.T if t_start is None else float(t_start)
+            t_0 = 1.0 / ns.total_N if t_end is None else float(t_end)
+            lo, hi, lo_name, hi_name = t_0, t_T, "t_end", "t_start"
+        if not (math.isfinite(lo) and lo > 0):
+            raise ValueError(f"{lo_name}: must be a finite time > 0, got {lo}")
+        if not (math.isfinite(hi) and hi <= ns.T * (1 + 1e-9)):
+            raise ValueError(f"{hi_name}: must be a finite time <= T = {ns.T}, got {hi}")
+        if not lo < hi:
+            raise ValueError(f"{lo_name}: must be smaller than {hi_name} (got {lo_name}={lo}, {hi_name}={hi})")
+        return (t_T, t_0) if not inverse else (t_0, t_T)
+
+    def _check_sample_args(self, x, steps, order, skip_type, method, solver_type, lof_threshold):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"x: expected a torch.Tensor, got {type(x).__name__}")
+        if not x.is_floating_point():
+            raise TypeError(f"x: expected a floating-point tensor, got {x.dtype}")
+        if x.dim() < 1 or x.shape[0] < 1:
+            raise ValueError(f"x: expected [B, ...] with B >= 1, got shape {tuple(x.shape)}")
+        if method not in P.METHODS:
+            raise ValueError(f"method: expected one of {P.METHODS}, got {method!r}")
+        if not isinstance(order, int) or isinstance(order, bool) or order not in (1, 2, 3):
+            raise ValueError(f"order: expected 1, 2 or 3, got {order!r}")
+        if method == "adaptive" and order not in (2, 3):
+            raise ValueError(f"order: the adaptive solver needs order 2 or 3, got {order}")
+        if method != "adaptive" and (not isinstance(steps, int) or isinstance(steps, bool) or steps < 1):
+            raise ValueError(f"steps: expected an integer >= 1, got {steps!r}")
+        if skip_type not in P.SKIP_TYPES:
+            raise ValueError(f"skip_type: expected one of {P.SKIP_TYPES}, got {skip_type!r}")
+        C.normalize_solver_type(solver_type)
+        if not isinstance(lof_threshold, int) or lof_threshold < 0:
+            raise ValueError(f"lower_order_final_threshold: expected an integer >= 0, got {lof_threshold!r}")
+        if self.algorithm_type.startswith("sde") and method != "multistep":
+            raise ValueError(f"method: SDE algorithms run multistep only, got {method!r}")
+
+    # ----- sampling -----
+    def sample(self, x, steps=20, t_start=None, t_end=None, order=2, skip_type="time_uniform", method="multistep",
+               lower_order_final=True, denoise_to_zero=False, solver_type="dpmsolver", atol=0.0078, rtol=0.05,
+               return_intermediate=False, *, lower_order_final_threshold=10, eta=1.0, s_noise=1.0, generator=None,
+               noise=None, noise_sampler=None, multistep3="standard"):
+        """Solve from t_start (default T) to t_end (default 1/N) with `steps` model evaluations.
+
+        Arguments as in the authors' `DPM_Solver.sample`; in addition:
+            lower_order_final_threshold: lower orders at the final steps only when steps < this (10 = the
+                authors' rule, 15 = diffusers'); only with lower_order_final=True.
+            eta, s_noise: SDE noise scale and noise multiplier (``sde-dpmsolver++``; eta = 0 is the ODE).
+            generator: a torch.Generator, or a list of B generators (per-sample reproducible noise).
+            noise: [steps, B, ...] caller-supplied standard normal noise; noise_sampler: f(t_s, t_t) -> noise.
+            multistep3: "standard" (the authors', diffusers' and k-diffusion's third-order multistep update,
+                second order in practice) or "third_order" (its D2 term doubled: truly third order); see
+                `coefficients.multistep`.
+        Returns x at t_end (and the list of intermediates when return_intermediate).
+        """
+        self._check_sample_args(x, steps, order, skip_type, method, solver_type, lower_order_final_threshold)
+        t_T, t_0 = self._time_range(t_start, t_end, inverse=False)
+        return self._solve(x, steps, t_T, t_0, order, skip_type, method, lower_order_final, denoise_to_zero,
+                           solver_type, atol, rtol, return_intermediate, lower_order_final_threshold, eta, s_noise,
+                           generator, noise, noise_sampler, multistep3)
+
+    def inverse(self, x, steps=20, t_start=None, t_end=None, order=2, skip_type="time_uniform", method="multistep",
+                lower_order_final=True, denoise_to_zero=False, solver_type="dpmsolver", atol=0.0078, rtol=0.05,
+                return_intermediate=False, *, lower_order_final_threshold=10, multistep3="standard"):
+        """ODE inversion: from t_start (default 1/N) up to t_end (default T). SDE inversion is refused."""
+        if self.algorithm_type.startswith("sde"):
+            raise ValueError("algorithm_type: SDE solvers cannot be inverted (the noise is not recoverable)")
+        self._check_sample_args(x, steps, order, skip_type, method, solver_type, lower_order_final_threshold)
+        t_0, t_T = self._time_range(t_start, t_end, inverse=True)
+        return self._solve(x, steps, t_0, t_T, order, skip_type, method, lower_order_final, denoise_to_zero,
+                           solver_type, atol, rtol, return_intermediate, lower_order_final_threshold, 0.0, 1.0,
+                           None, None, None, multistep3)
+
+    def _solve(self, x, steps, t_from, t_to, order, skip_type, method, lower_order_final, denoise_to_zero,
+               solver_type, atol, rtol, return_intermediate, lof_threshold, eta, s_noise, generator, noise,
+               noise_sampler, multistep3):
+        if return_intermediate and method == "adaptive":
+            raise ValueError("return_intermediate: not available with method='adaptive'")
+        if self.correcting_xt_fn is not None and method == "adaptive":
+            raise ValueError("correcting_xt_fn: not available with method='adaptive'")
+        with torch.no_grad():
+            if method == "adaptive":
+                x = self._adaptive(x, order, t_from, t_to, atol, rtol, solver_type)
+                intermediates = []
+                last_step = 0
+            else:
+                plan = self._plan(steps, t_from, t_to, order, skip_type, method, lower_order_final, solver_type,
+                                  lof_threshold, eta, s_noise, multistep3)
+                noises = None
+                if self.algorithm_type.startswith("sde") and any(ev.update.noise for ev in plan.evals):
+                    noises = NoiseSource(x, noise, noise_sampler, generator, steps=len(plan.evals))
+                x, intermediates = self._execute(x, plan, noises, return_intermediate, method)
+                last_step = plan.evals[-1].step
+            if denoise_to_zero:
+                x = self._denoise_to_zero(x, t_to)
+                if self.correcting_xt_fn is not None:
+                    x = self.correcting_xt_fn(x, self._t_tensor(t_to, x), last_step + 1)
+                if return_intermediate:
+                    intermediates.append(x.clone())
+        return (x, intermediates) if return_intermediate else x
+
+    # ----- execution -----
+    def _threshold_for(self, data_prediction: bool):
+        """(ratio, lo, hi) when the fused step must threshold this prediction, else None."""
+        if not self._thresholding:
+            return None
+        if self.thresholding_semantics == "authors" and not data_prediction:
+            return None
+        return self.threshold_bounds()
+
+    def _t_tensor(self, t: float, x: torch.Tensor) -> torch.Tensor:
+        dt = torch.float64 if x.dtype == torch.float64 else torch.float32
+        return torch.full((x.shape[0],), t, dtype=dt, device=x.device)
+
+    def _raw(self, x: torch.Tensor, t: float) -> torch.Tensor:
+        out = self._spec.raw(x, self._t_tensor(t, x))
+        if not isinstance(out, torch.Tensor):
+            raise TypeError(f"model_fn: must return a tensor, got {type(out).__name__}")
+        return out if out.dtype == x.dtype else out.to(x.dtype)
+
+    def _coef_rows(self, plan: P.Plan) -> tuple[np.ndarray, tuple | None]:
+        plus = C.is_data_prediction(self.algorithm_type)
+        thr = self._threshold_for(plus)
+        rows = P.coefficient_table(plan, self._spec.raw_type, self.algorithm_type, self._spec.guidance_scale,
+                                   thresholding=thr is not None)
+        return rows, thr
+
+    def _upload(self, rows: np.ndarray, device: torch.device) -> torch.Tensor:
+        t = torch.from_numpy(np.ascontiguousarray(rows))
+        if device.type == "cuda":
+            return t.pin_memory().to(device, non_blocking=True)
+        return t.to(device)
+
+    def _step(self, x, raw, coef, out, hist_out=None, hist=(), x_eval=None, noise=None, threshold=None, cfg=None):
+        return fused_step(x, raw, coef, out=out, hist_out=hist_out, hist=hist, x_eval=x_eval, noise=noise,
+                          cfg=self._spec.cfg if cfg is None else cfg, threshold=threshold, backend=self.backend)
+
+    def _custom_x0(self, xe: torch.Tensor, raw: torch.Tensor, ev: P.Eval) -> torch.Tensor:
+        """The data prediction with a user `correcting_x0_fn` applied (unfused: a user function sits in between)."""
+        row = np.zeros(L.NCOEF)
+        row[L.GUIDE] = self._spec.guidance_scale
+        row[L.PX], row[L.PM] = C.conversion(self._spec.raw_type, "x0", ev.point.alpha, ev.point.sigma)
+        row[L.QM], row[L.C0] = 1.0, 1.0
+        x0 = self._step(xe, raw, self._upload(row, xe.device), out=torch.empty_like(xe))
+        return self.correcting_x0_fn(x0, self._t_tensor(ev.t, xe)).to(xe.dtype)
+
+    def _execute(self, x, plan: P.Plan, noises, return_intermediate, method):
+        rows, thr = self._coef_rows(plan)
+        plus = C.is_data_prediction(self.algorithm_type)
+        custom_x0 = plus and callable(self.correcting_x0_fn) and not self._thresholding
+        coef = self._upload(rows, x.device)
+        xw = x.clone(memory_format=torch.contiguous_format)
+        ring = torch.empty((plan.n_slots,) + tuple(x.shape), dtype=x.dtype, device=x.device)
+        u = torch.empty_like(xw) if plan.needs_u else None
+        intermediates = []
+        x_first_eval = None
+        if method == "multistep" and self.correcting_xt_fn is not None:
+            # the authors evaluate the model at the uncorrected x_T, then correct x_T
+            x_first_eval = xw.clone()
+            xw.copy_(self.correcting_xt_fn(xw, self._t_tensor(plan.evals[0].t, xw), 0))
+        if method == "multistep" and return_intermediate:
+            intermediates.append(xw.clone())
+        noise_i = 0
+        for i, ev in enumerate(plan.evals):
+            if ev.source == "x":
+                xe = x_first_eval if (i == 0 and x_first_eval is not None) else xw
+            else:
+                xe = u
+            raw = self._raw(xe, ev.t)
+            row = coef[i]
+            cfg = None
+            if custom_x0:
+                raw, cfg = self._custom_x0(xe, raw, ev), "none"
+                r = rows[i].copy()
+                r[L.PX], r[L.PM] = C.conversion("x_start", "x0", ev.point.alpha, ev.point.sigma)
+                row = self._upload(r, x.device)
+            z = None
+            if ev.update.noise != 0.0:
+                z = noises(noise_i, ev.t, ev.t_next)
+                noise_i += 1
+            dest = xw if ev.dest == "x" else u
+            self._step(xw, raw, row, out=dest,
+                       hist_out=None if ev.write_slot is None else ring[ev.write_slot],
+                       hist=[ring[s] for s in ev.read_slots], x_eval=None if xe is xw else xe, noise=z,
+                       threshold=thr, cfg=cfg)
+            if ev.dest == "x":
+                if self.correcting_xt_fn is not None:
+                    xw.copy_(self.correcting_xt_fn(xw, self._t_tensor(ev.t_next, xw), ev.step))
+                if return_intermediate:
+                    intermediates.append(xw.clone())
+        return xw, intermediates
+
+    def _convert(self, xe: torch.Tensor, raw: torch.Tensor, p: C.Point, t: float) -> torch.Tensor:
+        """The solver's prediction (x0 for ++, else eps) from a raw output at (xe, t), as a new tensor."""
+        plus = C.is_data_prediction(self.algorithm_type)
+        if plus and callable(self.correcting_x0_fn) and not self._thresholding:
+            return self._custom_x0(xe, raw, P.Eval(t, p, "x", C.Update(0.0, (1.0,)), None, (), "x", 1, 0, t))
+        thr = self._threshold_for(plus)
+        target = "x0" if plus else "eps"
+        row = np.zeros(L.NCOEF)
+        row[L.GUIDE] = self._spec.guidance_scale
+        if thr is not None:
+            row[L.PX], row[L.PM] = C.conversion(self._spec.raw_type, "x0", p.alpha, p.sigma)
+            row[L.QX], row[L.QM] = C.conversion("x_start", target, p.alpha, p.sigma)
+        else:
+            row[L.PX], row[L.PM] = C.conversion(self._spec.raw_type, target, p.alpha, p.sigma)
+            row[L.QM] = 1.0
+        row[L.C0] = 1.0
+        return self._step(xe, raw, self._upload(row, xe.device), out=torch.empty_like(xe), threshold=thr)
+
+    def _combine(self, upd: C.Update, x: torch.Tensor, ms: list[torch.Tensor], noise=None) -> torch.Tensor:
+        """``a * x + sum_j c_j * ms[j] (+ noise term)`` for already-converted outputs, newest first."""
+        row = np.zeros(L.NCOEF)
+        row[L.PM], row[L.QM], row[L.A], row[L.CN] = 1.0, 1.0, upd.a, upd.noise
+        for j, c in enumerate(upd.c):
+            row[L.C0 + j] = c
+        ms = [m.to(x.dtype) for m in ms]
+        return self._step(x, ms[0], self._upload(row, x.device), out=torch.empty_like(x), hist=ms[1:],
+                          noise=noise, cfg="none")
+
+    def _denoise_to_zero(self, x: torch.Tensor, t: float) -> torch.Tensor:
+        """The data prediction at t (one more model evaluation)."""
+        p = C.Point.from_log_alpha(float(self.noise_schedule.log_alpha64(t)))
+        raw = self._raw(x, t)
+        if callable(self.correcting_x0_fn) and not self._thresholding:
+            ev = P.Eval(t, p, "x", C.Update(0.0, (1.0,)), None, (), "x", 1, 0, t)
+            return self._custom_x0(x, raw, ev)
+        row = np.zeros(L.NCOEF)
+        row[L.GUIDE] = self._spec.guidance_scale
+        row[L.PX], row[L.PM] = C.conversion(self._spec.raw_type, "x0", p.alpha, p.sigma)
+        row[L.QM], row[L.C0] = 1.0, 1.0
+        return self._step(x, raw, self._upload(row, x.device), out=torch.empty_like(x),
+                          threshold=self.threshold_bounds() if self._thresholding else None)
+
+    def _adaptive(self, x, order, t_T, t_0, atol, rtol, solver_type, h_init=0.05, theta=0.9, t_err=1e-5):
+        """DPM-Solver-12 (order 2) / -23 (order 3): accept a step when the RMS error estimate is <= 1."""
+        from .adaptive import run_adaptive
+
+        return run_adaptive(self, x, order, t_T, t_0, h_init, atol, rtol, theta, t_err, solver_type)
+
+
+DPM_Solver = DPMSolver
