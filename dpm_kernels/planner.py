@@ -10,7 +10,7 @@ device once and never syncs. Everything a backend needs per step is one coeffici
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -106,8 +106,7 @@ class Plan:
     times: np.ndarray  # the solver-step boundaries t_0 = t_start, ..., t_end
     orders: list[int]  # order of each solver step
     needs_u: bool = False
-    denoise_to_zero: bool = False
-    meta: dict = field(default_factory=dict)
+    kind: str = "multistep"  # "multistep" | "singlestep"
 
     @property
     def nfe(self) -> int:
@@ -119,10 +118,19 @@ def _pt(ns: NoiseScheduleVP, t: float) -> C.Point:
 
 
 def plan_multistep(ns, algorithm_type, solver_type, times, orders, eta=0.0, s_noise=1.0,
-                   multistep3="standard") -> Plan:
-    """Multistep: evaluation i at times[i] feeds update i -> i+1 (a ring of max(orders) slots)."""
+                   multistep3="standard", points: list[C.Point] | None = None) -> Plan:
+    """Multistep: evaluation i at times[i] feeds update i -> i+1 (a ring of max(orders) slots).
+
+    times: the n + 1 step boundaries (the model is evaluated at the first n); orders: n orders.
+    points: the (alpha, sigma, lambda) of each boundary when they are not those of `ns` at `times` --
+    e.g. a last point with sigma = 0 (complete denoising, which no finite t of a VP schedule reaches).
+    """
     n = len(times) - 1
-    pts = [_pt(ns, t) for t in times]
+    if len(orders) != n:
+        raise ValueError(f"orders: expected {n} orders for {n + 1} times, got {len(orders)}")
+    pts = list(points) if points is not None else [_pt(ns, t) for t in times]
+    if len(pts) != n + 1:
+        raise ValueError(f"points: expected {n + 1} points, got {len(pts)}")
     k = max(orders)
     evals = []
     sde = algorithm_type.startswith("sde")
@@ -144,12 +152,24 @@ def plan_multistep(ns, algorithm_type, solver_type, times, orders, eta=0.0, s_no
     return Plan(evals, k, np.asarray(times, dtype=np.float64), list(orders))
 
 
-def plan_singlestep(ns, algorithm_type, solver_type, outer, orders, skip_type, u2_form="taylor") -> Plan:
-    """Singlestep blocks outer[i] -> outer[i+1] of orders[i], intermediate times spaced by `skip_type`."""
+def plan_singlestep(ns, algorithm_type, solver_type, outer, orders, skip_type="time_uniform", u2_form="taylor",
+                    inner_times: list[list[float]] | None = None) -> Plan:
+    """Singlestep blocks outer[i] -> outer[i+1] of orders[i].
+
+    Intermediate times are spaced by `skip_type` inside each block (the authors' rule), or given per block
+    in `inner_times` (orders[i] - 1 times each; diffusers' singlestep scheduler uses its own timesteps).
+    """
+    if len(outer) != len(orders) + 1:
+        raise ValueError(f"orders: expected {len(outer) - 1} block orders, got {len(orders)}")
     evals = []
     for b, o in enumerate(orders):
         s, t = float(outer[b]), float(outer[b + 1])
-        inner_t = time_steps(ns, skip_type, s, t, o)[1:-1] if o > 1 else np.zeros(0)
+        if inner_times is not None:
+            inner_t = np.asarray(inner_times[b], dtype=np.float64)
+            if inner_t.shape != (o - 1,):
+                raise ValueError(f"inner_times: block {b} of order {o} needs {o - 1} times, got {inner_t.shape}")
+        else:
+            inner_t = time_steps(ns, skip_type, s, t, o)[1:-1] if o > 1 else np.zeros(0)
         ps, pt = _pt(ns, s), _pt(ns, t)
         inner = [_pt(ns, v) for v in inner_t]
         ups = C.singlestep(algorithm_type, solver_type, o, ps, inner, pt, u2_form)
@@ -164,7 +184,8 @@ def plan_singlestep(ns, algorithm_type, solver_type, outer, orders, skip_type, u
                 dest="x" if last else "u", order=o, step=b + 1,
                 t_next=t if last else float(inner_t[j]),
             ))
-    return Plan(evals, 2, np.asarray(outer, dtype=np.float64), list(orders), needs_u=max(orders) > 1)
+    return Plan(evals, 2, np.asarray(outer, dtype=np.float64), list(orders), needs_u=max(orders) > 1,
+                kind="singlestep")
 
 
 def coefficient_table(plan: Plan, model_type: str, algorithm_type: str, guidance_scale: float = 1.0,

@@ -295,7 +295,7 @@ class DPMSolver(AuthorsUpdatesMixin):
                 noises = None
                 if self.algorithm_type.startswith("sde") and any(ev.update.noise for ev in plan.evals):
                     noises = NoiseSource(x, noise, noise_sampler, generator, steps=len(plan.evals))
-                x, intermediates = self._execute(x, plan, noises, return_intermediate, method)
+                x, intermediates = self._execute(x, plan, noises, return_intermediate, plan.kind == "multistep")
                 last_step = plan.evals[-1].step
             if denoise_to_zero:
                 x = self._denoise_to_zero(x, t_to)
@@ -350,7 +350,23 @@ class DPMSolver(AuthorsUpdatesMixin):
         x0 = self._step(xe, raw, self._upload(row, xe.device), out=torch.empty_like(xe))
         return self.correcting_x0_fn(x0, self._t_tensor(ev.t, xe)).to(xe.dtype)
 
-    def _execute(self, x, plan: P.Plan, noises, return_intermediate, method):
+    def execute(self, x: torch.Tensor, plan: P.Plan, *, generator=None, noise=None, noise_sampler=None,
+                return_intermediate: bool = False):
+        """Run a plan built with `dpm_kernels.planner` (explicit times, orders, points).
+
+        For custom time grids: e.g. ``planner.plan_multistep(ns, "dpmsolver++", "dpmsolver", times, orders)``.
+        Returns x at the plan's last time (and the intermediates after each step when asked).
+        """
+        if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+            raise TypeError("x: expected a floating-point tensor")
+        with torch.no_grad():
+            noises = None
+            if any(ev.update.noise for ev in plan.evals):
+                noises = NoiseSource(x, noise, noise_sampler, generator, steps=len(plan.evals))
+            out, inter = self._execute(x, plan, noises, return_intermediate, plan.kind == "multistep")
+        return (out, inter) if return_intermediate else out
+
+    def _execute(self, x, plan: P.Plan, noises, return_intermediate, multistep: bool):
         rows, thr = self._coef_rows(plan)
         plus = C.is_data_prediction(self.algorithm_type)
         custom_x0 = plus and callable(self.correcting_x0_fn) and not self._thresholding
@@ -360,11 +376,11 @@ class DPMSolver(AuthorsUpdatesMixin):
         u = torch.empty_like(xw) if plan.needs_u else None
         intermediates = []
         x_first_eval = None
-        if method == "multistep" and self.correcting_xt_fn is not None:
+        if multistep and self.correcting_xt_fn is not None:
             # the authors evaluate the model at the uncorrected x_T, then correct x_T
             x_first_eval = xw.clone()
             xw.copy_(self.correcting_xt_fn(xw, self._t_tensor(plan.evals[0].t, xw), 0))
-        if method == "multistep" and return_intermediate:
+        if multistep and return_intermediate:
             intermediates.append(xw.clone())
         noise_i = 0
         for i, ev in enumerate(plan.evals):
