@@ -1,0 +1,270 @@
+"""Op benchmarks: one multistep DPM-Solver++ step, side by side, on the available device.
+
+Providers, all computing the same step (eps -> x0 conversion, optional dynamic thresholding, order 1-3
+combination, history write, in place):
+- each fused backend available for the device ("cpu"; "cuda", "triton" on a GPU);
+- "eager": the PyTorch reference step in eager mode (`backends/reference.py`);
+- "compile": `torch.compile` of that reference step;
+- "diffusers": `DPMSolverMultistepScheduler.step` of diffusers (same math), when diffusers is installed.
+
+Reported per configuration: median time and 20/80% quantiles, GB/s of the bytes the fused step must move,
+and the ratio to the floor. The floor is those bytes over the device's copy bandwidth measured in the same
+run with `dst.copy_(src)` at the same size (copy = 1 read + 1 write): (order + 3) tensors of n elements
+(MATH.md, "Bytes"), plus one more read of x0 with thresholding (the order statistic needs a full pass
+before the step can write). Results go to `benchmarks/results/` as CSV rows and a markdown table with the
+device, torch version and date.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime as _dt
+import math
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from . import layout as L
+from .backends import reference, registry
+from .ops import fused_step
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
+THR = (0.995, 1.0, math.inf)
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure(fn, device: torch.device, min_time: float = 0.3, min_reps: int = 5, max_reps: int = 200) -> list[float]:
+    """Per-call wall times in seconds (after a warm-up call), at least min_reps or min_time worth."""
+    fn()
+    _sync(device)
+    times: list[float] = []
+    start = time.perf_counter()
+    while len(times) < max_reps and (len(times) < min_reps or time.perf_counter() - start < min_time):
+        if device.type == "cuda":
+            e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            e0.record()
+            fn()
+            e1.record()
+            e1.synchronize()
+            times.append(e0.elapsed_time(e1) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    return times
+
+
+def quantiles(ts: list[float]) -> tuple[float, float, float]:
+    s = sorted(ts)
+    q = lambda p: s[min(len(s) - 1, int(p * (len(s) - 1) + 0.5))]  # noqa: E731
+    return statistics.median(s), q(0.2), q(0.8)
+
+
+def copy_bandwidth(n: int, dtype: torch.dtype, device: torch.device) -> float:
+    """Bytes/s of dst.copy_(src) for n elements (counting the read and the write)."""
+    src = torch.randn(n, device=device).to(dtype)
+    dst = torch.empty_like(src)
+    med, _, _ = quantiles(measure(lambda: dst.copy_(src), device))
+    return 2 * n * src.element_size() / med
+
+
+class StepCase:
+    """Inputs of one benchmarked step: x [B, 4, n/4B], eps, order-1 history entries, a coefficient row."""
+
+    def __init__(self, n: int, order: int, dtype: torch.dtype, device: torch.device, thresholding: bool):
+        from . import coefficients as C
+        from .schedule import NoiseScheduleVP
+
+        b = 4 if n >= 64 * 1024 else 1
+        shape = (b, 4, n // (4 * b))  # [B, C, HW]: diffusers' thresholding needs a channel dimension
+        g = torch.Generator(device="cpu").manual_seed(0)
+        mk = lambda s=1.0: (torch.randn(shape, generator=g) * s).to(device=device, dtype=dtype)  # noqa: E731
+        self.x, self.eps = mk(), mk()
+        self.hist = [mk(0.5) for _ in range(order - 1)]
+        self.hist_out = torch.empty_like(self.x)
+        self.order, self.thr, self.n, self.dtype = order, thresholding, n, dtype
+        ns = NoiseScheduleVP("linear")
+        # a realistic mid-trajectory step: history at t = 0.6, 0.55, current point 0.5, target 0.45
+        pts = [C.Point.from_log_alpha(float(ns.log_alpha64(t))) for t in (0.6, 0.55, 0.5, 0.45)]
+        upd = C.multistep("dpmsolver++", "dpmsolver", order, pts[2::-1][:order], pts[3])
+        row = torch.zeros(L.NCOEF, dtype=torch.float64)
+        p0 = pts[2]
+        row[L.GUIDE] = 1.0
+        row[L.PX], row[L.PM] = C.conversion("noise", "x0", p0.alpha, p0.sigma)
+        row[L.QM], row[L.A] = 1.0, upd.a
+        for j, c in enumerate(upd.c):
+            row[L.C0 + j] = c
+        self.coef = row.to(device)
+
+    def bytes_moved(self) -> int:
+        tensors = self.order + 3 + (1 if self.thr else 0)
+        return tensors * self.n * self.x.element_size()
+
+    def fused(self, backend: str):
+        thr = THR if self.thr else None
+        return lambda: fused_step(self.x, self.eps, self.coef, out=self.x, hist_out=self.hist_out, hist=self.hist,
+                                  threshold=thr, backend=backend)
+
+    def _ref(self):
+        h = self.hist + [None, None]
+        o, m = reference.fused_step(self.x, self.eps, self.coef, None, None, h[0], h[1], None, L.CFG_NONE, self.thr,
+                                    *THR)
+        self.x.copy_(o)
+        self.hist_out.copy_(m)
+
+    def eager(self):
+        return self._ref
+
+    def compiled(self):
+        fn = torch.compile(self._ref, dynamic=False)
+        return fn
+
+    def diffusers(self):
+        from diffusers import DPMSolverMultistepScheduler
+
+        sched = DPMSolverMultistepScheduler(num_train_timesteps=1000, solver_order=self.order,
+                                            algorithm_type="dpmsolver++", thresholding=self.thr,
+                                            dynamic_thresholding_ratio=THR[0], sample_max_value=1e30,
+                                            lower_order_final=False)
+        sched.set_timesteps(20, device=self.x.device)
+        i0 = 8
+        hist = list(self.hist)
+
+        def call():
+            sched._step_index = i0
+            sched.lower_order_nums = self.order
+            sched.model_outputs = [None] * (self.order - len(hist)) + hist[::-1]
+            t = sched.timesteps[i0]
+            sched.step(self.eps, t, self.x, return_dict=False)
+
+        return call
+
+
+def run(sizes, orders, dtypes, thresholds, providers, device, out_dir: Path | None, progress=True, min_time=0.3):
+    combos = [(d, e, o, t) for d in dtypes for e in sizes for o in orders for t in thresholds]
+    it = combos
+    if progress:
+        from tqdm.auto import tqdm
+
+        it = tqdm(combos, desc="bench", unit="config")
+    rows = []
+    bw_cache: dict = {}
+    natives = [b for b in ("cpu", "cuda", "triton") if registry._why_not(b, device) is None]
+    for dname, exp, order, thr in it:
+        dtype, n = DTYPES[dname], 1 << exp
+        if (dname, n) not in bw_cache:
+            bw_cache[(dname, n)] = copy_bandwidth(n, dtype, device)
+        bw = bw_cache[(dname, n)]
+        case = StepCase(n, order, dtype, device, thr)
+        floor = case.bytes_moved() / bw
+        fns = {}
+        for b in natives:
+            if b in providers or "fused" in providers:
+                fns[b] = case.fused(b)
+        if "eager" in providers:
+            fns["eager"] = case.eager()
+        if "compile" in providers:
+            fns["compile"] = case.compiled()
+        if "diffusers" in providers:
+            try:
+                fns["diffusers"] = case.diffusers()
+            except ImportError:
+                pass
+        for name, fn in fns.items():
+            med, q20, q80 = quantiles(measure(fn, device, min_time=min_time))
+            rows.append({
+                "date": _dt.date.today().isoformat(), "device": device_name(device), "torch": torch.__version__,
+                "dtype": dname, "n": n, "order": order, "thresholding": int(thr), "provider": name,
+                "median_ms": med * 1e3, "p20_ms": q20 * 1e3, "p80_ms": q80 * 1e3,
+                "GBps": case.bytes_moved() / med / 1e9, "floor_ms": floor * 1e3, "x_floor": med / floor,
+                "copy_GBps": bw / 1e9,
+            })
+    if out_dir is not None:
+        write_results(rows, out_dir, device)
+    return rows
+
+
+def markdown(rows) -> str:
+    provs = []
+    for r in rows:
+        if r["provider"] not in provs:
+            provs.append(r["provider"])
+    fused = [p for p in provs if p in ("cpu", "cuda", "triton")]
+    head = ["dtype", "n", "order", "thr", "floor ms"] + [f"{p} ms" for p in provs]
+    head += [f"{f} x floor" for f in fused]
+    others = [p for p in provs if p not in fused]
+    head += [f"{f} vs {o}" for f in fused for o in others]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    keys = []
+    for r in rows:
+        k = (r["dtype"], r["n"], r["order"], r["thresholding"])
+        if k not in keys:
+            keys.append(k)
+    for k in keys:
+        sel = {r["provider"]: r for r in rows if (r["dtype"], r["n"], r["order"], r["thresholding"]) == k}
+        any_r = next(iter(sel.values()))
+        cells = [k[0], f"2^{int(math.log2(k[1]))}", str(k[2]), "on" if k[3] else "off", f"{any_r['floor_ms']:.3f}"]
+        cells += [f"{sel[p]['median_ms']:.3f}" if p in sel else "-" for p in provs]
+        cells += [f"{sel[f]['x_floor']:.2f}" if f in sel else "-" for f in fused]
+        cells += [f"{sel[o]['median_ms'] / sel[f]['median_ms']:.1f}x" if f in sel and o in sel else "-"
+                  for f in fused for o in others]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_results(rows, out_dir: Path, device: torch.device) -> tuple[Path, Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    slug = "".join(c if c.isalnum() else "-" for c in device_name(device)).strip("-").lower()
+    stamp = _dt.date.today().isoformat()
+    csv_path = out_dir / f"fused_step-{slug}-{stamp}.csv"
+    new = not csv_path.exists()
+    with csv_path.open("a", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0].keys()))
+        if new:
+            w.writeheader()
+        w.writerows(rows)
+    md_path = out_dir / f"fused_step-{slug}-{stamp}.md"
+    header = (f"# Fused step benchmark\n\ndevice: {device_name(device)}; torch {torch.__version__}; date {stamp}\n\n"
+              "Times are medians of one step; `x floor` = time / (bytes the fused step must move / measured copy "
+              "bandwidth); `A vs B` = B's time / A's time.\n\n")
+    md_path.write_text(header + markdown(rows) + "\n")
+    return csv_path, md_path
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m dpm_kernels bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("--sizes", default="14,16,18,20,22,24", help="log2 of the element counts (default 14..24)")
+    p.add_argument("--orders", default="1,2,3")
+    p.add_argument("--dtypes", default="float32,bfloat16")
+    p.add_argument("--thresholding", default="both", choices=["both", "on", "off"])
+    p.add_argument("--providers", default="fused,eager,compile,diffusers",
+                   help="comma list of fused (every native backend), cpu, cuda, triton, eager, compile, diffusers")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--out", default="benchmarks/results", help="results directory ('' to skip writing)")
+    p.add_argument("--quick", action="store_true", help="2^20 and 2^22, orders 2 and 3, float32")
+    p.add_argument("--min-time", type=float, default=0.3, help="seconds of timing per provider and config")
+    p.add_argument("--no-progress", action="store_true")
+    a = p.parse_args(argv)
+    if a.quick:
+        a.sizes, a.orders, a.dtypes = "20,22", "2,3", "float32"
+    device = torch.device(a.device)
+    thr = {"both": [False, True], "on": [True], "off": [False]}[a.thresholding]
+    rows = run([int(s) for s in a.sizes.split(",")], [int(o) for o in a.orders.split(",")], a.dtypes.split(","),
+               thr, a.providers.split(","), device, Path(a.out) if a.out else None, not a.no_progress, a.min_time)
+    print(f"device: {device_name(device)}; torch {torch.__version__}; {_dt.date.today().isoformat()}")
+    print(markdown(rows))
+    return 0
