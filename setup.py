@@ -55,12 +55,15 @@ def ext_modules_and_cmdclass():
     )
     if want_cuda and cpp_extension.CUDA_HOME is not None and torch.version.cuda is not None:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+        # the kernels (*.cu, torch-free) and the binding (*.cpp); not the *.cuh headers
+        cuda_srcs = sorted((csrc / "cuda").glob("*.cu")) + sorted((csrc / "cuda").glob("*.cpp"))
         exts.append(
             cpp_extension.CUDAExtension(
                 "dpm_kernels._cuda",
-                [str(p.relative_to(ROOT)) for p in sorted((csrc / "cuda").glob("*.c*"))],
+                [str(p.relative_to(ROOT)) for p in cuda_srcs],
                 include_dirs=inc,
-                extra_compile_args={"cxx": ["-O3", "-std=c++17"], "nvcc": ["-O3", "-std=c++17", "-lineinfo"]},
+                # no -std: torch adds the standard its headers need (C++20 from torch 2.14)
+                extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "-lineinfo"]},
                 define_macros=[("DPM_KERNELS_PYMODULE", "_cuda")],
             )
         )

@@ -40,8 +40,9 @@ def cpu_sources() -> list[Path]:
 
 
 def cuda_sources() -> list[Path]:
-    d = csrc_dir()
-    return [d / "cuda" / "fused_step_kernels.cu", d / "cuda" / "fused_step_binding.cpp"]
+    """The kernels (every .cu of csrc/cuda: torch-free, C ABI) and the torch binding."""
+    d = csrc_dir() / "cuda"
+    return sorted(d.glob("*.cu")) + [d / "fused_step_binding.cpp"]
 
 
 def cpu_cflags() -> list[str]:
@@ -50,8 +51,9 @@ def cpu_cflags() -> list[str]:
 
 
 def cuda_flags() -> list[str]:
-    # No --use_fast_math: the kernels must match the float32 reference to rounding.
-    return ["-O3", "-std=c++17", "-lineinfo"]
+    # No --use_fast_math: the kernels must match the float32 reference to rounding. No -std either: torch
+    # adds the standard it was built with (its headers need C++20 from 2.14); the .cu files take 17 or 20.
+    return ["-O3", "-lineinfo"]
 
 
 def _jit(name: str) -> None:
@@ -76,7 +78,7 @@ def _jit(name: str) -> None:
         cpp_extension.load(
             name="dpm_kernels_cuda",
             sources=[str(p) for p in cuda_sources()],
-            extra_cflags=["-O3", "-std=c++17"],
+            extra_cflags=["-O3"],  # the binding includes ATen: torch picks the C++ standard
             extra_cuda_cflags=cuda_flags(),
             extra_include_paths=[str(csrc_dir())],
             is_python_module=False,

@@ -7,10 +7,11 @@
 // group of V elements per tile: one 16-byte load per input and store per output when every pointer
 // is 16-byte aligned and samples start on vector boundaries, else V scalar accesses. Grid: the
 // device's resident blocks (occupancy query x SMs), grid-stride over tiles; 64-bit offsets.
+//
+// Launches per step: this kernel alone; with thresholding the selection of threshold_select.cu first
+// (1 launch for small samples, a few for huge ones), all on the caller's stream, no host round trip.
 #include <cuda_runtime.h>
-#include <math.h>
 
-#include "radix_select.cuh"
 #include "step_device.cuh"
 
 namespace dpm_cuda {
@@ -136,8 +137,12 @@ cudaError_t run(const DpmStepArgs& a, void* workspace, int num_sms, cudaStream_t
     if (e != cudaSuccess) return e;
   }
 
-  // Small samples get a smaller block so a tile is mostly live elements.
-  int64_t threads = ((sh.n + V - 1) / V + 31) / 32 * 32;
+  // Block size: 256 threads, less when that would leave SMs idle (aim at >= 2 blocks per SM, e.g. for a
+  // 1x4x128x128 latent) or tiles mostly empty (tiny samples); a multiple of 32 in [32, 256].
+  const int64_t groups = (sh.n + V - 1) / V;  // per sample
+  int64_t threads = (sh.batch * groups + 2 * num_sms - 1) / (2 * static_cast<int64_t>(num_sms));
+  if (threads > groups) threads = groups;
+  threads = (threads + 31) / 32 * 32;
   threads = threads < 32 ? 32 : threads > kUpdateThreads ? kUpdateThreads : threads;
   int per_sm = 1;
   cudaError_t e = resident_blocks(fused_update_kernel<S>, static_cast<int>(threads), &per_sm);

@@ -49,14 +49,26 @@ DPM_HD SelectState select_init(uint64_t k0, uint64_t k1) {
 
 DPM_HD bool select_diverged(const SelectState& s) { return s.prefix[0] != s.prefix[1]; }
 
-// Histogram slot of `key` in pass `pass`: slot * kBins + digit, or -1 when it shares neither prefix.
+// Where pass `pass` reads its digit: bits [shift, shift + bits) of the key. Computed once per pass.
+struct DigitPos {
+  int shift, bits;
+};
+
+template <typename K>
+DPM_HD DigitPos digit_pos(int pass) {
+  DigitPos p;
+  p.shift = Digits<K>::shift(pass);
+  p.bits = Digits<K>::bits(pass);
+  return p;
+}
+
+// Histogram slot of `key` in a pass: slot * kBins + digit, or -1 when it shares neither prefix.
 // Target 1 has a histogram of its own only once diverged.
 template <typename K>
-DPM_HD int select_slot(const SelectState& s, bool diverged, int pass, K key) {
-  const int sh = Digits<K>::shift(pass);
-  const int hi = sh + Digits<K>::bits(pass);  // <= 63: the shift below is defined
+DPM_HD int select_slot(const SelectState& s, bool diverged, DigitPos pos, K key) {
+  const int hi = pos.shift + pos.bits;  // <= 63: the shifts below are defined
   const uint64_t k = static_cast<uint64_t>(key);
-  const int digit = static_cast<int>((k >> sh) & static_cast<uint64_t>((1 << Digits<K>::bits(pass)) - 1));
+  const int digit = static_cast<int>((k >> pos.shift) & static_cast<uint64_t>((1 << pos.bits) - 1));
   const uint64_t top = k >> hi;
   if (top == (s.prefix[0] >> hi)) return digit;
   if (diverged && top == (s.prefix[1] >> hi)) return kBins + digit;

@@ -50,6 +50,7 @@ __device__ void count_keys(const Tensors<S>& t, const StepShape& sh, const dpm::
   using K = typename Traits<S>::Key;
   constexpr int V = Traits<S>::V;
   const bool diverged = select_diverged(cur);
+  const DigitPos pos = digit_pos<K>(pass);
   const int64_t ng = (sh.n + V - 1) / V;
   for (int64_t g0 = g_begin; g0 < ng; g0 += g_step) {
     const int64_t g = g0 + threadIdx.x;
@@ -58,7 +59,7 @@ __device__ void count_keys(const Tensors<S>& t, const StepShape& sh, const dpm::
     if (cnt > 0) predict_group<S>(t, sh, c, base + g * V, cnt, xe, y);
 #pragma unroll
     for (int j = 0; j < V; ++j) {
-      const int slot = j < cnt ? select_slot<K>(cur, diverged, pass, dpm::abs_key(y[j])) : -1;
+      const int slot = j < cnt ? select_slot<K>(cur, diverged, pos, dpm::abs_key(y[j])) : -1;
       hist_add(hist, slot);
     }
   }
@@ -103,7 +104,7 @@ __device__ void derive_state(SelectState* st, const Scratch& w, const SelectArgs
 }
 
 template <typename S>
-__global__ void __launch_bounds__(kPassThreads)
+__global__ void __launch_bounds__(kPassThreads, 2)
     select_pass_kernel(Tensors<S> t, StepShape sh, SelectArgs a, Scratch w, int pass) {
   using T = typename Traits<S>::T;
   using K = typename Traits<S>::Key;
