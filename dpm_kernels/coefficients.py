@@ -187,7 +187,8 @@ def sde_multistep(
     phi2(H) = expm1(-H)/H + 1; order 3 adds alpha_t phi2(H) D1 - alpha_t phi3(H) D2 with phi3 = phi2/H - 1/2
     (k-diffusion's 3M; ``multistep3="third_order"`` doubles the D2 term as for the ODE, see `multistep`).
     ``multistep3="diffusers"`` reproduces diffusers' third-order branch, whose D2 coefficient is
-    alpha_t (phi3(2h) - 1) with eta = 1 (a sign slip: local error O(h^2) instead of k-diffusion's O(h^3));
+    -alpha_t (phi3(2h) + 1) with eta = 1 (k-diffusion's is -alpha_t phi3(2h): diffusers writes the 1/2 of phi3 with
+    the wrong sign, giving local error O(h^2) instead of O(h^3));
     only the diffusers drop-in scheduler uses it.
     ``sde-dpmsolver`` (noise prediction, diffusers' semantics, eta = 1 only): orders 1 and 2.
     With eta = 0, ``sde-dpmsolver++`` equals the ODE solver of the same order (taylor form at order 3).
@@ -224,7 +225,7 @@ def sde_multistep(
                 if multistep3 == "diffusers":
                     if eta != 1.0:
                         raise ValueError("eta: the diffusers third-order SDE variant is defined for eta = 1 only")
-                    e2, scale = pt.alpha * ((-psi - 2.0 * h) / (2.0 * h) ** 2 - 0.5), 1.0
+                    e2, scale = pt.alpha * ((psi - 2.0 * h) / (2.0 * h) ** 2 - 0.5), 1.0  # = -alpha_t (phi3(2h) + 1)
                 else:
                     e2, scale = -pt.alpha * phi3, _d2_scale(multistep3)
                 d1, d2 = _d_weights(r0, r1, scale)
