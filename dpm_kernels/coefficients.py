@@ -348,6 +348,36 @@ def _single3_final(plus: bool, solver_type: str, ps: Point, pt: Point, r1: float
     return Update(a, (c[2], c[1], c[0]))
 
 
+def singlestep_sde_diffusers(solver_type: str, order: int, ps: Point, inner: list[Point], pt: Point) -> list[Update]:
+    """diffusers' singlestep SDE-DPM-Solver++ (eta = 1): the updates of `singlestep`, one per evaluation.
+
+    With h = lambda_q - lambda_s for a target q, diffusers' update is the ODE DPM-Solver++ singlestep update with
+    every exponential factor taken at 2h (phi_k(2h)), x scaled by (sigma_q/sigma_s) e^{-h}, the D differences kept
+    at the real lambda fractions r, plus sigma_q sqrt(1 - e^{-2h}) z. Hence the ODE formulas on "stretched" points
+    (lambda' = lambda_s + 2h, sigma' = sigma_q e^{-h}). Order 3 taylor ("heun"): diffusers' D2 coefficient is
+    -alpha_t (phi3(2h) + 1), the sign slip of its multistep branch (`sde_multistep`, multistep3="diffusers").
+    """
+    solver_type = normalize_solver_type(solver_type)
+
+    def stretch(q: Point) -> Point:
+        dh = q.lam - ps.lam
+        return Point(q.alpha, q.sigma * math.exp(-dh) if q.sigma != 0.0 else 0.0, ps.lam + 2.0 * dh)
+
+    ups = singlestep("dpmsolver++", solver_type, order, ps, [stretch(q) for q in inner], stretch(pt), "solver_type")
+    out = []
+    for q, u in zip(list(inner) + [pt], ups, strict=True):
+        noise = q.sigma * math.sqrt(-math.expm1(-2.0 * (q.lam - ps.lam))) if q.sigma != 0.0 else 0.0
+        out.append(Update(u.a, u.c, noise))
+    if order == 3 and solver_type == "taylor":
+        h = pt.lam - ps.lam
+        r1, r2 = ((q.lam - ps.lam) / h for q in inner)
+        # D2 = 2 (D1_1 - D1_0) / (r2 - r1), D1_0 = (m_s1 - m_s) / r1, D1_1 = (m_s2 - m_s) / r2; c newest first
+        w = (2.0 / r2, -2.0 / r1, 2.0 / r1 - 2.0 / r2)
+        c = tuple(cj - pt.alpha * wj / (r2 - r1) for cj, wj in zip(out[-1].c, w, strict=True))
+        out[-1] = Update(out[-1].a, c, out[-1].noise)
+    return out
+
+
 def conversion(model_type: str, target: str, alpha: float, sigma: float) -> tuple[float, float]:
     """(px, pm) with ``target = px * x + pm * model_output`` (MATH.md, "Notation").
 

@@ -1,0 +1,144 @@
+"""Per-step time of `step()`: the fused diffusers schedulers against diffusers' own (CPU by default).
+
+    python benchmarks/bench_diffusers_step.py                    # the full set (quiet machine: minutes)
+    python benchmarks/bench_diffusers_step.py --smoke --out ""   # tiny shapes, checks that the script runs
+
+Configurations: a 1x4x64x64 and a 1x4x128x128 latent and a 2x3x256x256 pixel batch, solver order 2 and 3,
+thresholding off and on (sample_max_value 1.5), DPMSolverMultistepScheduler's defaults otherwise (dpmsolver++,
+epsilon, 20 steps). Providers: "diffusers" (DPMSolverMultistepScheduler.step) and "fused-<backend>"
+(FusedDPMSolverMultistepScheduler with each backend that can serve the device). Only the scheduler is timed: the
+model output is a fixed tensor. Each provider runs `--reps` trajectories; every step() call is timed (CUDA events
+on a GPU). Reported: the median over the steady-state steps (index >= order, i.e. after the warm-up steps; this
+includes the first-order final step), their 20/80% quantiles, the median first step (the fused scheduler plans the
+whole trajectory there) and the speed-up of the median over diffusers'. A markdown table goes to stdout; CSV rows
+(device, torch and diffusers versions, date) are appended to <out>/diffusers_step-<device>-<date>.csv.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime as dt
+import statistics
+import time
+from pathlib import Path
+
+import diffusers
+import torch
+from diffusers import DPMSolverMultistepScheduler
+
+from dpm_kernels.backends import registry
+from dpm_kernels.benchmark import device_name, quantiles
+from dpm_kernels.integrations.diffusers import FusedDPMSolverMultistepScheduler
+
+SHAPES = {"latent64": (1, 4, 64, 64), "latent128": (1, 4, 128, 128), "pixels256": (2, 3, 256, 256)}
+SMOKE_SHAPES = {"tiny": (1, 4, 8, 8)}
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def providers(device: torch.device) -> list[str]:
+    order = ["cpu", "torch"] if device.type == "cpu" else ["cuda", "triton", "torch"]
+    return ["diffusers"] + [f"fused-{b}" for b in order if registry._why_not(b, device) is None]
+
+
+def time_trajectories(provider: str, shape, dtype, device, order: int, thresholding: bool, steps: int, reps: int):
+    """(steady-state step times, first-step times) in seconds over `reps` trajectories."""
+    cfg = dict(solver_order=order, thresholding=thresholding, sample_max_value=1.5)
+    if provider == "diffusers":
+        sched = DPMSolverMultistepScheduler(**cfg)
+    else:
+        sched = FusedDPMSolverMultistepScheduler(**cfg)
+        sched.fused_backend = provider.removeprefix("fused-")
+    g = torch.Generator().manual_seed(0)
+    model_out = torch.randn(shape, generator=g).to(device, dtype)
+    x0 = torch.randn(shape, generator=g).to(device, dtype)
+    steady, first = [], []
+    for _ in range(reps + 1):  # the first trajectory warms up (extension load, allocator, caches)
+        sched.set_timesteps(steps, device=device)
+        x, times = x0, []
+        for t in sched.timesteps:
+            if device.type == "cuda":
+                e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                e0.record()
+                x = sched.step(model_out, t, x).prev_sample
+                e1.record()
+                e1.synchronize()
+                times.append(e0.elapsed_time(e1) / 1e3)
+            else:
+                t0 = time.perf_counter()
+                x = sched.step(model_out, t, x).prev_sample
+                times.append(time.perf_counter() - t0)
+        if _ > 0:
+            first.append(times[0])
+            steady += times[order:]
+    return steady, first
+
+
+def run(shapes: dict, orders, thresholds, dtype_name: str, device: torch.device, steps: int, reps: int) -> list[dict]:
+    rows = []
+    for shape_name, shape in shapes.items():
+        for order in orders:
+            for thr in thresholds:
+                base = None
+                for prov in providers(device):
+                    steady, first = time_trajectories(prov, shape, DTYPES[dtype_name], device, order, thr, steps, reps)
+                    med, q20, q80 = quantiles(steady)
+                    base = med if prov == "diffusers" else base
+                    rows.append({
+                        "date": dt.date.today().isoformat(), "device": device_name(device), "torch": torch.__version__,
+                        "diffusers": diffusers.__version__, "provider": prov, "shape": "x".join(map(str, shape)),
+                        "name": shape_name, "dtype": dtype_name, "order": order, "thresholding": thr,
+                        "steps": steps, "median_ms": med * 1e3, "q20_ms": q20 * 1e3, "q80_ms": q80 * 1e3,
+                        "first_step_ms": statistics.median(first) * 1e3, "speedup": base / med,
+                    })
+    return rows
+
+
+def markdown(rows: list[dict]) -> str:
+    head = "| shape | order | thr | provider | median ms | q20-q80 ms | first step ms | speed-up |"
+    lines = [head, "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['shape']} | {r['order']} | {'on' if r['thresholding'] else 'off'} | {r['provider']} | "
+                     f"{r['median_ms']:.3f} | {r['q20_ms']:.3f}-{r['q80_ms']:.3f} | {r['first_step_ms']:.3f} | "
+                     f"{r['speedup']:.2f}x |")
+    return "\n".join(lines)
+
+
+def append_csv(rows: list[dict], out_dir: Path, device: torch.device) -> Path:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    slug = "".join(c if c.isalnum() else "-" for c in device_name(device)).strip("-").lower()
+    path = out_dir / f"diffusers_step-{slug}-{dt.date.today().isoformat()}.csv"
+    new = not path.exists()
+    with path.open("a", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0].keys()))
+        if new:
+            w.writeheader()
+        w.writerows(rows)
+    return path
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    p.add_argument("--steps", type=int, default=20, help="steps per trajectory")
+    p.add_argument("--reps", type=int, default=5, help="timed trajectories per configuration")
+    p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
+    p.add_argument("--smoke", action="store_true", help="one tiny shape, 6 steps, 1 trajectory")
+    p.add_argument("--out", default="benchmarks/results", help="results directory ('' to skip writing)")
+    a = p.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    device = torch.device(a.device)
+    shapes, steps, reps = (SMOKE_SHAPES, 6, 1) if a.smoke else (SHAPES, a.steps, a.reps)
+    rows = run(shapes, (2, 3), (False, True), a.dtype, device, steps, reps)
+    print(f"device: {device_name(device)}; torch {torch.__version__}; diffusers {diffusers.__version__}; "
+          f"{dt.date.today().isoformat()}; {a.dtype}, {steps} steps, median over steps >= order\n")
+    print(markdown(rows))
+    if a.out:
+        print(f"\nappended to {append_csv(rows, Path(a.out), device)}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

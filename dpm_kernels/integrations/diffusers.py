@@ -1,0 +1,380 @@
+"""diffusers' DPM-Solver schedulers with a fused `step()`: one `dpm_kernels.ops.fused_step` call per step.
+
+    from dpm_kernels.integrations.diffusers import FusedDPMSolverMultistepScheduler
+    pipe.scheduler = FusedDPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
+    pipe.scheduler.fused_backend = "auto"        # or "torch" | "cpu" | "cuda" | "triton" (an attribute, not config)
+
+`FusedDPMSolverMultistepScheduler` and `FusedDPMSolverSinglestepScheduler` subclass diffusers'
+`DPMSolverMultistepScheduler` / `DPMSolverSinglestepScheduler` and leave `__init__` alone (ConfigMixin derives the
+config keys from its signature), so `from_config`, `save_config`, `set_timesteps`, `scale_model_input`,
+`add_noise` and every sigma grid (Karras, exponential, beta, Lu lambdas, timestep_spacing, final_sigmas_type,
+lambda_min_clipped, rescaled betas, custom timesteps) are diffusers' own. Only `step()` changes: converting the
+output (epsilon / sample / v_prediction to x0 or eps), dynamic thresholding (diffusers' semantics, s =
+clamp(quantile(|x0|, ratio), 1, sample_max_value); noise-prediction solvers go via x0 and back), storing the result
+in a ring buffer owned by the scheduler, the multistep / singlestep combination and the SDE noise run in ONE pass.
+
+Coefficients are float64, computed on the host from the scheduler's sigmas (CPU tensors in diffusers) for every
+remaining step at the first `step()` after `set_timesteps` -- when the starting index is known -- and uploaded once
+(pinned + non_blocking on CUDA; a later trajectory with the same table reuses the device copy); each step then uses
+a row view. No step reads a device tensor on the host, so a loop of steps can be captured in a CUDA graph: call
+`set_begin_index(0)` first (else diffusers' `_init_step_index` searches the timesteps: one sync at the first step),
+give SDE noise through a CUDA generator or `variance_noise` (a CPU generator's noise is copied from pageable
+memory), and keep the scheduler (its row table and ring) alive and on that trajectory while replaying.
+
+Tolerance: diffusers forms its coefficients in float32 (lambda = log(alpha) - log(sigma), exp(h) - 1 without
+expm1) and the multistep scheduler rounds the sample to float32 in every step; ours are float64. Float32 samples
+agree with diffusers' to that rounding: max |ours - diffusers| / max(1, max |x|) is ~1e-6 per step and up to ~3e-5
+for noise-prediction solvers of order 3 (whose large first steps amplify diffusers' lambda rounding); the tests
+require ours to be no farther from diffusers' float64 trajectory than twice diffusers' own float32 trajectory.
+Float64 runs agree with diffusers run with float64 sigmas to 1e-13 (singlestep) and 4e-7 (multistep: the float32
+rounding of the sample there). Half precision and mixed dtypes: diffusers rounds intermediates to half, we compute
+in float32 and round once (result dtypes are diffusers'). SDE noise is drawn as diffusers draws it (`randn_tensor`,
+same shape / device / dtype, every step), so one generator seed gives the same trajectory.
+
+Fallback: options not fused run diffusers' own `step()` for the whole trajectory; `scheduler.fused_reason` says why
+(None: fused). They are flow matching (`prediction_type="flow_prediction"`, `use_flow_sigmas`), `variance_type`
+"learned"/"learned_range", solver_order outside 1..3, multistep "sde-dpmsolver" with solver_order 3 and singlestep
+"dpmsolver" with thresholding (diffusers' own code fails there and still does), options unknown to this module set
+to non-default values, and, decided at the first step: unsupported dtypes, model outputs shaped unlike the sample,
+inputs requiring grad (the op has no autograd), sigma grids with h <= 0.
+
+State: `step_index`, `lower_order_nums` and (singlestep) `sample` evolve as in diffusers. The parent's
+`model_outputs` list is not maintained during a fused trajectory: reading it gives a tuple of views into the ring
+(oldest first; None where no later step needs the output), valid until the next step.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from diffusers import DPMSolverMultistepScheduler, DPMSolverSinglestepScheduler
+from diffusers.schedulers.scheduling_utils import SchedulerOutput
+from diffusers.utils.torch_utils import randn_tensor
+
+from .. import coefficients as C
+from .. import planner as P
+from ..ops import FLOAT_DTYPES, fused_step
+
+__all__ = ["FusedDPMSolverMultistepScheduler", "FusedDPMSolverSinglestepScheduler"]
+
+_MODEL_TYPE = {"epsilon": "noise", "sample": "x_start", "v_prediction": "v"}
+# Config keys whose effect is reproduced: the first set only shapes the sigma grid built by the inherited
+# set_timesteps (or matters only with use_flow_sigmas, which falls back); the second is read by the fused step.
+_GRID_KEYS = {"num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas",
+              "rescale_betas_zero_snr", "use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas",
+              "use_lu_lambdas", "final_sigmas_type", "lambda_min_clipped", "timestep_spacing", "steps_offset",
+              "flow_shift", "use_dynamic_shifting", "time_shift_type"}
+_STEP_KEYS = {"solver_order", "prediction_type", "thresholding", "dynamic_thresholding_ratio", "sample_max_value",
+              "algorithm_type", "solver_type", "lower_order_final", "euler_at_final", "use_flow_sigmas",
+              "variance_type"}
+
+
+@dataclass
+class _Trajectory:
+    """The plan of the steps from `start` to the end of the grid, made at the first step after set_timesteps."""
+
+    start: int  # step_index of the first fused step
+    rows: torch.Tensor  # [n, NCOEF] float64 on the sample's device: step k uses rows[k]
+    host_rows: torch.Tensor  # kept alive: the (pinned) source of the asynchronous upload
+    orders: list[int]
+    store: list[bool]  # does a later step read this step's converted output (ring write needed)?
+    noisy: list[bool]  # non-zero noise coefficient
+    ring: torch.Tensor | None  # [solver_order, *shape] converted outputs; output k lives in slot k % solver_order
+    shape: torch.Size
+    dtype: torch.dtype  # working dtype: promote(sample, model_output), as diffusers' arithmetic
+    device: torch.device
+    calls: int = 0
+
+
+class _FusedStep:
+    """What both schedulers share; placed before the diffusers class in the MRO."""
+
+    fused_backend: str = "auto"
+    _fz_traj: _Trajectory | None = None
+    _fz_ring: torch.Tensor | None = None  # reused by the next trajectory when shape, dtype and device match
+    _fz_rows: tuple[torch.Tensor, torch.Tensor] | None = None  # (host, device) row table of the last plan
+    _fz_data_reason: str | None = None
+    _fz_outputs: list | None = None
+
+    # ----- public state -----
+    @property
+    def fused_reason(self) -> str | None:
+        """Why this trajectory runs diffusers' own `step()`; None when it is fused."""
+        return self._fz_data_reason or self._config_reason()
+
+    @property
+    def model_outputs(self):
+        """diffusers' list outside a fused trajectory; during one, a tuple of ring views (see the module doc)."""
+        traj = self._fz_traj
+        if traj is None:
+            return self._fz_outputs
+        k = self.config.solver_order
+        return tuple(traj.ring[j % k] if j >= 0 and traj.store[j] else None for j in range(traj.calls - k, traj.calls))
+
+    @model_outputs.setter
+    def model_outputs(self, value) -> None:
+        self._fz_outputs = value
+
+    def _fz_reset(self) -> None:
+        self._fz_traj = None
+        self._fz_data_reason = None
+
+    # ----- what is fused -----
+    def _config_reason(self) -> str | None:
+        cfg = self.config
+        if cfg.prediction_type == "flow_prediction" or cfg.use_flow_sigmas:
+            return "flow matching (flow_prediction / use_flow_sigmas) is not fused"
+        if cfg.prediction_type not in _MODEL_TYPE:
+            return f"prediction_type={cfg.prediction_type!r} is not fused"
+        if cfg.variance_type in ("learned", "learned_range"):
+            return f"variance_type={cfg.variance_type!r}: diffusers slices the model output; not fused"
+        if cfg.solver_order not in (1, 2, 3):
+            return f"solver_order={cfg.solver_order!r}: only 1, 2, 3 are fused"
+        if cfg.algorithm_type not in self._ALGORITHMS:
+            return f"algorithm_type={cfg.algorithm_type!r} is not fused by {type(self).__name__}"
+        if cfg.solver_type not in ("midpoint", "heun"):
+            return f"solver_type={cfg.solver_type!r} is not fused"
+        if cfg.thresholding and not (0.0 <= cfg.dynamic_thresholding_ratio <= 1.0 and cfg.sample_max_value > 0):
+            return "thresholding: ratio outside [0, 1] or sample_max_value <= 0 is not fused"
+        why = self._class_reason()
+        if why is not None:
+            return why
+        for name, p in inspect.signature(type(self).__init__).parameters.items():
+            if name in _GRID_KEYS or name in _STEP_KEYS or p.default is inspect.Parameter.empty:
+                continue
+            if name in cfg and cfg[name] != p.default:
+                return f"{name}={cfg[name]!r}: an option this module does not know (checked with diffusers 0.42)"
+        return None
+
+    def _data_reason(self, model_output, sample) -> str | None:
+        for name, t in (("sample", sample), ("model_output", model_output)):
+            if not isinstance(t, torch.Tensor) or t.dtype not in FLOAT_DTYPES:
+                return f"{name}: a {getattr(t, 'dtype', type(t).__name__)} is not fused"
+        if model_output.shape != sample.shape or model_output.device != sample.device or sample.dim() < 1:
+            return "model_output and sample differ in shape or device (or are 0-d): not fused"
+        if self.config.thresholding and sample.dim() < 2:
+            return "thresholding needs [B, C, ...] samples"
+        if torch.is_grad_enabled() and (sample.requires_grad or model_output.requires_grad):
+            return "inputs require grad: the fused op has no autograd"
+        return None
+
+    # ----- planning -----
+    def _plan(self, model_output: torch.Tensor, sample: torch.Tensor) -> _Trajectory:
+        cfg = self.config
+        start, n = self.step_index, len(self.timesteps)
+        pts = [C.Point.from_vp_of_ve_sigma(s) for s in self.sigmas.tolist()]  # CPU tensor: no device sync
+        orders = self._orders(start, n)
+        updates = [self._update(start + k, o, pts) for k, o in enumerate(orders)]
+        evals = [P.Eval(t=0.0, point=pts[start + k], source="x", update=u, write_slot=None, read_slots=(), dest="x",
+                        order=o, step=k + 1, t_next=0.0) for k, (o, u) in enumerate(zip(orders, updates, strict=True))]
+        plan = P.Plan(evals, cfg.solver_order, np.zeros(0), orders)
+        rows = P.coefficient_table(plan, _MODEL_TYPE[cfg.prediction_type], cfg.algorithm_type,
+                                   thresholding=bool(cfg.thresholding))
+        store = [any(orders[j] > j - k for j in range(k + 1, len(orders))) for k in range(len(orders))]
+        dev, w = sample.device, torch.promote_types(sample.dtype, model_output.dtype)
+        host, rows_dev = self._upload(rows, dev)
+        ring = None
+        if any(store):
+            shape = (cfg.solver_order, *sample.shape)
+            ring = self._fz_ring
+            if ring is None or ring.shape != shape or ring.dtype != w or ring.device != dev:
+                ring = self._fz_ring = torch.empty(shape, dtype=w, device=dev)
+        return _Trajectory(start, rows_dev, host, orders, store, [u.noise != 0.0 for u in updates], ring,
+                           sample.shape, w, dev)
+
+    def _upload(self, rows: np.ndarray, dev: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(host, device) copies of the row table. The same table as the previous trajectory's (the same image
+        generated again) reuses its device copy: no upload and no allocation, also when a graph is being captured."""
+        last = self._fz_rows
+        if last is not None and last[1].device == dev and last[0].shape == rows.shape and np.array_equal(
+                last[0].numpy(), rows):
+            return last
+        host = torch.from_numpy(np.ascontiguousarray(rows))
+        if dev.type == "cuda":
+            host = host.pin_memory()  # the asynchronous copy reads it later: the trajectory keeps it alive
+            self._fz_rows = (host, host.to(dev, non_blocking=True))
+        else:
+            self._fz_rows = (host, host.to(dev))
+        return self._fz_rows
+
+    # ----- the step -----
+    def _fused(self, model_output, timestep, sample, generator, variance_noise) -> torch.Tensor | None:
+        """x at the next step, or None when diffusers' own step must run."""
+        traj = self._fz_traj
+        if traj is None:
+            if self.num_inference_steps is None or self.fused_reason is not None:
+                return None
+            if self.step_index is None:
+                self._init_step_index(timestep)
+            why = self._data_reason(model_output, sample)
+            if why is None:
+                try:
+                    traj = self._plan(model_output, sample)
+                except (ValueError, ArithmeticError) as exc:  # e.g. repeated sigmas (h = 0): diffusers' result
+                    why = f"planning failed ({exc})"
+            if why is not None:
+                self._fz_data_reason = why
+                return None
+            self._fz_traj = traj
+        if self.step_index is None or self.step_index - traj.start != traj.calls:
+            raise RuntimeError("step: step_index changed outside step() in a fused trajectory; call set_timesteps()")
+        k = traj.calls
+        if k >= len(traj.orders):
+            raise IndexError(f"step: all {len(traj.orders)} steps of this trajectory were taken; call set_timesteps()")
+        if sample.shape != traj.shape or model_output.shape != traj.shape or sample.device != traj.device:
+            raise ValueError(f"step: sample/model_output {tuple(sample.shape)}/{tuple(model_output.shape)} on "
+                             f"{sample.device} changed within a trajectory ({tuple(traj.shape)} on {traj.device})")
+        if torch.is_grad_enabled() and (sample.requires_grad or model_output.requires_grad):
+            raise RuntimeError("step: inputs require grad, but this fused trajectory has no autograd")
+        w, o = traj.dtype, traj.orders[k]
+        z = self._noise(model_output, generator, variance_noise)  # drawn every step, as diffusers does
+        x_now = sample.to(w)
+        x, x_eval = self._start_point(o, sample, x_now)
+        ring, so = traj.ring, self.config.solver_order
+        out = torch.empty(traj.shape, dtype=w, device=traj.device)
+        cfg = self.config
+        fused_step(
+            x, model_output.to(w), traj.rows[k], out=out,
+            hist_out=ring[k % so] if traj.store[k] else None,
+            hist=[ring[(k - j) % so] for j in range(1, o)],
+            x_eval=x_eval,
+            noise=z.to(w) if z is not None and traj.noisy[k] else None,
+            threshold=(cfg.dynamic_thresholding_ratio, 1.0, cfg.sample_max_value) if cfg.thresholding else None,
+            backend=self.fused_backend,
+        )
+        traj.calls += 1
+        self._step_index += 1
+        self._advanced()
+        return out.to(self._out_dtype(model_output, sample, w))
+
+
+class FusedDPMSolverMultistepScheduler(_FusedStep, DPMSolverMultistepScheduler):
+    """`DPMSolverMultistepScheduler` with a fused `step()`; same config, same results (module doc).
+
+    Attributes: ``fused_backend`` ("auto" | "torch" | "cpu" | "cuda" | "triton"), ``fused_reason`` (read-only).
+    """
+
+    _ALGORITHMS = ("dpmsolver++", "dpmsolver", "sde-dpmsolver++", "sde-dpmsolver")
+
+    @functools.wraps(DPMSolverMultistepScheduler.set_timesteps)
+    def set_timesteps(self, *args, **kwargs):
+        super().set_timesteps(*args, **kwargs)
+        self._fz_reset()
+
+    def step(self, model_output: torch.Tensor, timestep: int | torch.Tensor, sample: torch.Tensor,
+             generator: torch.Generator | None = None, variance_noise: torch.Tensor | None = None,
+             return_dict: bool = True) -> SchedulerOutput | tuple:
+        """diffusers' `step` (same arguments and result), fused unless `fused_reason` says otherwise."""
+        prev = self._fused(model_output, timestep, sample, generator, variance_noise)
+        if prev is None:
+            return super().step(model_output, timestep, sample, generator=generator, variance_noise=variance_noise,
+                                return_dict=return_dict)
+        return SchedulerOutput(prev_sample=prev) if return_dict else (prev,)
+
+    def _class_reason(self) -> str | None:
+        if self.config.algorithm_type == "sde-dpmsolver" and self.config.solver_order == 3:
+            return "sde-dpmsolver with solver_order=3: diffusers has no third-order sde-dpmsolver update"
+        return None
+
+    def _orders(self, start: int, n: int) -> list[int]:
+        # diffusers' rule: warm-up by lower_order_nums (steps since set_timesteps), lower orders at the end
+        cfg, so = self.config, self.config.solver_order
+        orders = []
+        for k, i in enumerate(range(start, n)):
+            warm = min(k, so)
+            final = i == n - 1 and (cfg.euler_at_final or (cfg.lower_order_final and n < 15)
+                                    or cfg.final_sigmas_type == "zero")
+            second = i == n - 2 and cfg.lower_order_final and n < 15
+            orders.append(1 if so == 1 or warm < 1 or final else 2 if so == 2 or warm < 2 or second else 3)
+        return orders
+
+    def _update(self, i: int, o: int, pts: list[C.Point]) -> C.Update:
+        cfg = self.config
+        prev = [pts[i - j] for j in range(o)]
+        if cfg.algorithm_type.startswith("sde"):
+            return C.sde_multistep(cfg.algorithm_type, cfg.solver_type, o, prev, pts[i + 1], 1.0, 1.0, "diffusers")
+        return C.multistep(cfg.algorithm_type, cfg.solver_type, o, prev, pts[i + 1])
+
+    def _noise(self, model_output, generator, variance_noise) -> torch.Tensor | None:
+        if not self.config.algorithm_type.startswith("sde"):
+            return None
+        if variance_noise is not None:
+            return variance_noise.to(device=model_output.device, dtype=torch.float32)
+        return randn_tensor(model_output.shape, generator=generator, device=model_output.device, dtype=torch.float32)
+
+    def _start_point(self, order, sample, x_now):
+        return x_now, None
+
+    def _advanced(self) -> None:
+        if self.lower_order_nums < self.config.solver_order:
+            self.lower_order_nums += 1
+
+    def _out_dtype(self, model_output, sample, w) -> torch.dtype:
+        # diffusers casts the result to the dtype of the converted output: the raw output's where no sample enters
+        cfg = self.config
+        raw = (cfg.algorithm_type.endswith("++") and cfg.prediction_type == "sample") or (
+            not cfg.algorithm_type.endswith("++") and cfg.prediction_type == "epsilon" and not cfg.thresholding)
+        return model_output.dtype if raw else w
+
+
+class FusedDPMSolverSinglestepScheduler(_FusedStep, DPMSolverSinglestepScheduler):
+    """`DPMSolverSinglestepScheduler` with a fused `step()`; same config, same results (module doc).
+
+    A step of order k (the scheduler's ``order_list``) starts from ``self.sample``, the sample of the block's first
+    step (held by reference, as diffusers does), and evaluates its output at the current sample (``x_eval``).
+    Attributes: ``fused_backend`` ("auto" | "torch" | "cpu" | "cuda" | "triton"), ``fused_reason`` (read-only).
+    """
+
+    _ALGORITHMS = ("dpmsolver++", "dpmsolver", "sde-dpmsolver++")
+
+    @functools.wraps(DPMSolverSinglestepScheduler.set_timesteps)
+    def set_timesteps(self, *args, **kwargs):
+        super().set_timesteps(*args, **kwargs)
+        self._fz_reset()
+
+    def step(self, model_output: torch.Tensor, timestep: int | torch.Tensor, sample: torch.Tensor,
+             generator: torch.Generator | None = None, return_dict: bool = True) -> SchedulerOutput | tuple:
+        """diffusers' `step` (same arguments and result), fused unless `fused_reason` says otherwise."""
+        prev = self._fused(model_output, timestep, sample, generator, None)
+        if prev is None:
+            return super().step(model_output, timestep, sample, generator=generator, return_dict=return_dict)
+        return SchedulerOutput(prev_sample=prev) if return_dict else (prev,)
+
+    def _class_reason(self) -> str | None:
+        if self.config.algorithm_type == "dpmsolver" and self.config.thresholding:
+            return "dpmsolver with thresholding: diffusers' singlestep code fails here (alpha_t[None])"
+        return None
+
+    def _orders(self, start: int, n: int) -> list[int]:
+        # diffusers lowers order_list[i] while fewer outputs than that exist since set_timesteps
+        return [min(self.order_list[i], k + 1) for k, i in enumerate(range(start, n))]
+
+    def _update(self, i: int, o: int, pts: list[C.Point]) -> C.Update:
+        cfg = self.config
+        ps, inner, pt = pts[i - o + 1], pts[i - o + 2: i + 1], pts[i + 1]
+        if cfg.algorithm_type == "sde-dpmsolver++":
+            return C.singlestep_sde_diffusers(cfg.solver_type, o, ps, inner, pt)[-1]
+        return C.singlestep(cfg.algorithm_type, cfg.solver_type, o, ps, inner, pt, u2_form="solver_type")[-1]
+
+    def _noise(self, model_output, generator, variance_noise) -> torch.Tensor | None:
+        if self.config.algorithm_type != "sde-dpmsolver++":
+            return None
+        return randn_tensor(model_output.shape, generator=generator, device=model_output.device,
+                            dtype=model_output.dtype)
+
+    def _start_point(self, order, sample, x_now):
+        if order == 1:
+            self.sample = sample  # the block start, by reference like diffusers
+            return x_now, None
+        start = self.sample.to(x_now.dtype)
+        return start, (None if start is x_now else x_now)
+
+    def _advanced(self) -> None:
+        pass
+
+    def _out_dtype(self, model_output, sample, w) -> torch.dtype:
+        return w  # no final cast in diffusers' singlestep step: the promoted dtype

@@ -1,0 +1,444 @@
+"""The fused diffusers schedulers against diffusers' own, step by step (dpm_kernels/integrations/diffusers.py).
+
+Each trajectory runs the same deterministic model on both sides, evaluated at each side's OWN current sample; SDE
+runs share the generator seed (or the variance_noise). Criterion (flash-attention's rule): the fused float32
+trajectory may be off diffusers' float64 trajectory (its sigmas patched to float64 after set_timesteps) by at most
+twice what diffusers' own float32 trajectory is, plus 1e-6. Float64 runs must match diffusers' float64 trajectory
+exactly up to diffusers' rounding of the sample to float32 in every multistep step (TOL64): that check is what
+tells a wrong formula (>= 1e-3 off) from rounding. Errors are max |x - ref| / max(1, max |ref|) over all steps.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+
+import pytest
+import torch
+from conftest import backends_for
+
+try:
+    import diffusers
+    from diffusers import DPMSolverMultistepScheduler, DPMSolverSinglestepScheduler
+except ImportError as exc:  # a required test dependency: fail loudly instead of skipping
+    raise ImportError("diffusers is a required test dependency (pip install diffusers==0.42.1)") from exc
+
+from dpm_kernels.integrations.diffusers import FusedDPMSolverMultistepScheduler, FusedDPMSolverSinglestepScheduler
+
+# torch (reference) and the C++ CPU kernels; "cpu" is in the list unless DPM_KERNELS_NO_EXT=1, and a CPU extension
+# that fails to build fails these tests (fused_backend="cpu" raises)
+BACKENDS = [b for b in backends_for("cpu") if b in ("torch", "cpu")]
+SHAPE = (2, 3, 4, 4)
+TOL64 = {"multi": 2e-6, "single": 1e-10}  # multistep: diffusers casts the sample to float32 (measured 4.4e-7)
+PAIRS = {"multi": (DPMSolverMultistepScheduler, FusedDPMSolverMultistepScheduler),
+         "single": (DPMSolverSinglestepScheduler, FusedDPMSolverSinglestepScheduler)}
+pytestmark = [pytest.mark.filterwarnings("ignore::FutureWarning"),  # deprecated dpmsolver / sde-dpmsolver
+              pytest.mark.filterwarnings("ignore::DeprecationWarning")]
+logging.getLogger("diffusers").setLevel(logging.ERROR)  # singlestep's "changing lower_order_final" notices
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny tensors: threads only add overhead on a shared 2-core box
+    yield
+    torch.set_num_threads(n)
+
+
+def toy_model(x: torch.Tensor, t) -> torch.Tensor:
+    """Deterministic, bounded, timestep-dependent; |x0| quantiles pass 1 so thresholding clamps."""
+    return 1.3 * torch.tanh(0.7 * x + 0.001 * float(t))
+
+
+def run(cls, cfg: dict, steps: int, dtype=torch.float32, backend: str | None = None, begin: int | None = None,
+        sched=None, shape=SHAPE, model=toy_model, noise: str = "generator", device: str = "cpu"):
+    s = sched if sched is not None else cls(**cfg)
+    if backend is not None:
+        s.fused_backend = backend
+    s.set_timesteps(steps)
+    if dtype == torch.float64:
+        s.sigmas = s.sigmas.double()  # diffusers then forms its coefficients in float64 too
+    ts = s.timesteps
+    if begin is not None:
+        s.set_begin_index(begin)
+        ts = ts[begin:]
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(7)).to(device, dtype)
+    g = torch.Generator().manual_seed(3)
+    out = []
+    for t in ts:
+        kw = {"generator": g}
+        if noise == "variance" and "variance_noise" in s.step.__code__.co_varnames:
+            kw = {"variance_noise": torch.randn(shape, generator=g).to(device)}
+        x = s.step(model(x, t), t, x, **kw).prev_sample
+        out.append(x)
+    return out, s
+
+
+def err(xs, refs) -> float:
+    assert len(xs) == len(refs)
+    return max(float((a.double() - r.double()).abs().max()) / max(1.0, float(r.double().abs().max()))
+               for a, r in zip(xs, refs, strict=True))
+
+
+def check(kind: str, cfg: dict, steps: int = 10, device: str = "cpu", **kw) -> None:
+    """The fused scheduler on `device` (each backend) against diffusers on the CPU (module doc)."""
+    parent, fused = PAIRS[kind]
+    ref, _ = run(parent, cfg, steps, torch.float64, **kw)
+    d32, _ = run(parent, cfg, steps, torch.float32, **kw)
+    bound = 2.0 * err(d32, ref) + 1e-6
+    for backend in BACKENDS if device == "cpu" else backends_for(device):
+        o32, s = run(fused, cfg, steps, torch.float32, backend, device=device, **kw)
+        assert s.fused_reason is None
+        assert err(o32, ref) <= bound, (backend, err(o32, ref), bound)
+        o64, _ = run(fused, cfg, steps, torch.float64, backend, device=device, **kw)
+        assert err(o64, ref) <= TOL64[kind], (backend, err(o64, ref))
+
+
+def _ids(cases):
+    return ["-".join(f"{k}={v}" for k, v in c.items()) for c in cases]
+
+
+ALGS_M = ["dpmsolver++", "dpmsolver", "sde-dpmsolver++", "sde-dpmsolver"]
+MULTI = (
+    [dict(algorithm_type=a, solver_order=o, solver_type=st) for a in ALGS_M for o in (1, 2, 3)
+     for st in (("midpoint",) if o == 1 else ("midpoint", "heun")) if not (a == "sde-dpmsolver" and o == 3)]
+    + [dict(algorithm_type=a, solver_order=3 if a.endswith("++") else 2, solver_type="heun", prediction_type=p,
+            thresholding=thr, sample_max_value=1.5) for a in ALGS_M for p in ("epsilon", "sample", "v_prediction")
+       for thr in (False, True) if (p, thr) != ("epsilon", False)]
+)
+for c in MULTI:  # final_sigmas_type="zero" (the default) is refused by diffusers for noise-prediction algorithms
+    if not c["algorithm_type"].endswith("++"):
+        c["final_sigmas_type"] = "sigma_min"
+
+
+@pytest.mark.parametrize("cfg", MULTI, ids=_ids(MULTI))
+def test_multistep_matrix(cfg):
+    check("multi", cfg)
+
+
+MULTI_OPTIONS = [  # (cfg, steps, run kwargs): grids, final-step rules, starting points
+    (dict(solver_order=3, lower_order_final=False), 10, {}),
+    (dict(solver_order=3, euler_at_final=True, final_sigmas_type="sigma_min"), 16, {}),
+    (dict(solver_order=3, final_sigmas_type="sigma_min"), 16, {}),  # >= 15 steps: no lower-order final steps
+    (dict(solver_order=2, final_sigmas_type="sigma_min", solver_type="heun"), 8, {}),
+    (dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, use_karras_sigmas=True), 12, {}),
+    (dict(algorithm_type="sde-dpmsolver++", use_karras_sigmas=True, beta_schedule="scaled_linear"), 12,
+     {"noise": "variance"}),
+    (dict(solver_order=3, use_lu_lambdas=True), 10, {}),
+    (dict(use_exponential_sigmas=True), 10, {}),
+    (dict(algorithm_type="sde-dpmsolver++", solver_order=3, use_beta_sigmas=True), 10, {}),
+    (dict(timestep_spacing="leading", steps_offset=1), 10, {}),
+    (dict(timestep_spacing="trailing", rescale_betas_zero_snr=True, prediction_type="v_prediction"), 10, {}),
+    (dict(beta_schedule="squaredcos_cap_v2", lambda_min_clipped=-5.1, solver_order=3), 10, {}),
+    (dict(solver_order=3, thresholding=True, sample_max_value=1.5), 12, {"begin": 4}),  # img2img start
+]
+
+
+@pytest.mark.parametrize("cfg,steps,kw", MULTI_OPTIONS, ids=[_ids([c])[0] for c, _, _ in MULTI_OPTIONS])
+def test_multistep_options(cfg, steps, kw):
+    check("multi", cfg, steps, **kw)
+
+
+ALGS_S = ["dpmsolver++", "dpmsolver", "sde-dpmsolver++"]
+SINGLE = (
+    [dict(algorithm_type=a, solver_order=o, solver_type=st, steps=8 + (i % 3))
+     for i, (a, o, st) in enumerate((a, o, st) for a in ALGS_S for o in (1, 2, 3)
+                                    for st in (("midpoint",) if o == 1 else ("midpoint", "heun")))]
+    + [dict(algorithm_type=a, solver_order=3, solver_type="heun", prediction_type=p, thresholding=thr,
+            sample_max_value=1.5, steps=9) for a in ALGS_S for p in ("epsilon", "sample", "v_prediction")
+       for thr in (False, True) if (p, thr) != ("epsilon", False) and not (a == "dpmsolver" and thr)]
+)
+for c in SINGLE:
+    if not c["algorithm_type"].endswith("++"):
+        c["final_sigmas_type"] = "sigma_min"
+
+
+@pytest.mark.parametrize("cfg", SINGLE, ids=_ids(SINGLE))
+def test_singlestep_matrix(cfg):
+    cfg = dict(cfg)
+    check("single", cfg, cfg.pop("steps"))
+
+
+SINGLE_OPTIONS = [
+    (dict(solver_order=3, lower_order_final=False, final_sigmas_type="sigma_min"), 9, {}),  # no lower-order end
+    (dict(solver_order=2, lower_order_final=False, final_sigmas_type="sigma_min", solver_type="heun"), 8, {}),
+    (dict(solver_order=3, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+          use_karras_sigmas=True), 10, {}),
+    (dict(solver_order=3, use_exponential_sigmas=True, algorithm_type="sde-dpmsolver++"), 10, {}),
+    (dict(solver_order=3, thresholding=True, sample_max_value=1.5), 12, {"begin": 4}),  # starts mid-block
+]
+
+
+@pytest.mark.parametrize("cfg,steps,kw", SINGLE_OPTIONS, ids=[_ids([c])[0] for c, _, _ in SINGLE_OPTIONS])
+def test_singlestep_options(cfg, steps, kw):
+    check("single", cfg, steps, **kw)
+
+
+def test_start_from_a_later_timestep():
+    """No set_begin_index: diffusers finds the index from the first timestep; so must we."""
+    for kind in PAIRS:
+        parent, fused = PAIRS[kind]
+        outs = []
+        for cls in (parent, fused):
+            s = cls(solver_order=3)
+            s.set_timesteps(12)
+            x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(1))
+            for t in s.timesteps[5:]:
+                x = s.step(toy_model(x, t), t, x).prev_sample
+            outs.append(x)
+        assert err([outs[1]], [outs[0]]) < 5e-5
+
+
+def test_thresholding_and_options_matter():
+    """The options tested above change the result (so equality with diffusers is not vacuous)."""
+    base, _ = run(FusedDPMSolverMultistepScheduler, dict(solver_order=3), 10)
+    for change in (dict(thresholding=True, sample_max_value=1.5), dict(solver_type="heun"),
+                   dict(lower_order_final=False), dict(prediction_type="v_prediction")):
+        other, _ = run(FusedDPMSolverMultistepScheduler, dict(solver_order=3, **change), 10)
+        assert err(other, base) > 1e-4, change  # >> the 5e-5 of float32 rounding
+
+
+@pytest.mark.parametrize("kind", ["multi", "single"])
+def test_half_precision(kind):
+    """float16 samples: no worse than 2x diffusers' own float16 error (we compute in float32, round once)."""
+    parent, fused = PAIRS[kind]
+    cfg = dict(solver_order=3 if kind == "single" else 2)
+    ref, _ = run(parent, cfg, 10, torch.float64)
+    d16, _ = run(parent, cfg, 10, torch.float16)
+    for backend in BACKENDS:
+        o16, s = run(fused, cfg, 10, torch.float16, backend)
+        assert o16[-1].dtype == torch.float16 and s.fused_reason is None
+        assert err(o16, ref) <= 2.0 * err(d16, ref) + 1e-3
+
+
+@pytest.mark.parametrize("kind", ["multi", "single"])
+@pytest.mark.parametrize("sample_dtype,model_dtype", [(torch.float32, torch.float16), (torch.float16, torch.float32)])
+def test_mixed_dtypes(kind, sample_dtype, model_dtype):
+    """Sample and model output in different dtypes: diffusers' result dtype (the converted output's, or the
+    promoted one), and no less accurate than diffusers against a float64 run on the same half-rounded outputs."""
+    parent, fused = PAIRS[kind]
+
+    def model(dtype):
+        return lambda x, t: toy_model(x.float(), t).to(model_dtype).to(dtype)
+
+    for pred, alg in (("epsilon", "dpmsolver++"), ("sample", "dpmsolver++"), ("epsilon", "dpmsolver")):
+        cfg = dict(solver_order=2, prediction_type=pred, algorithm_type=alg, final_sigmas_type="sigma_min")
+        ref, _ = run(parent, cfg, 6, torch.float64, model=model(torch.float64))
+        d, _ = run(parent, cfg, 6, sample_dtype, model=model(model_dtype))
+        for backend in BACKENDS:
+            o, _ = run(fused, cfg, 6, sample_dtype, backend, model=model(model_dtype))
+            assert [a.dtype for a in o] == [a.dtype for a in d]
+            assert err(o, ref) <= err(d, ref) + 1e-5, (pred, alg, backend)
+
+
+@pytest.mark.parametrize("kind", ["multi", "single"])
+def test_same_object_reused(kind):
+    """set_timesteps starts over: the same object (other batch, shape, step count) equals a fresh one."""
+    _, fused = PAIRS[kind]
+    cfg = dict(solver_order=3, algorithm_type="sde-dpmsolver++")
+    s = fused(**cfg)
+    for steps, shape in ((10, SHAPE), (7, (3, 2, 5)), (10, SHAPE)):
+        again, _ = run(fused, cfg, steps, sched=s, shape=shape)
+        fresh, _ = run(fused, cfg, steps, shape=shape)
+        assert err(again, fresh) == 0.0
+    with pytest.raises(IndexError):  # past the end, like diffusers
+        s.step(torch.zeros(SHAPE), 0, torch.zeros(SHAPE))
+
+
+def test_state_and_model_outputs_views():
+    """step_index / lower_order_nums as in diffusers; model_outputs views hold the converted outputs."""
+    cfg = dict(solver_order=3, thresholding=True, sample_max_value=1.5)
+    a, b = DPMSolverMultistepScheduler(**cfg), FusedDPMSolverMultistepScheduler(**cfg)
+    for s in (a, b):
+        s.set_timesteps(8)
+    xa = xb = torch.randn(SHAPE, generator=torch.Generator().manual_seed(2))
+    for t in a.timesteps:
+        xa = a.step(toy_model(xa, t), t, xa).prev_sample
+        xb, = b.step(toy_model(xb, t), t, xb, return_dict=False)
+        assert (a.step_index, a.lower_order_nums) == (b.step_index, b.lower_order_nums)
+        views = b.model_outputs
+        assert isinstance(views, tuple) and len(views) == 3
+        for va, vb in zip(a.model_outputs, views, strict=True):
+            if vb is not None:
+                assert err([vb], [va]) < 1e-5
+    assert views[-1] is None  # the last output is read by no later step: not stored
+    b.set_timesteps(8)
+    assert b.model_outputs == [None, None, None]
+
+
+def test_from_config_round_trip(tmp_path):
+    src = DPMSolverMultistepScheduler(solver_order=3, algorithm_type="sde-dpmsolver++", use_karras_sigmas=True,
+                                      beta_schedule="scaled_linear", thresholding=True)
+    fused = FusedDPMSolverMultistepScheduler.from_config(src.config)
+    strip = lambda c: {k: v for k, v in c.items() if not k.startswith("_")}  # noqa: E731
+    assert strip(fused.config) == strip(src.config)
+    assert fused.fused_backend == "auto" and "fused_backend" not in fused.config and fused.fused_reason is None
+    fused.save_config(tmp_path)
+    assert strip(FusedDPMSolverMultistepScheduler.from_pretrained(tmp_path).config) == strip(src.config)
+    assert strip(DPMSolverMultistepScheduler.from_config(fused.config).config) == strip(src.config)
+    for name in ("set_timesteps", "step"):  # pipelines introspect these (retrieve_timesteps, extra step kwargs)
+        params = [[(q.name, q.default) for q in inspect.signature(getattr(o, name)).parameters.values()]
+                  for o in (fused, src)]
+        assert params[0] == params[1], name
+    for s in (src, fused):
+        s.set_timesteps(10)
+    x, n, t = torch.randn(SHAPE), torch.randn(SHAPE), src.timesteps[[2, 5]]
+    assert torch.equal(fused.add_noise(x, n, t), src.add_noise(x, n, t))
+    assert torch.equal(fused.scale_model_input(x, t[0]), src.scale_model_input(x, t[0]))
+    # a pipeline's DDPM config (variance_type "fixed_small", clip_sample ...) is accepted and fused
+    ddpm = diffusers.DDPMScheduler(beta_schedule="squaredcos_cap_v2")
+    single = FusedDPMSolverSinglestepScheduler.from_config(ddpm.config)
+    assert single.config.beta_schedule == "squaredcos_cap_v2" and single.fused_reason is None
+
+
+def test_fallbacks_equal_diffusers():
+    """Options not fused run diffusers' step for the whole trajectory, with identical results or errors."""
+    flow = dict(use_flow_sigmas=True, prediction_type="flow_prediction", final_sigmas_type="zero")
+    learned = dict(variance_type="learned_range")
+    for kind, cfg in (("multi", flow), ("single", flow), ("multi", learned)):
+        parent, fused = PAIRS[kind]
+        model = (lambda x, t: torch.cat([toy_model(x, t), x], 1)) if cfg is learned else toy_model
+        ref, _ = run(parent, cfg, 8, model=model, shape=(2, 3, 4, 4))
+        out, s = run(fused, cfg, 8, model=model, shape=(2, 3, 4, 4))
+        assert s.fused_reason is not None and all(torch.equal(a, b) for a, b in zip(out, ref, strict=True))
+    for kind, cfg, error in (("multi", dict(algorithm_type="sde-dpmsolver", solver_order=3,
+                                           final_sigmas_type="sigma_min"), UnboundLocalError),
+                             ("single", dict(algorithm_type="dpmsolver", thresholding=True,
+                                             final_sigmas_type="sigma_min"), RuntimeError)):
+        assert PAIRS[kind][1](**cfg).fused_reason is not None
+        for cls in PAIRS[kind]:
+            with pytest.raises(error):
+                run(cls, cfg, 10)
+    # inputs that require grad: diffusers' differentiable step
+    s = FusedDPMSolverMultistepScheduler()
+    s.set_timesteps(4)
+    x = torch.randn(SHAPE, requires_grad=True)
+    s.step(toy_model(x, s.timesteps[0]), s.timesteps[0], x).prev_sample.sum().backward()
+    assert "grad" in s.fused_reason and x.grad is not None
+
+
+def test_shape_change_within_a_trajectory_raises():
+    s = FusedDPMSolverMultistepScheduler()
+    s.set_timesteps(5)
+    x = torch.randn(SHAPE)
+    s.step(toy_model(x, 0), s.timesteps[0], x)
+    with pytest.raises(ValueError, match="changed within a trajectory"):
+        s.step(torch.zeros(1, 3, 4, 4), s.timesteps[1], torch.zeros(1, 3, 4, 4))
+
+
+def _tiny_unet():
+    torch.manual_seed(0)
+    return diffusers.UNet2DModel(sample_size=8, in_channels=3, out_channels=3, layers_per_block=1,
+                                 block_out_channels=(8, 16), down_block_types=("DownBlock2D", "DownBlock2D"),
+                                 up_block_types=("UpBlock2D", "UpBlock2D"), norm_num_groups=4).eval()
+
+
+def test_ddpm_pipeline_end_to_end():
+    """DDPMPipeline with the scheduler swapped (SDE noise from the pipeline's generator) = diffusers' scheduler."""
+    pipe = diffusers.DDPMPipeline(unet=_tiny_unet(), scheduler=diffusers.DDPMScheduler())
+    pipe.set_progress_bar_config(disable=True)
+    cfg = dict(algorithm_type="sde-dpmsolver++", solver_order=2)
+    images = {}
+    for name, cls, backend in [("diffusers", DPMSolverMultistepScheduler, None)] + [
+            (b, FusedDPMSolverMultistepScheduler, b) for b in BACKENDS]:
+        pipe.scheduler = cls.from_config(pipe.scheduler.config, **cfg)
+        if backend is not None:
+            pipe.scheduler.fused_backend = backend
+        images[name] = pipe(batch_size=2, generator=torch.Generator().manual_seed(0), num_inference_steps=8,
+                            output_type="pt").images
+        assert getattr(pipe.scheduler, "fused_reason", None) is None
+    for b in BACKENDS:  # images in [0, 1]: float32 rounding of a sample of scale ~5 after 8 steps
+        assert err([images[b]], [images["diffusers"]]) < 5e-5, b
+
+
+def test_unet_manual_loop_singlestep():
+    """A manual denoising loop with a UNet, v-prediction, thresholding, singlestep order 3."""
+    unet = _tiny_unet()
+    cfg = dict(solver_order=3, prediction_type="v_prediction", thresholding=True, sample_max_value=1.5)
+    finals = {}
+    for name, cls in [("diffusers", DPMSolverSinglestepScheduler)] + [(b, FusedDPMSolverSinglestepScheduler)
+                                                                        for b in BACKENDS]:
+        s = cls(**cfg)
+        if name != "diffusers":
+            s.fused_backend = name
+        s.set_timesteps(9)
+        x = torch.randn((2, 3, 8, 8), generator=torch.Generator().manual_seed(5))
+        with torch.no_grad():
+            for t in s.timesteps:
+                x = s.step(unet(s.scale_model_input(x, t), t).sample, t, x).prev_sample
+        finals[name] = x
+    for b in BACKENDS:
+        assert err([finals[b]], [finals["diffusers"]]) < 1e-5, b
+
+
+CUDA_CASES = [
+    ("multi", dict(solver_order=3, thresholding=True, sample_max_value=1.5), {}),
+    ("multi", dict(algorithm_type="sde-dpmsolver++", solver_order=3), {"noise": "variance"}),
+    ("multi", dict(algorithm_type="sde-dpmsolver++", solver_order=2), {}),  # CPU generator, noise moved to the GPU
+    ("single", dict(solver_order=3, prediction_type="v_prediction", thresholding=True, sample_max_value=1.5), {}),
+    ("single", dict(algorithm_type="sde-dpmsolver++", solver_order=2, solver_type="heun"), {}),
+]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("kind,cfg,kw", CUDA_CASES, ids=[f"{k}-{_ids([c])[0]}" for k, c, _ in CUDA_CASES])
+def test_cuda_matrix(kind, cfg, kw):
+    check(kind, cfg, 10, device="cuda", **kw)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("backend", backends_for("cuda"))
+def test_cuda_no_host_sync(backend):
+    """No step synchronises with the device (set_begin_index spares diffusers' timestep search)."""
+    for kind in PAIRS:
+        s = PAIRS[kind][1](solver_order=3, thresholding=True, sample_max_value=1.5)
+        s.fused_backend = backend
+        s.set_timesteps(8)
+        s.set_begin_index(0)
+        x = torch.randn(SHAPE, device="cuda")
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            for t in s.timesteps:
+                x = s.step(toy_model(x, t), t, x).prev_sample
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        assert s.fused_reason is None and bool(torch.isfinite(x).all())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("backend", backends_for("cuda"))
+def test_cuda_graph_capture(backend):
+    """A whole fused trajectory captured in one CUDA graph replays diffusers' eager result."""
+    dev = torch.device("cuda")
+    cfg = dict(solver_order=3, thresholding=True, sample_max_value=1.5)
+    x0 = torch.randn(SHAPE, generator=torch.Generator().manual_seed(7)).to(dev)
+    ref = DPMSolverMultistepScheduler(**cfg)
+    ref.set_timesteps(10)
+    x = x0
+    for t in ref.timesteps:
+        x = ref.step(toy_model(x, t), t, x).prev_sample
+    s = FusedDPMSolverMultistepScheduler(**cfg)
+    s.fused_backend = backend
+
+    def trajectory(inp):
+        s.set_timesteps(10)
+        s.set_begin_index(0)  # no index search on the device
+        y = inp
+        for t in s.timesteps:
+            y = s.step(toy_model(y, t), t, y).prev_sample
+        return y
+
+    static_x = x0.clone()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up: loads the backend, plans, uploads the rows, allocates the ring
+        trajectory(static_x)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = trajectory(static_x)
+    static_x.copy_(x0)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert err([static_out.cpu()], [x.cpu()]) < 5e-5
