@@ -31,9 +31,20 @@ _lib = torch.library.Library(NAMESPACE, "DEF")
 _lib.define("fused_step" + SCHEMA)
 
 
+def _has_storage(t: torch.Tensor) -> bool:
+    """False for fake/meta tensors (tracing, opcheck): they have no addresses to compare."""
+    if t.device.type == "meta":
+        return False
+    from torch._subclasses.fake_tensor import is_fake
+
+    return not is_fake(t)
+
+
 def _overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
     """True when the memory ranges of a and b intersect (conservative for strided views)."""
     if a.numel() == 0 or b.numel() == 0 or a.device != b.device:
+        return False
+    if not (_has_storage(a) and _has_storage(b)):
         return False
     if a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr():
         return False

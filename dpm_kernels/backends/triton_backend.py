@@ -9,8 +9,8 @@ The op takes any layout: inputs are made contiguous, and an output that is not c
 a contiguous temporary and copied back; out may be x or x_eval itself (the update is elementwise).
 """
 
+import contextlib
 import os
-from typing import Optional
 
 import torch
 
@@ -62,7 +62,7 @@ def why_unavailable(device: torch.device) -> str | None:
     return None
 
 
-def _contig_out(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+def _contig_out(t: torch.Tensor | None) -> torch.Tensor | None:
     if t is None or t.is_contiguous():
         return t
     return torch.empty(t.shape, dtype=t.dtype, device=t.device)
@@ -71,11 +71,11 @@ def _contig_out(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
 def fused_step_triton(
     x: torch.Tensor,
     model_out: torch.Tensor,
-    model_cond: Optional[torch.Tensor],
-    x_eval: Optional[torch.Tensor],
-    hist1: Optional[torch.Tensor],
-    hist2: Optional[torch.Tensor],
-    noise: Optional[torch.Tensor],
+    model_cond: torch.Tensor | None,
+    x_eval: torch.Tensor | None,
+    hist1: torch.Tensor | None,
+    hist2: torch.Tensor | None,
+    noise: torch.Tensor | None,
     coef: torch.Tensor,
     cfg: int,
     threshold: bool,
@@ -83,19 +83,22 @@ def fused_step_triton(
     thr_min: float,
     thr_max: float,
     out: torch.Tensor,
-    hist_out: Optional[torch.Tensor],
+    hist_out: torch.Tensor | None,
 ) -> None:
     """The op's implementation (arguments as in `ops.SCHEMA`; `ops.fused_step` documents them)."""
     from . import triton_kernels
 
-    def c(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    def c(t: torch.Tensor | None) -> torch.Tensor | None:
         return None if t is None else t.contiguous()
 
     # An input that is out itself stays that very tensor, so the kernel reads and writes the same memory
     # element by element; a non-contiguous one was copied by c() before anything is written.
     o, ho = _contig_out(out), _contig_out(hist_out)
-    triton_kernels.fused_step(c(x), c(model_out), c(model_cond), c(x_eval), c(hist1), c(hist2), c(noise), c(coef),
-                              cfg, threshold, thr_ratio, thr_min, thr_max, o, ho)
+    # Triton launches on the current device: make it x's (a no-op on one GPU and for CPU tensors)
+    guard = torch.cuda.device(x.device) if x.device.type == "cuda" else contextlib.nullcontext()
+    with guard:
+        triton_kernels.fused_step(c(x), c(model_out), c(model_cond), c(x_eval), c(hist1), c(hist2), c(noise),
+                                  c(coef), cfg, threshold, thr_ratio, thr_min, thr_max, o, ho)
     if o is not out:
         out.copy_(o)
     if ho is not hist_out:

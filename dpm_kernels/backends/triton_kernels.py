@@ -2,7 +2,11 @@
 
 `_step_kernel` does, per element, what `csrc/dpm_math.h` describes (see `triton_math`): load, guide, convert,
 threshold with the sample's s, store m, combine, store out. One memory pass: reads x, model_out
-(x2 with guidance), x_eval (only when it is not x), hist1, hist2, noise; writes hist_out and out.
+(x2 with guidance), x_eval (only when it is not x), hist1, hist2, noise; writes hist_out and out. Bytes
+for n elements of size e: (tensors read + written) * n * e, e.g. a multistep-2 step storing m moves
+5 n e (x, model_out, hist1 in; out, hist_out out). Thresholding adds the select's sweeps, each re-reading
+the 2-3 tensors y comes from (x_eval or x, model_out, model_cond): at most NPASS sweeps (4 for float32
+arithmetic, 8 for float64), served from L2 after the first when a sample fits there.
 
 Grid: samples and chunks folded into axis 0 (pid = b * nchunks + chunk), so neither B nor the chunk count
 meets the 65535 limit of axes 1/2; each program reads its sample's float64 coefficient row (and s) once,
@@ -12,8 +16,9 @@ row, no thresholding) the batch is one flat sample: no ragged tail per sample.
 Block size: num_warps = 4 (128 threads) and 16-byte accesses (8 half / 4 float / 2 double elements per
 thread per vector), 1 to 4 vectors per thread: BLOCK = 128 * vec * {1, 2, 4}, the largest that still gives
 >= 2 programs per SM, so small latents spread over the GPU while large ones amortise the coefficient loads.
-Vectorization needs the sample stride n to be a multiple of 16 (Triton specializes on that), as it is for
-every latent shape; other n run with scalar accesses, correct but slower. Offsets are int64 everywhere.
+Vectorization of the per-sample path needs the sample stride n to be a multiple of 16 (Triton specializes on
+that), as it is for every latent shape; other n run with scalar accesses, correct but slower (the flat path
+starts at 0 and always vectorizes). Offsets are int64 everywhere.
 """
 
 import torch
@@ -30,7 +35,6 @@ from .triton_math import (
     guided,
     load_coef,
     threshold,
-    to_acc,
 )
 
 STEP_WARPS = 4
@@ -42,6 +46,7 @@ def _step_kernel(x_ptr, mo_ptr, mc_ptr, xe_ptr, h1_ptr, h2_ptr, z_ptr, coef_ptr,
                  CFG: tl.constexpr, HAS_XE: tl.constexpr, HAS_H1: tl.constexpr, HAS_H2: tl.constexpr,
                  HAS_Z: tl.constexpr, HAS_HO: tl.constexpr, THRESH: tl.constexpr, PER_SAMPLE: tl.constexpr,
                  F64: tl.constexpr, BLOCK: tl.constexpr):
+    ACC: tl.constexpr = tl.float64 if F64 else tl.float32
     pid = tl.program_id(0)
     b = pid // nchunks
     c = pid - b * nchunks
@@ -50,15 +55,15 @@ def _step_kernel(x_ptr, mo_ptr, mc_ptr, xe_ptr, h1_ptr, h2_ptr, z_ptr, coef_ptr,
     mask = offs < n
     idx = b.to(tl.int64) * n + offs
 
-    xv = to_acc(tl.load(x_ptr + idx, mask=mask, other=0.0), F64)
+    xv = tl.load(x_ptr + idx, mask=mask, other=0.0).to(ACC)
     xe = xv
     if HAS_XE:
-        xe = to_acc(tl.load(xe_ptr + idx, mask=mask, other=0.0), F64)
-    raw = to_acc(tl.load(mo_ptr + idx, mask=mask, other=0.0), F64)
+        xe = tl.load(xe_ptr + idx, mask=mask, other=0.0).to(ACC)
+    raw = tl.load(mo_ptr + idx, mask=mask, other=0.0).to(ACC)
     if CFG == CFG_PAIR:
-        raw = guided(raw, to_acc(tl.load(mc_ptr + idx, mask=mask, other=0.0), F64), g)
+        raw = guided(raw, tl.load(mc_ptr + idx, mask=mask, other=0.0).to(ACC), g)
     elif CFG == CFG_STACKED:
-        raw = guided(raw, to_acc(tl.load(mo_ptr + cond_off + idx, mask=mask, other=0.0), F64), g)
+        raw = guided(raw, tl.load(mo_ptr + cond_off + idx, mask=mask, other=0.0).to(ACC), g)
     y = convert(xe, raw, px, pm)
     if THRESH:
         y = threshold(xe, y, tl.load(scale_ptr + b), qx, qm)
@@ -66,11 +71,11 @@ def _step_kernel(x_ptr, mo_ptr, mc_ptr, xe_ptr, h1_ptr, h2_ptr, z_ptr, coef_ptr,
         tl.store(ho_ptr + idx, y.to(ho_ptr.dtype.element_ty), mask=mask)
     acc = combine(xv, y, a, c0)
     if HAS_H1:
-        acc = add_term(acc, c1, to_acc(tl.load(h1_ptr + idx, mask=mask, other=0.0), F64))
+        acc = add_term(acc, c1, tl.load(h1_ptr + idx, mask=mask, other=0.0).to(ACC))
     if HAS_H2:
-        acc = add_term(acc, c2, to_acc(tl.load(h2_ptr + idx, mask=mask, other=0.0), F64))
+        acc = add_term(acc, c2, tl.load(h2_ptr + idx, mask=mask, other=0.0).to(ACC))
     if HAS_Z:
-        acc = add_term(acc, cn, to_acc(tl.load(z_ptr + idx, mask=mask, other=0.0), F64))
+        acc = add_term(acc, cn, tl.load(z_ptr + idx, mask=mask, other=0.0).to(ACC))
     tl.store(out_ptr + idx, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 

@@ -5,10 +5,14 @@ Every @triton.jit helper here has the C++ twin of the same name (`guided`, `conv
 of operations so the Triton, CUDA and CPU kernels round identically where the hardware lets them. Things
 the header gets from C++ that Triton spells differently:
 
-- the arithmetic type T is a constexpr flag `F64` (float64 tensors) instead of a template parameter; a flag,
-  not a `tl.dtype`, because dtype-valued constexprs are awkward for torch.compile's kernel capture;
+- the arithmetic type T is a constexpr flag `F64` (float64 tensors) instead of a template parameter (each
+  kernel derives `ACC` from it): a flag, not a `tl.dtype` argument, because dtype-valued kernel arguments are
+  awkward for torch.compile's kernel capture;
 - `a / b` in float32 lowers to the approximate `div.full.f32` on NVIDIA GPUs, while nvcc's `/` is IEEE
   (`div.rn`), so `div_` calls `tl.math.div_rn`; float64 `/` is already IEEE;
+- `a * b + c` may contract to an FMA on the GPU, as nvcc's default does (Triton 3.6-3.9 fuse by default;
+  3.10 stops, TRITON_DEFAULT_FP_FUSION): within a rounding of the reference either way, and the select and
+  the update compute y with the same code, so they contract it alike;
 - `min_`/`max_` are `tl.where` on the same comparison as the header, so NaN propagates the same way
   (torch.minimum/maximum semantics for a NaN y; `tl.minimum` would not promise that);
 - radix-select keys are signed integers with the sign bit cleared (int32 for float, int64 for double):
@@ -39,29 +43,21 @@ CFG_STACKED: tl.constexpr = tl.constexpr(L.CFG_STACKED)
 
 
 @triton.jit
-def to_acc(v, F64: tl.constexpr):
-    """Upcast a loaded value to the arithmetic type (float32, or float64 for float64 tensors)."""
-    if F64:
-        return v.to(tl.float64)
-    else:
-        return v.to(tl.float32)
-
-
-@triton.jit
 def load_coef(row, F64: tl.constexpr):
     """One float64 coefficient row, each entry rounded once to the arithmetic type (scalar loads)."""
+    ACC: tl.constexpr = tl.float64 if F64 else tl.float32
     return (
-        to_acc(tl.load(row + GUIDE), F64), to_acc(tl.load(row + PX), F64), to_acc(tl.load(row + PM), F64),
-        to_acc(tl.load(row + QX), F64), to_acc(tl.load(row + QM), F64), to_acc(tl.load(row + A), F64),
-        to_acc(tl.load(row + C0), F64), to_acc(tl.load(row + C1), F64), to_acc(tl.load(row + C2), F64),
-        to_acc(tl.load(row + CN), F64),
+        tl.load(row + GUIDE).to(ACC), tl.load(row + PX).to(ACC), tl.load(row + PM).to(ACC),
+        tl.load(row + QX).to(ACC), tl.load(row + QM).to(ACC), tl.load(row + A).to(ACC),
+        tl.load(row + C0).to(ACC), tl.load(row + C1).to(ACC), tl.load(row + C2).to(ACC), tl.load(row + CN).to(ACC),
     )
 
 
 @triton.jit
 def from_bits(bits, F64: tl.constexpr):
     """A host float passed as its float64 bit pattern (Triton passes Python floats as fp32), in T."""
-    return to_acc(tl.cast(bits, tl.int64).to(tl.float64, bitcast=True), F64)
+    ACC: tl.constexpr = tl.float64 if F64 else tl.float32
+    return tl.cast(bits, tl.int64).to(tl.float64, bitcast=True).to(ACC)
 
 
 @triton.jit
@@ -136,24 +132,16 @@ def key_value(k):
 
 
 @triton.jit
-def key_max(F64: tl.constexpr):
-    """The largest key (a NaN with every payload bit set): the identity of a min over keys."""
-    if F64:
-        return tl.full([], 0x7FFFFFFFFFFFFFFF, tl.int64)
-    else:
-        return tl.full([], 0x7FFFFFFF, tl.int32)
-
-
-@triton.jit
 def load_converted(mo_ptr, mc_ptr, xe_ptr, idx, mask, cond_off, g, px, pm, CFG: tl.constexpr, F64: tl.constexpr):
     """(x_eval, y) at flat offsets idx: guidance then conversion, in the arithmetic type.
 
     cond_off: element offset of the conditional half of a stacked model_out ([2B, ...]: B * n).
     """
-    xe = to_acc(tl.load(xe_ptr + idx, mask=mask, other=0.0), F64)
-    raw = to_acc(tl.load(mo_ptr + idx, mask=mask, other=0.0), F64)
+    ACC: tl.constexpr = tl.float64 if F64 else tl.float32
+    xe = tl.load(xe_ptr + idx, mask=mask, other=0.0).to(ACC)
+    raw = tl.load(mo_ptr + idx, mask=mask, other=0.0).to(ACC)
     if CFG == CFG_PAIR:
-        raw = guided(raw, to_acc(tl.load(mc_ptr + idx, mask=mask, other=0.0), F64), g)
+        raw = guided(raw, tl.load(mc_ptr + idx, mask=mask, other=0.0).to(ACC), g)
     elif CFG == CFG_STACKED:
-        raw = guided(raw, to_acc(tl.load(mo_ptr + cond_off + idx, mask=mask, other=0.0), F64), g)
+        raw = guided(raw, tl.load(mo_ptr + cond_off + idx, mask=mask, other=0.0).to(ACC), g)
     return xe, convert(xe, raw, px, pm)
