@@ -23,7 +23,7 @@ import torch
 
 from . import coefficients as C
 from . import layout as L
-from .ops import fused_step
+from .ops import default_history_dtype, fused_step
 
 
 def _sigmas(sigmas: torch.Tensor) -> list[float]:
@@ -63,7 +63,7 @@ def _run(model, x, sigmas, extra_args, callback, disable, algorithm, solver_type
     if noise_sampler is None:
         noise_sampler = lambda sigma, sigma_next: torch.randn_like(x)  # noqa: E731
     k = max_order
-    ring = torch.empty((k,) + tuple(x.shape), dtype=x.dtype, device=x.device)
+    ring = torch.empty((k,) + tuple(x.shape), dtype=default_history_dtype(x.dtype), device=x.device)
     s_in = x.new_ones([x.shape[0]])
     cur = x.clone(memory_format=torch.contiguous_format)
     spare = torch.empty_like(cur) if callback is not None else None

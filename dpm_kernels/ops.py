@@ -60,6 +60,28 @@ def _overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a0 < b1 and b0 < a1
 
 
+HISTORY_ARGS = ("hist1", "hist2", "hist_out")
+
+
+def default_history_dtype(x_dtype: torch.dtype) -> torch.dtype:
+    """What the samplers store their history in: float32 for float16/bfloat16 samples, else the sample dtype.
+
+    A multistep update combines history entries with coefficients of both signs; rounding each entry to 8 or
+    11 mantissa bits makes the 3M solver's bfloat16 result ~4x farther from float32 than float32 storage does.
+    """
+    return torch.float32 if x_dtype in (torch.float16, torch.bfloat16) else x_dtype
+
+
+def history_dtype(x_dtype: torch.dtype, *hist: torch.Tensor | None) -> torch.dtype:
+    """The dtype the history tensors must share: that of the first given, if it is x's dtype or float32 for a
+    float16/bfloat16 x (keeping a low-precision solver's history in float32 is much more accurate); else x's."""
+    for t in hist:
+        if t is not None:
+            ok = t.dtype == x_dtype or (t.dtype == torch.float32 and x_dtype in (torch.float16, torch.bfloat16))
+            return t.dtype if ok else x_dtype
+    return x_dtype
+
+
 def _same_view(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride()
 
@@ -112,7 +134,11 @@ def check_step_args(
             continue
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name}: expected a torch.Tensor or None, got {type(t).__name__}")
-        if t.dtype != x.dtype:
+        if name in HISTORY_ARGS:
+            if t.dtype != history_dtype(x.dtype, hist1, hist2, hist_out):
+                raise TypeError(f"{name}: dtype {t.dtype}: history tensors share one dtype, x's ({x.dtype}) or "
+                                "float32 when x is float16/bfloat16")
+        elif t.dtype != x.dtype:
             raise TypeError(f"{name}: dtype {t.dtype} does not match x's dtype {x.dtype}")
         if t.device != x.device:
             raise ValueError(f"{name}: on device {t.device}, but x is on {x.device}")
@@ -190,7 +216,8 @@ def fused_step(
         coef: float64 [NCOEF] or [B, NCOEF] coefficient rows (`dpm_kernels.layout`), on x's device.
         out: [B, ...] destination of x_next; may be ``x`` itself. Allocated when None.
         hist_out: [B, ...] destination of the converted output m (a ring-buffer slot), or None.
-        hist: up to two earlier converted outputs [B, ...], newest first (C1, C2).
+        hist: up to two earlier converted outputs [B, ...], newest first (C1, C2). History tensors (hist and
+            hist_out) share one dtype: x's, or float32 when x is float16/bfloat16.
         model_cond: [B, ...] conditional output for cfg="pair".
         x_eval: [B, ...] the point the model was evaluated at, when it is not ``x`` (singlestep solvers).
         noise: [B, ...] standard normal noise for SDE solvers (CN).

@@ -22,7 +22,7 @@ from . import planner as P
 from .compat import AuthorsUpdatesMixin
 from .model_wrapper import WrappedModel
 from .noise import NoiseSource
-from .ops import fused_step
+from .ops import default_history_dtype, fused_step
 from .schedule import NoiseScheduleVP
 
 THRESHOLDING_SEMANTICS = ("authors", "diffusers")
@@ -372,7 +372,7 @@ class DPMSolver(AuthorsUpdatesMixin):
         custom_x0 = plus and callable(self.correcting_x0_fn) and not self._thresholding
         coef = self._upload(rows, x.device)
         xw = x.clone(memory_format=torch.contiguous_format)
-        ring = torch.empty((plan.n_slots,) + tuple(x.shape), dtype=x.dtype, device=x.device)
+        ring = torch.empty((plan.n_slots,) + tuple(x.shape), dtype=default_history_dtype(x.dtype), device=x.device)
         u = torch.empty_like(xw) if plan.needs_u else None
         intermediates = []
         x_first_eval = None
@@ -436,9 +436,9 @@ class DPMSolver(AuthorsUpdatesMixin):
         row[L.PM], row[L.QM], row[L.A], row[L.CN] = 1.0, 1.0, upd.a, upd.noise
         for j, c in enumerate(upd.c):
             row[L.C0 + j] = c
-        ms = [m.to(x.dtype) for m in ms]
-        return self._step(x, ms[0], self._upload(row, x.device), out=torch.empty_like(x), hist=ms[1:],
-                          noise=noise, cfg="none")
+        hd = default_history_dtype(x.dtype)
+        return self._step(x, ms[0].to(x.dtype), self._upload(row, x.device), out=torch.empty_like(x),
+                          hist=[m.to(hd) for m in ms[1:]], noise=noise, cfg="none")
 
     def _denoise_to_zero(self, x: torch.Tensor, t: float) -> torch.Tensor:
         """The data prediction at t (one more model evaluation)."""

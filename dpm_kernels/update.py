@@ -17,7 +17,7 @@ import torch
 
 from . import coefficients as C
 from . import layout as L
-from .ops import fused_step
+from .ops import default_history_dtype, fused_step
 from .schedule import NoiseScheduleVP
 
 
@@ -27,18 +27,21 @@ class History:
     Args:
         like: a [B, ...] tensor giving shape, dtype and device.
         order: ring size = the highest solver order it will serve (1..3).
+        dtype: storage dtype; default float32 for float16/bfloat16 samples (more accurate), else like's.
     Attributes:
         buffer: [order, B, ...] storage; `count`: outputs pushed so far; `last_order`: the order of the most
         recent update.
     """
 
-    def __init__(self, like: torch.Tensor, order: int = 3):
+    def __init__(self, like: torch.Tensor, order: int = 3, dtype: torch.dtype | None = None):
         if order not in (1, 2, 3):
             raise ValueError(f"order: expected 1, 2 or 3, got {order!r}")
         if not isinstance(like, torch.Tensor) or not like.is_floating_point():
             raise TypeError("like: expected a floating-point tensor [B, ...]")
         self.order = order
-        self.buffer = torch.empty((order,) + tuple(like.shape), dtype=like.dtype, device=like.device)
+        self.x_dtype = like.dtype
+        dtype = default_history_dtype(like.dtype) if dtype is None else dtype
+        self.buffer = torch.empty((order,) + tuple(like.shape), dtype=dtype, device=like.device)
         self.reset()
 
     def reset(self) -> None:
@@ -125,8 +128,8 @@ def multistep_update(
         raise TypeError(f"history: expected a dpm_kernels.History, got {type(history).__name__}")
     if not isinstance(x, torch.Tensor) or not x.is_floating_point():
         raise TypeError("x: expected a floating-point tensor")
-    if history.buffer.shape[1:] != x.shape or history.buffer.dtype != x.dtype or history.buffer.device != x.device:
-        raise ValueError(f"history: built for {tuple(history.buffer.shape[1:])} {history.buffer.dtype} on "
+    if history.buffer.shape[1:] != x.shape or history.x_dtype != x.dtype or history.buffer.device != x.device:
+        raise ValueError(f"history: built for {tuple(history.buffer.shape[1:])} {history.x_dtype} on "
                          f"{history.buffer.device}, got x {tuple(x.shape)} {x.dtype} on {x.device}")
     if order not in (1, 2, 3) or order > history.order:
         raise ValueError(f"order: expected 1..{history.order} (the history's size), got {order!r}")

@@ -43,20 +43,23 @@ def _coef_row(gen: torch.Generator, nhist: int, noise: bool, thr: bool) -> torch
 
 
 def make_case(shape, dtype, device, *, nhist=2, cfg="none", thr=None, noise=False, x_eval=False,
-              per_sample=False, seed=0):
+              per_sample=False, seed=0, hist_f32=False):
+    """Inputs of one step. hist_f32: history in float32 while x is float16/bfloat16 (mixed precision)."""
     gen = torch.Generator().manual_seed(seed)
     b = shape[0]
+    hdt = torch.float32 if hist_f32 and dtype in (torch.float16, torch.bfloat16) else dtype
 
-    def rnd(*s, scale=1.0):
-        return (torch.randn(*s, generator=gen, dtype=torch.float64) * scale).to(dtype).to(device)
+    def rnd(*s, scale=1.0, dt=dtype):
+        return (torch.randn(*s, generator=gen, dtype=torch.float64) * scale).to(dt).to(device)
 
     case = {
         "x": rnd(*shape),
         "model_out": rnd(*((2 * b,) + tuple(shape[1:])) if cfg == "stacked" else shape, scale=2.0),
         "model_cond": rnd(*shape, scale=2.0) if cfg == "pair" else None,
         "x_eval": rnd(*shape) if x_eval else None,
-        "hist": [rnd(*shape) for _ in range(nhist)],
+        "hist": [rnd(*shape, dt=hdt) for _ in range(nhist)],
         "noise": rnd(*shape) if noise else None,
+        "hist_dtype": hdt,
     }
     if per_sample:
         coef = torch.stack([_coef_row(gen, nhist, noise, thr is not None) for _ in range(b)])
@@ -74,7 +77,7 @@ def run_backend(case, backend, out=None, hist_out=None, write_hist=True):
         out = torch.empty_like(x)
         poison(out)
     if hist_out is None and write_hist:
-        hist_out = torch.empty_like(x)
+        hist_out = torch.empty_like(x, dtype=case.get("hist_dtype", x.dtype))
         poison(hist_out)
     ops.fused_step(x, case["model_out"], case["coef"], out=out, hist_out=hist_out, hist=case["hist"],
                    model_cond=case["model_cond"], x_eval=case["x_eval"], noise=case["noise"], cfg=case["cfg"],
@@ -83,21 +86,27 @@ def run_backend(case, backend, out=None, hist_out=None, write_hist=True):
 
 
 def run_reference(case, dtype=torch.float64):
-    def cv(t):
-        return None if t is None else t.to(dtype)
+    """The reference on the case's values: float64 by default, or with x-like tensors in `dtype` (the history
+    keeps its own dtype then, as the kernels see it); m is returned in the history dtype."""
+    hdt = torch.float64 if dtype == torch.float64 else case.get("hist_dtype", dtype)
+
+    def cv(t, dt=dtype):
+        return None if t is None else t.to(dt)
 
     thr = case["threshold"]
-    h = [cv(t) for t in case["hist"]] + [None, None]
+    h = [cv(t, hdt) for t in case["hist"]] + [None, None]
     return reference.fused_step(
         cv(case["x"]), cv(case["model_out"]), case["coef"], cv(case["model_cond"]), cv(case["x_eval"]),
         h[0], h[1], cv(case["noise"]), L.CFG_MODES[case["cfg"]], thr is not None,
-        *(thr if thr is not None else (0.0, 1.0, 1.0)),
+        *(thr if thr is not None else (0.0, 1.0, 1.0)), hdt,
     )
 
 
 def naive_lowp(case):
     """Eager PyTorch in the tensors' own dtype, op by op (what an unfused sampler in fp16/bf16 does)."""
     c = case["coef"].cpu()
+    if case["x"].shape[0] == 0:
+        return torch.empty_like(case["x"]), torch.empty_like(case["x"])
     rows = c if c.dim() == 2 else c.unsqueeze(0).expand(case["x"].shape[0], -1)
     outs, ms = [], []
     for i in range(case["x"].shape[0]):
@@ -160,29 +169,35 @@ def term_scale(case) -> tuple[float, float]:
 
 
 def assert_close_to_reference(case, out, m):
-    dtype = case["x"].dtype
     ref_out, ref_m = run_reference(case)
+    if out.numel() == 0:
+        return
+    so, sm = term_scale(case)
+    same_out, same_m = run_reference(case, case["x"].dtype)
+    nv_out, nv_m = naive_lowp(case)
+    _check(out, ref_out, same_out, nv_out, so, "out")
+    if m is not None:
+        _check(m, ref_m, same_m, nv_m, sm, "m")
+
+
+def _check(got, ref64, same, naive, scale, what):
+    """float64/float32 results: within a few roundings of the terms' magnitude of the float64 reference.
+    float16/bfloat16 results: within 1 ulp of the reference computed at that dtype (f32 math, one rounding)
+    and no more than 2x the error of eager PyTorch doing the arithmetic in that dtype."""
+    dtype = got.dtype
     if dtype in (torch.float64, torch.float32):
         eps = torch.finfo(dtype).eps
-        so, sm = term_scale(case)
-        # With thresholding, m is divided by s >= lo; a relative error of s moves m by up to |m| * eps.
-        err_o = float((out.double() - ref_out).abs().max()) if out.numel() else 0.0
-        err_m = float((m.double() - ref_m).abs().max()) if m.numel() else 0.0
-        assert err_o <= 16 * eps * max(so, 1e-30) + 1e-300, f"out error {err_o:.3e} vs scale {so:.3e}"
-        assert err_m <= 16 * eps * max(sm, 1e-30) + 1e-300, f"m error {err_m:.3e} vs scale {sm:.3e}"
+        err = float((got.double() - ref64).abs().max())
+        assert err <= 16 * eps * max(scale, 1e-30) + 1e-300, f"{what} error {err:.3e} vs scale {scale:.3e}"
         return
-    # half types: within 1 ulp of the reference computed at that dtype, and <= 2x naive eager error
-    same_out, same_m = run_reference(case, dtype)
-    for got, want in ((out.cpu(), same_out.cpu()), (m.cpu(), same_m.cpu())):
-        ulp = torch.finfo(dtype).eps * torch.maximum(want.double().abs(), torch.full_like(want.double(),
-                                                                                          torch.finfo(dtype).tiny))
-        diff = (got.double() - want.double()).abs()
-        assert bool((diff <= ulp * 1.0001 + 1e-30).all()), f"more than 1 ulp from the same-dtype reference: {diff.max()}"
-    nv_out, nv_m = naive_lowp(case)
-    for got, nv, ref in ((out, nv_out, ref_out), (m, nv_m, ref_m)):
-        e_got = float((got.double().cpu() - ref.cpu()).abs().max())
-        e_nv = float((nv.double().cpu() - ref.cpu()).abs().max())
-        assert e_got <= 2 * e_nv + 4 * torch.finfo(dtype).eps * float(ref.abs().max() + 1), (e_got, e_nv)
+    got, same = got.cpu(), same.cpu()
+    ulp = torch.finfo(dtype).eps * torch.maximum(same.double().abs(),
+                                                 torch.full_like(same.double(), torch.finfo(dtype).tiny))
+    diff = (got.double() - same.double()).abs()
+    assert bool((diff <= ulp * 1.0001 + 1e-30).all()), f"{what}: more than 1 ulp from the same-dtype reference"
+    e_got = float((got.double() - ref64.cpu()).abs().max())
+    e_nv = float((naive.double().cpu() - ref64.cpu()).abs().max())
+    assert e_got <= 2 * e_nv + 4 * torch.finfo(dtype).eps * float(ref64.abs().max() + 1), (what, e_got, e_nv)
 
 
 def _matrix():
@@ -289,3 +304,15 @@ def test_quantile_equals_torch_quantile(device, backend):
             q = torch.quantile(x.abs().double(), ratio, dim=1).clamp(min=1e-30)[:, None]
             expect = torch.minimum(torch.maximum(x.double(), -q), q) / q
             assert torch.allclose(out.double(), expect, rtol=1e-5, atol=1e-6), f"n={n} ratio={ratio}"
+
+
+@pytest.mark.parametrize("device,backend", ALL_BACKEND_CASES, ids=[f"{d}-{b}" for d, b in ALL_BACKEND_CASES])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_float32_history_with_half_inputs(device, backend, dtype):
+    """Mixed precision: x, model output, noise in float16/bfloat16; history read and written in float32."""
+    for i, (shape, thr, cfg) in enumerate([((1, 1023), None, "none"), ((3, 5, 7, 11), LOW_THR, "stacked"),
+                                           ((17, 3, 4), AUTHORS_THR, "pair")]):
+        case = make_case(shape, dtype, device, nhist=2, cfg=cfg, thr=thr, noise=True, seed=40 + i, hist_f32=True)
+        out, m = run_backend(case, backend)
+        assert out.dtype == dtype and m.dtype == torch.float32
+        assert_close_to_reference(case, out, m)

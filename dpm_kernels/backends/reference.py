@@ -77,8 +77,10 @@ def fused_step(
     thr_ratio: float = 0.995,
     thr_min: float = 1.0,
     thr_max: float = float("inf"),
+    m_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One fused solver step (see `dpm_kernels.layout` for the formula). Returns (out, m).
+    """One fused solver step (see `dpm_kernels.layout` for the formula). Returns (out, m), m in `m_dtype`
+    (the history dtype; default x's).
 
     Shapes: x, x_eval, hist1, hist2, noise, model_cond: [B, ...]; model_out: [B, ...] or [2B, ...] with
     cfg=CFG_STACKED; coef: [NCOEF] or [B, NCOEF] float64. Inputs are assumed validated
@@ -109,4 +111,4 @@ def fused_step(
         out = out + k[L.C2] * hist2.to(dt)
     if noise is not None:
         out = out + k[L.CN] * noise.to(dt)
-    return out.to(x.dtype), m.to(x.dtype)
+    return out.to(x.dtype), m.to(x.dtype if m_dtype is None else m_dtype)

@@ -24,7 +24,9 @@ _chosen: dict[tuple[str, str], str] = {}  # (requested backend, device type) -> 
 
 
 def _torch_impl(x, model_out, model_cond, x_eval, hist1, hist2, noise, coef, cfg, thr, ratio, lo, hi, out, hist_out):
-    res, m = reference.fused_step(x, model_out, coef, model_cond, x_eval, hist1, hist2, noise, cfg, thr, ratio, lo, hi)
+    m_dtype = hist_out.dtype if hist_out is not None else x.dtype
+    res, m = reference.fused_step(x, model_out, coef, model_cond, x_eval, hist1, hist2, noise, cfg, thr, ratio, lo, hi,
+                                  m_dtype)
     if hist_out is not None:
         hist_out.copy_(m)
     out.copy_(res)

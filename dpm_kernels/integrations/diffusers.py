@@ -57,7 +57,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from .. import coefficients as C
 from .. import planner as P
-from ..ops import FLOAT_DTYPES, fused_step
+from ..ops import FLOAT_DTYPES, default_history_dtype, fused_step
 
 __all__ = ["FusedDPMSolverMultistepScheduler", "FusedDPMSolverSinglestepScheduler"]
 
@@ -181,8 +181,9 @@ class _FusedStep:
         if any(store):
             shape = (cfg.solver_order, *sample.shape)
             ring = self._fz_ring
-            if ring is None or ring.shape != shape or ring.dtype != w or ring.device != dev:
-                ring = self._fz_ring = torch.empty(shape, dtype=w, device=dev)
+            hd = default_history_dtype(w)  # float32 history for half samples: more accurate than diffusers'
+            if ring is None or ring.shape != shape or ring.dtype != hd or ring.device != dev:
+                ring = self._fz_ring = torch.empty(shape, dtype=hd, device=dev)
         return _Trajectory(start, rows_dev, host, orders, store, [u.noise != 0.0 for u in updates], ring,
                            sample.shape, w, dev)
 
