@@ -82,6 +82,23 @@ def copy_bandwidth(n: int, dtype: torch.dtype, device: torch.device) -> float:
     return 2 * n * src.element_size() / med
 
 
+def _reference_step(x, eps, coef, hist_out, h1, h2, thr: bool) -> None:
+    """The eager PyTorch step, in place like the fused one (x <- x_next, hist_out <- m)."""
+    o, m = reference.fused_step(x, eps, coef, None, None, h1, h2, None, L.CFG_NONE, thr, *THR)
+    x.copy_(o)
+    hist_out.copy_(m)
+
+
+_COMPILED: dict = {}
+
+
+def _compiled(thr: bool):
+    """torch.compile of the reference step, one per thresholding flag, shapes dynamic (few recompiles)."""
+    if thr not in _COMPILED:
+        _COMPILED[thr] = torch.compile(_reference_step, dynamic=True)
+    return _COMPILED[thr]
+
+
 class StepCase:
     """Inputs of one benchmarked step: x [B, 4, n/4B], eps, order-1 history entries, a coefficient row."""
 
@@ -119,19 +136,17 @@ class StepCase:
         return lambda: fused_step(self.x, self.eps, self.coef, out=self.x, hist_out=self.hist_out, hist=self.hist,
                                   threshold=thr, backend=backend)
 
-    def _ref(self):
+    def _args(self):
         h = self.hist + [None, None]
-        o, m = reference.fused_step(self.x, self.eps, self.coef, None, None, h[0], h[1], None, L.CFG_NONE, self.thr,
-                                    *THR)
-        self.x.copy_(o)
-        self.hist_out.copy_(m)
+        return self.x, self.eps, self.coef, self.hist_out, h[0], h[1]
 
     def eager(self):
-        return self._ref
+        thr = self.thr
+        return lambda: _reference_step(*self._args(), thr)
 
     def compiled(self):
-        fn = torch.compile(self._ref, dynamic=False)
-        return fn
+        fn = _compiled(self.thr)
+        return lambda: fn(*self._args(), self.thr)
 
     def diffusers(self):
         from diffusers import DPMSolverMultistepScheduler
