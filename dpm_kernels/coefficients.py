@@ -182,7 +182,8 @@ def sde_multistep(
     """SDE-DPM-Solver(++) multistep of ``order`` 1..3 with noise scale ``eta`` (k-diffusion's generalisation).
 
     ``sde-dpmsolver++`` (data prediction), with H = (1 + eta) h:
-        x_t = (sigma_t/sigma_s0) e^{-eta h} x + alpha_t (1 - e^{-H}) m0 + [D terms] + sigma_t sqrt(1 - e^{-2 eta h}) s_noise z
+        x_t = (sigma_t/sigma_s0) e^{-eta h} x + alpha_t (1 - e^{-H}) m0 + [D terms]
+              + sigma_t sqrt(1 - e^{-2 eta h}) s_noise z
     order 2: midpoint adds 0.5 alpha_t (1 - e^{-H}) D1, taylor adds alpha_t phi2(H) D1 with
     phi2(H) = expm1(-H)/H + 1; order 3 adds alpha_t phi2(H) D1 - alpha_t phi3(H) D2 with phi3 = phi2/H - 1/2
     (k-diffusion's 3M; ``multistep3="third_order"`` doubles the D2 term as for the ODE, see `multistep`).

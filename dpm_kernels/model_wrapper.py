@@ -46,7 +46,8 @@ class WrappedModel:
         self.guidance_scale = float(guidance_scale)
         self.classifier_fn = classifier_fn
         self.classifier_kwargs = dict(classifier_kwargs or {})
-        stacked = guidance_type == "classifier-free" and self.guidance_scale != 1.0 and unconditional_condition is not None
+        stacked = (guidance_type == "classifier-free" and self.guidance_scale != 1.0
+                   and unconditional_condition is not None)
         self.cfg = "stacked" if stacked else "none"
         # classifier guidance modifies the noise prediction, so its raw output is a noise prediction
         self.raw_type = "noise" if guidance_type == "classifier" else model_type

@@ -16,7 +16,6 @@ from collections.abc import Sequence
 import torch
 
 from . import layout as L
-from .backends import reference
 
 NAMESPACE = "dpm_kernels"
 SCHEMA = (

@@ -21,7 +21,8 @@ SKIP_TYPES = ("time_uniform", "logSNR", "time_quadratic", "karras", "exponential
 METHODS = ("multistep", "singlestep", "singlestep_fixed", "adaptive")
 
 
-def time_steps(ns: NoiseScheduleVP, skip_type: str, t_T: float, t_0: float, n: int, karras_rho: float = 7.0) -> np.ndarray:
+def time_steps(ns: NoiseScheduleVP, skip_type: str, t_T: float, t_0: float, n: int,
+               karras_rho: float = 7.0) -> np.ndarray:
     """n + 1 times from t_T to t_0 (float64), spaced by `skip_type`.
 
     - "time_uniform": uniform in t; "time_quadratic": uniform in sqrt(t) (the authors' three types);

@@ -94,14 +94,14 @@ class DPMSolver(AuthorsUpdatesMixin):
 
         if backend != "auto" and backend not in registry.BACKENDS:
             raise ValueError(f"backend: expected 'auto' or one of {registry.BACKENDS}, got {backend!r}")
-        self.model = lambda x, t: model_fn(x, t.expand((x.shape[0])))
+        self.model = lambda x, t: model_fn(x, t.expand(x.shape[0]))
         self.noise_schedule = noise_schedule
         self.algorithm_type = algorithm_type
         self.dynamic_thresholding_ratio = float(dynamic_thresholding_ratio)
         self.thresholding_max_val = float(thresholding_max_val)
         self.thresholding_semantics = thresholding_semantics
-        self.correcting_x0_fn = self.dynamic_thresholding_fn if correcting_x0_fn == "dynamic_thresholding" else correcting_x0_fn
         self._thresholding = correcting_x0_fn == "dynamic_thresholding"
+        self.correcting_x0_fn = self.dynamic_thresholding_fn if self._thresholding else correcting_x0_fn
         self.correcting_xt_fn = correcting_xt_fn
         self.backend = backend
         self._spec = _ModelSpec(model_fn)
@@ -160,8 +160,8 @@ class DPMSolver(AuthorsUpdatesMixin):
         if noise is None:
             noise = torch.randn((t.shape[0], *x.shape), device=x.device, dtype=x.dtype)
         xx = x.reshape((-1, *x.shape))
-        dims = xx.dim()
-        xt = alpha_t.to(x.dtype)[(...,) + (None,) * (dims - 1)] * xx + sigma_t.to(x.dtype)[(...,) + (None,) * (dims - 1)] * noise
+        view = (...,) + (None,) * (xx.dim() - 1)
+        xt = alpha_t.to(x.dtype)[view] * xx + sigma_t.to(x.dtype)[view] * noise
         return xt.squeeze(0) if t.shape[0] == 1 else xt
 
     # ----- planning -----

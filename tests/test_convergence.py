@@ -96,7 +96,8 @@ def test_multistep3_local_truncation_error(setup):
         for h in hs:
             ts = [float(NS.inverse_lambda64(lam0 + k * h)) for k in (-2, -1, 0, 1)]
             pts = [pt(t) for t in ts]
-            ms = [(xt(t) - p.sigma * gm.eps(xt(t), torch.tensor(t))) / p.alpha for t, p in zip(ts[:3], pts[:3], strict=True)]
+            ms = [(xt(t) - p.sigma * gm.eps(xt(t), torch.tensor(t))) / p.alpha
+                  for t, p in zip(ts[:3], pts[:3], strict=True)]
             u = C.multistep("dpmsolver++", "dpmsolver", 3, pts[2::-1], pts[3], variant)
             y = u.a * xt(ts[2]) + u.c[0] * ms[2] + u.c[1] * ms[1] + u.c[2] * ms[0]
             errs.append(float((y - xt(ts[3])).abs().max()))

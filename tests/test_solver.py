@@ -8,7 +8,6 @@ import pytest
 import torch
 
 import dpm_kernels as dk
-from dpm_kernels import coefficients as C
 
 NS_LIN = dk.NoiseScheduleVP("linear")
 NS_DISC = dk.NoiseScheduleVP("discrete", betas=torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64))

@@ -90,7 +90,8 @@ def choose(backend: str, device: torch.device) -> str:
         if why is None:
             if reasons and name == "torch" and device.type not in _warned:
                 _warned.add(device.type)
-                log.warning("dpm_kernels: using the PyTorch reference for %s tensors (%s)", device.type, "; ".join(reasons))
+                log.warning("dpm_kernels: using the PyTorch reference for %s tensors (%s)", device.type,
+                            "; ".join(reasons))
             return name
         reasons.append(why)
     raise ValueError("backend: no backend can serve these tensors: " + "; ".join(reasons))
