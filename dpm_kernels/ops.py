@@ -47,12 +47,10 @@ def _overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
         return False
     if a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr():
         return False
-    isz = a.element_size()
-
     def span(t: torch.Tensor) -> tuple[int, int]:
         lo = t.data_ptr()
         extent = sum((s - 1) * abs(st) for s, st in zip(t.shape, t.stride(), strict=True))
-        return lo, lo + (extent + 1) * isz
+        return lo, lo + (extent + 1) * t.element_size()  # each its own: history may be float32 beside half x
 
     a0, a1 = span(a)
     b0, b1 = span(b)

@@ -5,7 +5,9 @@ on small shapes, which all take the small selection regime (one block per sample
 GPU run shows: a 20-step loop captured in one CUDA graph replays bit for bit like eager (coefficients are
 read from device memory, so new table values need no recapture), no step synchronises with the host, a
 thresholded 1x4x128x128 step is at most 2 kernels, and the multi-launch ("huge") regime, samples past
-2^24 elements and misaligned tensors agree with the reference. Skipped without a CUDA device.
+2^24 elements and misaligned tensors agree with the reference. Mixed precision (float16/bfloat16 samples,
+float32 history: fused_update_kernel<S, float>) runs through the same checks: graph replay, large and odd
+samples, misaligned float32 history, and the binding's own dtype checks. Skipped without a CUDA device.
 """
 
 from __future__ import annotations
@@ -53,20 +55,25 @@ def _loop(x, ring, noise, table, threshold):
                        threshold=threshold, backend="cuda")
 
 
-def _inputs(shape, dtype, steps, seed=0):
+def _inputs(shape, dtype, steps, seed=0, hist_dtype=None):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(shape, generator=g).to(dtype).cuda()
-    ring = torch.zeros((3,) + shape, dtype=dtype, device="cuda")
+    ring = torch.zeros((3,) + shape, dtype=hist_dtype or dtype, device="cuda")
     noise = torch.randn((steps,) + shape, generator=g).to(dtype).cuda()
     return x, ring, noise
 
 
+GRAPH_DTYPES = {"float16": (torch.float16, None), "float32": (torch.float32, None), "float64": (torch.float64, None),
+                "float16-f32hist": (torch.float16, torch.float32), "bfloat16-f32hist": (torch.bfloat16, torch.float32)}
+
+
 @pytest.mark.parametrize("shape", [SMALL, HUGE], ids=["small", "huge"])
-@pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.float64], ids=str)
-def test_graph_replay_equals_eager_bitwise(shape, dtype):
+@pytest.mark.parametrize("dtypes", list(GRAPH_DTYPES.values()), ids=list(GRAPH_DTYPES))
+def test_graph_replay_equals_eager_bitwise(shape, dtypes):
+    dtype, hist_dtype = dtypes
     steps = 20
     table = _table(steps, nhist=2)
-    x0, ring0, noise = _inputs(shape, dtype, steps)
+    x0, ring0, noise = _inputs(shape, dtype, steps, hist_dtype=hist_dtype)
 
     def eager(tab):
         x, ring = x0.clone(), ring0.clone()
@@ -126,10 +133,11 @@ def _kernels(fn) -> tuple[list[str], list[str]]:
     return [n for n in names if n not in copies], copies
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
-def test_thresholded_small_step_is_at_most_two_kernels(dtype):
-    case = make_case(SMALL, dtype, "cuda", nhist=2, cfg="stacked", thr=THR, noise=True, seed=1)
-    out, hist_out = torch.empty_like(case["x"]), torch.empty_like(case["x"])
+@pytest.mark.parametrize("dtype,hist_f32", [(torch.float16, False), (torch.bfloat16, False), (torch.float32, False),
+                                            (torch.bfloat16, True)], ids=["f16", "bf16", "f32", "bf16-f32hist"])
+def test_thresholded_small_step_is_at_most_two_kernels(dtype, hist_f32):
+    case = make_case(SMALL, dtype, "cuda", nhist=2, cfg="stacked", thr=THR, noise=True, seed=1, hist_f32=hist_f32)
+    out, hist_out = torch.empty_like(case["x"]), torch.empty_like(case["x"], dtype=case["hist_dtype"])
     run_backend(case, "cuda", out=out, hist_out=hist_out)  # load and warm up
     kernels, copies = _kernels(lambda: run_backend(case, "cuda", out=out, hist_out=hist_out))
     assert 1 <= len(kernels) <= 2, kernels
@@ -140,16 +148,20 @@ def test_thresholded_small_step_is_at_most_two_kernels(dtype):
 
 
 @pytest.mark.parametrize(
-    "shape,dtype",
-    [(HUGE, torch.float32), (HUGE, torch.float16), (HUGE, torch.float64), ((3, 5, 181, 149), torch.bfloat16),
-     ((2, 300007), torch.float32), ((64, 2, 257, 263), torch.float32)],
-    ids=["huge-f32", "huge-f16", "huge-f64", "huge-odd-bf16", "huge-odd-f32", "many-large-samples"],
+    "shape,dtype,hist_f32",
+    [(HUGE, torch.float32, False), (HUGE, torch.float16, False), (HUGE, torch.float64, False),
+     ((3, 5, 181, 149), torch.bfloat16, False), ((2, 300007), torch.float32, False),
+     ((64, 2, 257, 263), torch.float32, False), (HUGE, torch.float16, True), ((3, 5, 181, 149), torch.bfloat16, True),
+     ((2, 3, 4, 1000), torch.float16, True)],
+    ids=["huge-f32", "huge-f16", "huge-f64", "huge-odd-bf16", "huge-odd-f32", "many-large-samples",
+         "huge-f16-f32hist", "huge-odd-bf16-f32hist", "n-mult-8-f16-f32hist"],
 )
-def test_large_samples_against_reference(shape, dtype):
-    """n > 2^17: multi-block selection (or, with 64 samples, one block per large sample); odd n: scalar path."""
+def test_large_samples_against_reference(shape, dtype, hist_f32):
+    """n > 2^17: multi-block selection (or, with 64 samples, one block per large sample); odd n: scalar path.
+    f32hist: float32 history with half samples (two 16-byte history accesses per 8-element group)."""
     for per_sample in (False, True):
         case = make_case(shape, dtype, "cuda", nhist=2, cfg="pair", thr=LOW_THR, noise=True, x_eval=True,
-                         per_sample=per_sample, seed=3)
+                         per_sample=per_sample, seed=3, hist_f32=hist_f32)
         out, m = run_backend(case, "cuda")
         assert_close_to_reference(case, out, m)
 
@@ -188,6 +200,57 @@ def test_misaligned_tensors_take_the_scalar_path():
     assert_close_to_reference(shifted, out, m)
     # Same arithmetic on either path: only FMA contraction could differ, and it does not.
     assert torch.equal(out, ref_out) and torch.equal(m, ref_m)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_misaligned_float32_history_takes_the_scalar_path(dtype):
+    """float32 history one element (4 bytes) past a 16-byte boundary while the half tensors are aligned, and
+    the other way round: every tensor's own alignment decides, and both paths give the same bits."""
+    shape = (2, 4, 32, 36)  # n a multiple of 8: only the pointers can push it off the vector path
+    n = math.prod(shape)
+    case = make_case(shape, dtype, "cuda", nhist=2, thr=LOW_THR, noise=True, per_sample=True, seed=12, hist_f32=True)
+    ref_out, ref_m = run_backend(case, "cuda")
+    assert_close_to_reference(case, out=ref_out, m=ref_m)
+
+    def shifted(t):
+        buf = torch.empty(t.numel() + 1, dtype=t.dtype, device="cuda")
+        buf[1:].copy_(t.reshape(-1))
+        v = buf[1:].view(t.shape)
+        assert v.data_ptr() % 16 != 0
+        return v
+
+    hist_shift = dict(case, hist=[shifted(h) for h in case["hist"]])
+    ho_buf = torch.full((n + 1,), math.nan, dtype=torch.float32, device="cuda")
+    out, m = run_backend(hist_shift, "cuda", hist_out=ho_buf[1:].view(shape))
+    assert torch.equal(out, ref_out) and torch.equal(m, ref_m)
+    assert math.isnan(float(ho_buf[0]))
+    x_shift = dict(case, x=shifted(case["x"]), noise=shifted(case["noise"]))
+    out, m = run_backend(x_shift, "cuda")
+    assert torch.equal(out, ref_out) and torch.equal(m, ref_m)
+
+
+def test_binding_checks_the_history_dtype():
+    """The binding's own checks (without the Python entry point): history shares one dtype, x's or float32 for
+    a half x; anything else is refused naming the argument, before anything is written."""
+    x = torch.randn(2, 8, device="cuda", dtype=torch.float16)
+    coef = torch.zeros(L.NCOEF, dtype=torch.float64, device="cuda")
+    ops.fused_step(x, x.clone(), coef, backend="cuda")  # loads the extension
+    op = torch.ops.dpm_kernels.fused_step
+    out = torch.full_like(x, 7.0)
+
+    def call(hist1, hist_out):
+        op(x, x.clone(), None, None, hist1, None, None, coef, 0, False, 0.5, 1.0, 1.0, out, hist_out)
+
+    f32, f64, f16 = (torch.zeros(2, 8, device="cuda", dtype=d) for d in (torch.float32, torch.float64, torch.float16))
+    for hist1, hist_out, name in ((f32, f16.clone(), "hist_out"), (f16, f32.clone(), "hist_out"), (f64, None, "hist1"),
+                                  (None, f64.clone(), "hist_out")):
+        with pytest.raises((TypeError, RuntimeError), match=name):
+            call(hist1, hist_out)
+        assert bool((out == 7.0).all())
+    xf = torch.randn(2, 8, device="cuda")
+    with pytest.raises((TypeError, RuntimeError), match="hist1"):  # float32 x: history must be float32 too
+        op(xf, xf.clone(), None, None, f16, None, None, coef, 0, False, 0.5, 1.0, 1.0, torch.empty_like(xf), None)
+    call(f32, f32.clone())  # the mixed pair is accepted
 
 
 def test_inputs_on_two_devices_are_refused():

@@ -147,9 +147,17 @@ int main(void) {
 
   EXPECT(dpm_cuda_fused_step(NULL, NULL, 0, 1, 0) == cudaErrorInvalidValue);
   memset(&a, 0, sizeof a);
-  a.dtype = DPM_F32; a.batch = 2; a.numel = 8;
+  a.dtype = DPM_F32; a.hist_dtype = DPM_F32; a.batch = 2; a.numel = 8;
   a.x = a.model_out = (const void*)0x1000; a.out = (void*)0x2000; a.coef = (const double*)0x3000;
   a.dtype = 7; EXPECT(dpm_cuda_fused_step(&a, NULL, 0, 1, 0) == cudaErrorInvalidValue); a.dtype = DPM_F32;
+  /* history: x's dtype, or float32 for float16/bfloat16 samples; nothing else */
+  a.hist_dtype = DPM_F16; EXPECT(dpm_cuda_fused_step(&a, NULL, 0, 1, 0) == cudaErrorInvalidValue);
+  a.hist_dtype = DPM_F64; EXPECT(dpm_cuda_fused_step(&a, NULL, 0, 1, 0) == cudaErrorInvalidValue);
+  a.hist_dtype = -1; EXPECT(dpm_cuda_fused_step(&a, NULL, 0, 1, 0) == cudaErrorInvalidValue);
+  a.dtype = DPM_F64; a.hist_dtype = DPM_F32; EXPECT(dpm_cuda_fused_step(&a, NULL, 0, 1, 0) == cudaErrorInvalidValue);
+  a.dtype = DPM_F16; a.hist_dtype = DPM_BF16; EXPECT(dpm_cuda_fused_step(&a, NULL, 0, 1, 0) == cudaErrorInvalidValue);
+  a.dtype = DPM_BF16; a.hist_dtype = DPM_F64; EXPECT(dpm_cuda_fused_step(&a, NULL, 0, 1, 0) == cudaErrorInvalidValue);
+  a.dtype = DPM_F32; a.hist_dtype = DPM_F32;
   a.numel = -1; EXPECT(dpm_cuda_fused_step(&a, NULL, 0, 1, 0) == cudaErrorInvalidValue); a.numel = 8;
   a.cfg = 3; EXPECT(dpm_cuda_fused_step(&a, NULL, 0, 1, 0) == cudaErrorInvalidValue);
   a.cfg = 1; EXPECT(dpm_cuda_fused_step(&a, NULL, 0, 1, 0) == cudaErrorInvalidValue); a.cfg = 0;
@@ -170,6 +178,13 @@ int main(void) {
     a.threshold = 0;
     EXPECT(dpm_cuda_fused_step(&a, NULL, 0, 0, 0) != cudaSuccess);
     EXPECT(dpm_cuda_fused_step(&a, NULL, 0, 132, 0) != cudaSuccess);
+    /* mixed precision passes validation (float16/bfloat16 samples, float32 history): the runtime's error */
+    a.hist1 = (const void*)0x4000; a.hist_out = (void*)0x5000; a.hist_dtype = DPM_F32;
+    a.dtype = DPM_F16; EXPECT(dpm_cuda_fused_step(&a, NULL, 0, 132, 0) != cudaSuccess);
+    EXPECT(dpm_cuda_fused_step(&a, NULL, 0, 132, 0) != cudaErrorInvalidValue);
+    a.dtype = DPM_BF16; EXPECT(dpm_cuda_fused_step(&a, NULL, 0, 132, 0) != cudaErrorInvalidValue);
+    a.dtype = DPM_F16; a.hist_dtype = DPM_F16;
+    EXPECT(dpm_cuda_fused_step(&a, NULL, 0, 132, 0) != cudaErrorInvalidValue);
   }
   printf("%s: %d failures\n", fails ? "FAIL" : "OK", fails);
   return fails ? 1 : 0;

@@ -216,3 +216,77 @@ def test_cuda_graph_replays_any_step(small, monkeypatch):
         ref_out, ref_m = reference.fused_step(x.double(), model_out.double(), coef, threshold=True, thr_ratio=thr[0],
                                               thr_min=thr[1], thr_max=thr[2])
         assert rel_err(out, ref_out) < 1e-5 and rel_err(hist_out, ref_m) < 1e-5
+
+
+def _mixed_case(shape, dtype, seed, nhist=2, per_sample=False):
+    """Half inputs with float32 history (`ops.history_dtype`), values kept away from zero-scale terms."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def rnd(dt, scale=1.0):
+        return (torch.randn(*shape, generator=gen, dtype=torch.float64) * scale).to(dt).to(DEVICE)
+
+    x, model_out, noise = rnd(dtype), rnd(dtype, 2.0), rnd(dtype)
+    hist = [rnd(torch.float32) for _ in range(nhist)]
+    rows = shape[0] if per_sample else 1
+    coef = (torch.rand(rows, L.NCOEF, generator=gen, dtype=torch.float64) * 2 - 1) * 1.5
+    coef[:, L.C2] *= nhist >= 2
+    coef[:, L.C1] *= nhist >= 1
+    return x, model_out, noise, hist, (coef if per_sample else coef[0]).to(DEVICE)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_float32_history_layouts(dtype):
+    """float32 history with half x through the layouts the op takes: non-contiguous history in and out, out
+    aliasing x, per-sample rows with n not a multiple of 16 (unvectorized path), history read but not written
+    and written but not read. m is stored from float32 arithmetic, never rounded to x's dtype on the way."""
+    thr = (0.7, 0.05, 3.0)
+    eps = torch.finfo(dtype).eps
+    for nhist, write, per_sample, thresh, alias in ((2, True, True, True, True), (1, True, False, False, False),
+                                                    (0, True, False, True, False), (2, False, True, False, True)):
+        x, model_out, noise, hist, coef = _mixed_case((3, 5, 12), dtype, seed=7 + nhist, nhist=nhist,
+                                                      per_sample=per_sample)
+        hist = [h.transpose(1, 2).contiguous().transpose(1, 2) for h in hist]  # same values, strided
+        ref_out, ref_m = reference.fused_step(
+            x.double(), model_out.double(), coef, None, None, *[h.double() for h in hist] + [None] * (2 - nhist),
+            noise.double(), L.CFG_NONE, thresh, *(thr if thresh else (0.0, 1.0, 1.0)))
+        big = torch.full((3, 5, 24), math.nan, dtype=torch.float32, device=DEVICE)
+        hist_out = big[:, :, ::2] if write else None  # a strided float32 slot
+        out = x if alias else torch.full_like(x, math.nan)
+        ops.fused_step(x, model_out, coef, out=out, hist_out=hist_out, hist=hist, noise=noise,
+                       threshold=thr if thresh else None, backend="triton")
+        what = f"nhist={nhist} write={write} per_sample={per_sample} thr={thresh} alias={alias}"
+        assert out.dtype == dtype
+        assert rel_err(out, ref_out) <= 2 * eps, what
+        if write:
+            assert hist_out.dtype == torch.float32
+            assert rel_err(hist_out, ref_m) < 1e-5, what  # far below eps(dtype): no rounding to x's dtype
+            assert bool(torch.isnan(big[:, :, 1::2]).all()), f"wrote outside the strided hist_out view ({what})"
+
+
+if triton_backend.why_unavailable(torch.device(DEVICE)) is None:
+    import triton
+    import triton.language as tl
+
+    from dpm_kernels.backends.triton_math import to_storage
+
+    @triton.jit
+    def _round_kernel(src, dst, n, BLOCK: tl.constexpr):
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        tl.store(dst + offs, to_storage(tl.load(src + offs, mask=offs < n), dst.dtype.element_ty), mask=offs < n)
+
+
+def test_bfloat16_stores_round_to_nearest_even():
+    """Stores to bfloat16 round like the GPU (and torch): to nearest, ties to even. The Triton 3.9 interpreter's
+    own float32 -> bfloat16 conversion truncates; `triton_math.to_storage` rounds under the interpreter."""
+    gen = torch.Generator().manual_seed(5)
+    bits = torch.randint(-(1 << 31), 1 << 31, (4096,), generator=gen, dtype=torch.int64)
+    low = torch.tensor([0x0000, 0x7FFF, 0x8000, 0x8001, 0xFFFF], dtype=torch.int64)  # ties, just below/above
+    high = torch.tensor([0x3F80, 0x3F81, 0x7F7F, 0xFF7F, 0x0000, 0x8000, 0x0001, 0x807F, 0x7F80], dtype=torch.int64)
+    edge = (high[:, None] << 16 | low[None, :]).reshape(-1)  # near 1, max finite (-> inf), zeros, subnormals
+    v = torch.cat([bits, edge]).to(torch.int32).view(torch.float32)
+    v = torch.cat([v, torch.tensor([math.inf, -math.inf, math.nan, 3.0e38, -3.3895e38])]).to(DEVICE)
+    got = torch.empty(v.shape, dtype=torch.bfloat16, device=DEVICE)
+    sel.launch(_round_kernel, (triton.cdiv(v.numel(), 1024),), v, got, v.numel(), BLOCK=1024)
+    want = v.to(torch.bfloat16)
+    same = (got.view(torch.int16) == want.view(torch.int16)) | (torch.isnan(got) & torch.isnan(want))
+    assert bool(same.all()), f"{int((~same).sum())} values rounded differently, e.g. {v[~same][:4].tolist()}"

@@ -19,6 +19,8 @@
 #include <torch/library.h>
 
 #include <cstdlib>
+#include <cstring>
+#include <initializer_list>
 #include <optional>
 #include <utility>
 #include <vector>
@@ -49,6 +51,22 @@ int dtype_code(at::ScalarType t) {
   }
 }
 
+// The dtype the history tensors (hist1, hist2, hist_out) must share, as ops.history_dtype: the first
+// present one's when it is x's or float32 for a float16/bfloat16 x, else x's (the check then names it).
+at::ScalarType history_dtype(at::ScalarType x, std::initializer_list<const at::Tensor*> hist) {
+  for (const at::Tensor* t : hist) {
+    if (t == nullptr) continue;
+    const at::ScalarType h = t->scalar_type();
+    const bool ok = h == x || (h == at::kFloat && (x == at::kHalf || x == at::kBFloat16));
+    return ok ? h : x;
+  }
+  return x;
+}
+
+bool is_history(const char* name) {
+  return std::strcmp(name, "hist1") == 0 || std::strcmp(name, "hist2") == 0 || std::strcmp(name, "hist_out") == 0;
+}
+
 // Conservative intersection of the byte spans of two views (as ops._overlap): metadata only.
 bool spans_overlap(const at::Tensor& a, const at::Tensor& b) {
   if (a.numel() == 0 || b.numel() == 0 || !a.storage().is_alias_of(b.storage())) return false;
@@ -77,14 +95,22 @@ void check_args(const at::Tensor& x, const at::Tensor& model_out, const OptTenso
   TORCH_CHECK_VALUE(cfg == kCfgNone || cfg == kCfgPair || cfg == kCfgStacked,
                     "cfg: expected 0 (none), 1 (pair) or 2 (stacked), got ", cfg);
   const int64_t b = x.size(0);
+  const at::ScalarType hist_dtype =
+      history_dtype(x.scalar_type(), {present(hist1), present(hist2), present(hist_out)});
   const std::pair<const char*, const at::Tensor*> like_x[] = {
       {"model_out", &model_out}, {"model_cond", present(model_cond)}, {"x_eval", present(x_eval)},
       {"hist1", present(hist1)},  {"hist2", present(hist2)},           {"noise", present(noise)},
       {"out", &out},              {"hist_out", present(hist_out)}};
   for (const auto& [name, t] : like_x) {
     if (t == nullptr) continue;
-    TORCH_CHECK_TYPE(t->scalar_type() == x.scalar_type(), name, ": dtype ", t->scalar_type(),
-                     " does not match x's dtype ", x.scalar_type());
+    if (is_history(name)) {
+      TORCH_CHECK_TYPE(t->scalar_type() == hist_dtype, name, ": dtype ", t->scalar_type(),
+                       ": history tensors share one dtype, x's (", x.scalar_type(),
+                       ") or float32 when x is float16/bfloat16");
+    } else {
+      TORCH_CHECK_TYPE(t->scalar_type() == x.scalar_type(), name, ": dtype ", t->scalar_type(),
+                       " does not match x's dtype ", x.scalar_type());
+    }
     TORCH_CHECK_VALUE(t->device() == x.device(), name, ": on device ", t->device(), ", but x is on ", x.device());
     std::vector<int64_t> want = x.sizes().vec();
     if (t == &model_out && cfg == kCfgStacked) want[0] = 2 * b;
@@ -152,6 +178,8 @@ void fused_step_cuda(const at::Tensor& x, const at::Tensor& model_out, const Opt
   auto ptr = [](const at::Tensor& t) -> const void* { return t.defined() ? t.const_data_ptr() : nullptr; };
   DpmStepArgs a{};
   a.dtype = dtype_code(x.scalar_type());
+  // check_args: every present history tensor has this dtype (x's, or float32 for a half x)
+  a.hist_dtype = dtype_code(history_dtype(x.scalar_type(), {present(hist1), present(hist2), present(hist_out)}));
   a.batch = nb;
   a.numel = n;
   a.x = ptr(xc);

@@ -4,13 +4,17 @@
 // Update kernel: blocks of up to 256 threads walk tiles of blockDim.x * V elements, a tile never
 // straddling two samples, so the coefficient row and the threshold scale are per tile (read from
 // device memory: one captured graph replays every step with new coefficients). Each thread does one
-// group of V elements per tile: one 16-byte load per input and store per output when every pointer
-// is 16-byte aligned and samples start on vector boundaries, else V scalar accesses. Grid: the
-// device's resident blocks (occupancy query x SMs), grid-stride over tiles; 64-bit offsets.
+// group of V elements per tile (V = 16 bytes of the sample's dtype): one 16-byte load per input and
+// store per output when every pointer is 16-byte aligned and samples start on vector boundaries, else
+// V scalar accesses. float32 history with float16/bfloat16 samples (fused_update_kernel<S, float>): the
+// history tensors' 8-element groups are two 16-byte accesses each (step_device.cuh, load_group). Grid:
+// the device's resident blocks (occupancy query x SMs), grid-stride over tiles; 64-bit offsets.
 //
 // Launches per step: this kernel alone; with thresholding the selection of threshold_select.cu first
 // (1 launch for small samples, a few for huge ones), all on the caller's stream, no host round trip.
 #include <cuda_runtime.h>
+
+#include <type_traits>
 
 #include "step_device.cuh"
 
@@ -19,19 +23,31 @@ namespace {
 
 constexpr int kUpdateThreads = 256;
 
-template <typename S>
-__device__ __forceinline__ void update_group(const Tensors<S>& t, const StepShape& sh,
+// acc += w * p[group]: one extra input (history in H, noise in S) live at a time.
+template <typename P, typename T, int N>
+__device__ __forceinline__ void add_input(T (&acc)[N], const P* p, const T w, int64_t off, int cnt, bool vec) {
+  T v[N];
+  load_group<P>(p, off, cnt, vec, v);
+#pragma unroll
+  for (int j = 0; j < N; ++j) acc[j] = dpm::add_term(acc[j], w, v[j]);
+}
+
+// S: the samples' storage type; H: the history's (S, or float for __half / __nv_bfloat16 samples). The
+// arithmetic type T is the same for both, so m reaches hist_out rounded once, from T, to H.
+template <typename S, typename H>
+__device__ __forceinline__ void update_group(const Tensors<S>& t, const History<H>& hs, const StepShape& sh,
                                              const dpm::Coef<typename Traits<S>::T>& c, const bool thr,
                                              const typename Traits<S>::T s, int64_t off, int cnt) {
   using T = typename Traits<S>::T;
   constexpr int V = Traits<S>::V;
+  static_assert(std::is_same<T, typename Traits<H>::T>::value, "history and samples share the arithmetic type");
   T xe[V], m[V];
   predict_group<S>(t, sh, c, off, cnt, xe, m);
   if (thr) {
 #pragma unroll
     for (int j = 0; j < V; ++j) m[j] = dpm::threshold(xe[j], m[j], s, c.qx, c.qm);
   }
-  if (t.hout != nullptr) store_group<S>(t.hout, off, cnt, sh.vec, m);
+  if (hs.hout != nullptr) store_group<H>(hs.hout, off, cnt, sh.vec, m);
   T acc[V];
   if (t.xe != nullptr) {
     load_group<S>(t.x, off, cnt, sh.vec, acc);
@@ -41,23 +57,16 @@ __device__ __forceinline__ void update_group(const Tensors<S>& t, const StepShap
   }
 #pragma unroll
   for (int j = 0; j < V; ++j) acc[j] = dpm::combine(acc[j], m[j], c.a, c.c0);
-  // Same accumulation order as the reference: + c1*h1, + c2*h2, + cn*z. One input live at a time.
-  const S* extra[3] = {t.h1, t.h2, t.z};
-  const T weight[3] = {c.c1, c.c2, c.cn};
-#pragma unroll
-  for (int e = 0; e < 3; ++e) {
-    if (extra[e] == nullptr) continue;
-    T v[V];
-    load_group<S>(extra[e], off, cnt, sh.vec, v);
-#pragma unroll
-    for (int j = 0; j < V; ++j) acc[j] = dpm::add_term(acc[j], weight[e], v[j]);
-  }
+  // Same accumulation order as the reference: + c1*h1, + c2*h2, + cn*z.
+  if (hs.h1 != nullptr) add_input<H>(acc, hs.h1, c.c1, off, cnt, sh.vec);
+  if (hs.h2 != nullptr) add_input<H>(acc, hs.h2, c.c2, off, cnt, sh.vec);
+  if (t.z != nullptr) add_input<S>(acc, t.z, c.cn, off, cnt, sh.vec);
   store_group<S>(t.out, off, cnt, sh.vec, acc);
 }
 
-template <typename S>
+template <typename S, typename H>
 __global__ void __launch_bounds__(kUpdateThreads)
-    fused_update_kernel(Tensors<S> t, StepShape sh, const typename Traits<S>::T* scale) {
+    fused_update_kernel(Tensors<S> t, History<H> hs, StepShape sh, const typename Traits<S>::T* scale) {
   using T = typename Traits<S>::T;
   constexpr int V = Traits<S>::V;
   const int64_t tile = static_cast<int64_t>(blockDim.x) * V;
@@ -79,7 +88,7 @@ __global__ void __launch_bounds__(kUpdateThreads)
     const int64_t i = r * tile + static_cast<int64_t>(threadIdx.x) * V;
     if (i < sh.n) {
       const int cnt = static_cast<int>(sh.n - i < V ? sh.n - i : V);
-      update_group<S>(t, sh, c, scale != nullptr, s, b * sh.n + i, cnt);
+      update_group<S, H>(t, hs, sh, c, scale != nullptr, s, b * sh.n + i, cnt);
     }
     r += dr;
     b += db;
@@ -92,7 +101,8 @@ __global__ void __launch_bounds__(kUpdateThreads)
 
 bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
 
-template <typename S>
+// S: the samples' storage type, H: the history's (valid() checked the pair against a.dtype/a.hist_dtype).
+template <typename S, typename H>
 cudaError_t run(const DpmStepArgs& a, void* workspace, int num_sms, cudaStream_t stream) {
   using T = typename Traits<S>::T;
   constexpr int V = Traits<S>::V;
@@ -103,11 +113,12 @@ cudaError_t run(const DpmStepArgs& a, void* workspace, int num_sms, cudaStream_t
          : a.cfg == dpm::CFG_PAIR  ? static_cast<const S*>(a.model_cond)
                                    : nullptr;
   t.xe = static_cast<const S*>(a.x_eval);
-  t.h1 = static_cast<const S*>(a.hist1);
-  t.h2 = static_cast<const S*>(a.hist2);
   t.z = static_cast<const S*>(a.noise);
   t.out = static_cast<S*>(a.out);
-  t.hout = static_cast<S*>(a.hist_out);
+  History<H> hs;
+  hs.h1 = static_cast<const H*>(a.hist1);
+  hs.h2 = static_cast<const H*>(a.hist2);
+  hs.hout = static_cast<H*>(a.hist_out);
 
   StepShape sh;
   sh.batch = a.batch;
@@ -119,7 +130,10 @@ cudaError_t run(const DpmStepArgs& a, void* workspace, int num_sms, cudaStream_t
     sh.n = a.batch * a.numel;  // nothing per sample: one flat run vectorises across sample borders
     sh.batch = 1;
   }
-  const void* ptrs[] = {t.x, t.mo, t.mc, t.xe, t.h1, t.h2, t.z, t.out, t.hout};
+  // Every tensor's own base address is checked, the float32 history's as well as the half samples' (one
+  // misaligned tensor sends the whole step to the scalar path): group offsets are multiples of V, which
+  // keeps an aligned base aligned for either element size.
+  const void* ptrs[] = {t.x, t.mo, t.mc, t.xe, t.z, t.out, hs.h1, hs.h2, hs.hout};
   bool ok = sh.n % V == 0 || sh.batch == 1;  // every sample starts on a vector boundary
   for (const void* p : ptrs) ok = ok && aligned16(p);  // nullptr counts as aligned
   sh.vec = ok;
@@ -145,18 +159,25 @@ cudaError_t run(const DpmStepArgs& a, void* workspace, int num_sms, cudaStream_t
   threads = (threads + 31) / 32 * 32;
   threads = threads < 32 ? 32 : threads > kUpdateThreads ? kUpdateThreads : threads;
   int per_sm = 1;
-  cudaError_t e = resident_blocks(fused_update_kernel<S>, static_cast<int>(threads), &per_sm);
+  cudaError_t e = resident_blocks(fused_update_kernel<S, H>, static_cast<int>(threads), &per_sm);
   if (e != cudaSuccess) return e;
   const int64_t tiles = sh.batch * ((sh.n + threads * V - 1) / (threads * V));
   int64_t grid = static_cast<int64_t>(num_sms) * per_sm;
   if (grid > tiles) grid = tiles;
   if (grid > 0x7fffffff) grid = 0x7fffffff;
-  fused_update_kernel<S><<<static_cast<unsigned>(grid), static_cast<unsigned>(threads), 0, stream>>>(t, sh, scale);
+  fused_update_kernel<S, H>
+      <<<static_cast<unsigned>(grid), static_cast<unsigned>(threads), 0, stream>>>(t, hs, sh, scale);
   return cudaGetLastError();
+}
+
+// The history's dtype: the samples', or float32 for float16/bfloat16 samples.
+bool valid_hist_dtype(int dtype, int hist_dtype) {
+  return hist_dtype == dtype || (hist_dtype == DPM_F32 && (dtype == DPM_F16 || dtype == DPM_BF16));
 }
 
 bool valid(const DpmStepArgs* a) {
   if (a == nullptr || a->dtype < DPM_F16 || a->dtype > DPM_F64 || a->batch < 0 || a->numel < 0) return false;
+  if (!valid_hist_dtype(a->dtype, a->hist_dtype)) return false;
   if (a->numel > 0 && a->batch > (INT64_MAX / 4) / a->numel) return false;  // 2B*n and offsets fit
   if (a->x == nullptr || a->model_out == nullptr || a->out == nullptr || a->coef == nullptr) return false;
   if (a->cfg != dpm::CFG_NONE && a->cfg != dpm::CFG_PAIR && a->cfg != dpm::CFG_STACKED) return false;
@@ -192,14 +213,17 @@ extern "C" cudaError_t dpm_cuda_fused_step(const DpmStepArgs* args, void* worksp
     if (e == cudaSuccess) e = cudaDeviceGetAttribute(&num_sms, cudaDevAttrMultiProcessorCount, dev);
     if (e != cudaSuccess) return e;
   }
+  const bool f32_hist = args->hist_dtype != args->dtype;  // valid(): float32 history, half samples
   switch (args->dtype) {
     case DPM_F16:
-      return run<__half>(*args, workspace, num_sms, stream);
+      return f32_hist ? run<__half, float>(*args, workspace, num_sms, stream)
+                      : run<__half, __half>(*args, workspace, num_sms, stream);
     case DPM_BF16:
-      return run<__nv_bfloat16>(*args, workspace, num_sms, stream);
+      return f32_hist ? run<__nv_bfloat16, float>(*args, workspace, num_sms, stream)
+                      : run<__nv_bfloat16, __nv_bfloat16>(*args, workspace, num_sms, stream);
     case DPM_F32:
-      return run<float>(*args, workspace, num_sms, stream);
+      return run<float, float>(*args, workspace, num_sms, stream);
     default:
-      return run<double>(*args, workspace, num_sms, stream);
+      return run<double, double>(*args, workspace, num_sms, stream);
   }
 }

@@ -3,6 +3,8 @@
 // Storage <-> arithmetic conversions, 16-byte group loads/stores with a scalar fallback, and the one
 // place that evaluates y = convert(guided(...)) from the inputs: the select passes and the update
 // pass call the same function, so every pass of one step sees the same y for the same element.
+// The history tensors (hist1, hist2, hist_out) have their own storage type H: S, or float for half S
+// (History<H>); only the update kernel sees them, the selection never reads history.
 // Conversions use explicit intrinsics because torch extension builds define __CUDA_NO_HALF_CONVERSIONS__
 // and __CUDA_NO_BFLOAT16_CONVERSIONS__ (implicit half <-> float would not compile there).
 #pragma once
@@ -82,18 +84,24 @@ struct Traits<double> {
   static __device__ __forceinline__ void store1(double* p, T v) { *p = v; }
 };
 
-// Typed views of DpmStepArgs' tensors. No __restrict__: out may be x or x_eval itself.
+// Typed views of DpmStepArgs' tensors in the sample's storage type S. No __restrict__: out may be x or
+// x_eval itself.
 template <typename S>
 struct Tensors {
   const S* x;
   const S* mo;  // model_out (the unconditional half when guided)
   const S* mc;  // conditional output when guided (model_cond, or model_out + B*n when stacked)
   const S* xe;  // x_eval, or nullptr for x
-  const S* h1;
-  const S* h2;
   const S* z;
   S* out;
-  S* hout;
+};
+
+// The history tensors in their storage type H (S, or float for __half / __nv_bfloat16 samples).
+template <typename H>
+struct History {
+  const H* h1;
+  const H* h2;
+  H* hout;
 };
 
 struct StepShape {
@@ -102,38 +110,66 @@ struct StepShape {
   const double* coef;   // device coefficient rows
   int64_t coef_stride;  // 0 (one shared row) or NCOEF (a row per sample)
   bool guided;          // cfg != none
-  bool vec;             // every pointer 16-byte aligned and every sample starts on a vector boundary
+  bool vec;             // every pointer (history included) 16-byte aligned, every sample starts on a group
+                        // boundary (n % Traits<S>::V == 0, or one flat sample)
 };
 
-// Group g of a sample holds elements [g*V, g*V + cnt), cnt = min(V, n - g*V). A full group on the vector
-// path is one 16-byte access; otherwise cnt scalar accesses (unaligned tensors, the sample's tail).
-template <typename S>
-__device__ __forceinline__ void load_group(const S* p, int64_t off, int cnt, bool vec,
-                                           typename Traits<S>::T (&v)[Traits<S>::V]) {
-  using Tr = Traits<S>;
-  if (vec && cnt == Tr::V) {
-    const uint4 u = *reinterpret_cast<const uint4*>(p + off);
-    const uint32_t w[4] = {u.x, u.y, u.z, u.w};
+// Group g of a sample holds elements [g*N, g*N + cnt), cnt = min(N, n - g*N), N = Traits<S>::V of the
+// sample's storage type S. A full group on the vector path is N / Traits<P>::V 16-byte accesses of a
+// tensor of storage type P: one for the sample's tensors, two for float32 history with half samples (the
+// group's 8 floats, 32 contiguous bytes: a warp's first access covers the first half of each 32-byte
+// sector, its second the other half, so DRAM still moves whole sectors and only the L1/L2 requests for
+// these tensors double; the alternative, 8-byte accesses for every half tensor, was not measured).
+// Otherwise cnt scalar accesses (unaligned tensors, the sample's tail). The vector path needs p + off
+// 16-byte aligned: p is (checked on the host for every tensor), and off is a multiple of N, so off *
+// sizeof(P) is a multiple of N * sizeof(P) >= 16 for every P with Traits<P>::V dividing N.
+template <typename P, int N>
+__device__ __forceinline__ void load_group(const P* p, int64_t off, int cnt, bool vec,
+                                           typename Traits<P>::T (&v)[N]) {
+  using Tr = Traits<P>;
+  static_assert(N % Tr::V == 0, "a group is whole 16-byte vectors of every tensor");
+  if (vec && cnt == N) {
+    const uint4* q = reinterpret_cast<const uint4*>(p + off);
 #pragma unroll
-    for (int j = 0; j < Tr::V; ++j) v[j] = Tr::get(w, j);
+    for (int k = 0; k < N / Tr::V; ++k) {
+      const uint4 u = q[k];
+      const uint32_t w[4] = {u.x, u.y, u.z, u.w};
+#pragma unroll
+      for (int j = 0; j < Tr::V; ++j) v[k * Tr::V + j] = Tr::get(w, j);
+    }
   } else {
 #pragma unroll
-    for (int j = 0; j < Tr::V; ++j) v[j] = j < cnt ? Tr::load1(p + off + j) : typename Tr::T(0);
+    for (int j = 0; j < N; ++j) v[j] = j < cnt ? Tr::load1(p + off + j) : typename Tr::T(0);
   }
 }
 
-template <typename S>
-__device__ __forceinline__ void store_group(S* p, int64_t off, int cnt, bool vec,
-                                            const typename Traits<S>::T (&v)[Traits<S>::V]) {
-  using Tr = Traits<S>;
-  if (vec && cnt == Tr::V) {
-    uint32_t w[4] = {0u, 0u, 0u, 0u};
+// One 16-byte global store. NVVM split a plain `*q = u` of a uint4 into four 4-byte stores (CUDA 13.0,
+// sm_80/sm_90: STG.E x4 in the SASS of every single-vector group and of the first vector of a two-vector
+// one); __stwb keeps the width but makes it a strong store (STG.E.128.STRONG.SM). This is the plain weak
+// STG.E.128 (p is device global memory: the binding passes tensor storage).
+__device__ __forceinline__ void store16(uint4* q, const uint4 u) {
+  asm volatile("st.global.v4.b32 [%0], {%1, %2, %3, %4};" ::"l"(__cvta_generic_to_global(q)), "r"(u.x), "r"(u.y),
+               "r"(u.z), "r"(u.w)
+               : "memory");
+}
+
+template <typename P, int N>
+__device__ __forceinline__ void store_group(P* p, int64_t off, int cnt, bool vec,
+                                            const typename Traits<P>::T (&v)[N]) {
+  using Tr = Traits<P>;
+  static_assert(N % Tr::V == 0, "a group is whole 16-byte vectors of every tensor");
+  if (vec && cnt == N) {
+    uint4* q = reinterpret_cast<uint4*>(p + off);
 #pragma unroll
-    for (int j = 0; j < Tr::V; ++j) Tr::put(w, j, v[j]);
-    *reinterpret_cast<uint4*>(p + off) = make_uint4(w[0], w[1], w[2], w[3]);
+    for (int k = 0; k < N / Tr::V; ++k) {
+      uint32_t w[4] = {0u, 0u, 0u, 0u};
+#pragma unroll
+      for (int j = 0; j < Tr::V; ++j) Tr::put(w, j, v[k * Tr::V + j]);
+      store16(q + k, make_uint4(w[0], w[1], w[2], w[3]));
+    }
   } else {
 #pragma unroll
-    for (int j = 0; j < Tr::V; ++j)
+    for (int j = 0; j < N; ++j)
       if (j < cnt) Tr::store1(p + off + j, v[j]);
   }
 }

@@ -4,9 +4,11 @@
 threshold with the sample's s, store m, combine, store out. One memory pass: reads x, model_out
 (x2 with guidance), x_eval (only when it is not x), hist1, hist2, noise; writes hist_out and out. Bytes
 for n elements of size e: (tensors read + written) * n * e, e.g. a multistep-2 step storing m moves
-5 n e (x, model_out, hist1 in; out, hist_out out). Thresholding adds the select's sweeps, each re-reading
-the 2-3 tensors y comes from (x_eval or x, model_out, model_cond): at most NPASS sweeps (4 for float32
-arithmetic, 8 for float64), served from L2 after the first when a sample fits there.
+5 n e (x, model_out, hist1 in; out, hist_out out); with float32 history for float16/bfloat16 samples
+(`ops.history_dtype`) the history tensors count 4 bytes an element: 2 n * 3 + 4 n * 2 = 14 n there.
+Thresholding adds the select's sweeps, each re-reading the 2-3 tensors y comes from (x_eval or x,
+model_out, model_cond; never the history): at most NPASS sweeps (4 for float32 arithmetic, 8 for
+float64), served from L2 after the first when a sample fits there.
 
 Grid: samples and chunks folded into axis 0 (pid = b * nchunks + chunk), so neither B nor the chunk count
 meets the 65535 limit of axes 1/2; each program reads its sample's float64 coefficient row (and s) once,
@@ -16,6 +18,12 @@ row, no thresholding) the batch is one flat sample: no ragged tail per sample.
 Block size: num_warps = 4 (128 threads) and 16-byte accesses (8 half / 4 float / 2 double elements per
 thread per vector), 1 to 4 vectors per thread: BLOCK = 128 * vec * {1, 2, 4}, the largest that still gives
 >= 2 programs per SM, so small latents spread over the GPU while large ones amortise the coefficient loads.
+vec counts x's elements. With float32 history and half x a thread's 8-element group of history is two
+16-byte vectors (Triton loads it so, in x's layout); stores are capped at 16 bytes a thread per instruction,
+so Triton re-lays m out through shared memory (4 floats a thread) before the float32 hist_out store: a few KB
+of shared traffic per program, small against the global bytes. Checked by compiling offline for sm_80/sm_90
+(Triton 3.9): 16-byte global loads and stores for every tensor; at BLOCK 4096 up to 168 registers a thread
+with float32 history (thresholded, sm_90) against 128 with half history, no spills.
 Vectorization of the per-sample path needs the sample stride n to be a multiple of 16 (Triton specializes on
 that), as it is for every latent shape; other n run with scalar accesses, correct but slower (the flat path
 starts at 0 and always vectorizes). Offsets are int64 everywhere.
@@ -35,6 +43,7 @@ from .triton_math import (
     guided,
     load_coef,
     threshold,
+    to_storage,
 )
 
 STEP_WARPS = 4
@@ -67,8 +76,10 @@ def _step_kernel(x_ptr, mo_ptr, mc_ptr, xe_ptr, h1_ptr, h2_ptr, z_ptr, coef_ptr,
     y = convert(xe, raw, px, pm)
     if THRESH:
         y = threshold(xe, y, tl.load(scale_ptr + b), qx, qm)
+    # History may be float32 while x is float16/bfloat16 (`ops.history_dtype`): every load converts from its
+    # own pointer's element type, and m is stored in hist_out's, rounded once from the arithmetic type.
     if HAS_HO:
-        tl.store(ho_ptr + idx, y.to(ho_ptr.dtype.element_ty), mask=mask)
+        tl.store(ho_ptr + idx, to_storage(y, ho_ptr.dtype.element_ty), mask=mask)
     acc = combine(xv, y, a, c0)
     if HAS_H1:
         acc = add_term(acc, c1, tl.load(h1_ptr + idx, mask=mask, other=0.0).to(ACC))
@@ -76,11 +87,14 @@ def _step_kernel(x_ptr, mo_ptr, mc_ptr, xe_ptr, h1_ptr, h2_ptr, z_ptr, coef_ptr,
         acc = add_term(acc, c2, tl.load(h2_ptr + idx, mask=mask, other=0.0).to(ACC))
     if HAS_Z:
         acc = add_term(acc, cn, tl.load(z_ptr + idx, mask=mask, other=0.0).to(ACC))
-    tl.store(out_ptr + idx, acc.to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(out_ptr + idx, to_storage(acc, out_ptr.dtype.element_ty), mask=mask)
 
 
 def step_block(total: int, elem_size: int, device: torch.device) -> int:
-    """BLOCK for the update: 1-4 sixteen-byte vectors per thread, >= 2 programs per SM when there is work."""
+    """BLOCK for the update: 1-4 sixteen-byte vectors of x per thread, >= 2 programs per SM when there is work.
+
+    elem_size is x's: float32 history with half x makes each history vector two 16-byte accesses, not a
+    smaller block (x's accesses stay 16 bytes wide)."""
     vec = 128 * (16 // elem_size)
     block = 4 * vec
     while block > vec and triton.cdiv(total, block) < 2 * sel.sm_count(device):

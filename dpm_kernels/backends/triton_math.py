@@ -20,10 +20,16 @@ the header gets from C++ that Triton spells differently:
 
 `load_converted` is the one place the select kernels and the update kernel compute y, so both see the same
 bits (the select recomputes y from the inputs in every pass instead of storing it).
+
+`to_storage` (no C++ twin: nvcc's __float2bfloat16_rn and Triton's compiled `.to` both round to nearest
+even) stores through the Triton interpreter rounded the way a GPU rounds: the interpreter of Triton 3.9
+converts float32 to bfloat16 by truncating the mantissa, which over a 20-step bfloat16 sampling loop
+drifts ~10x farther from the float32 run than round-to-nearest-even does. Compiled kernels are unchanged.
 """
 
 import triton
 import triton.language as tl
+from triton.runtime.interpreter import InterpretedFunction
 
 from .. import layout as L
 
@@ -51,6 +57,29 @@ def load_coef(row, F64: tl.constexpr):
         tl.load(row + QX).to(ACC), tl.load(row + QM).to(ACC), tl.load(row + A).to(ACC),
         tl.load(row + C0).to(ACC), tl.load(row + C1).to(ACC), tl.load(row + C2).to(ACC), tl.load(row + CN).to(ACC),
     )
+
+
+# True when the kernels are defined under the Triton interpreter (TRITON_INTERPRET=1 at import): decided at
+# definition time, like triton.jit's own choice; a compile-time constant inside the kernels.
+INTERPRETED: tl.constexpr = tl.constexpr(isinstance(load_coef, InterpretedFunction))
+
+
+@triton.jit
+def rne_bf16(v):
+    """float32 v rounded to the nearest bfloat16, ties to even (NaN stays NaN), by integer arithmetic."""
+    bits = v.to(tl.uint32, bitcast=True)
+    r = bits + 0x7FFF + ((bits >> 16) & 1)
+    r = tl.where(v != v, bits | 0x400000, r)  # a NaN's payload must not carry into the sign bit
+    return (r >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+
+
+@triton.jit
+def to_storage(v, DST: tl.constexpr):
+    """v (the arithmetic type) in a tensor's storage type DST, rounded to nearest even as on the GPU."""
+    if INTERPRETED:
+        if DST == tl.bfloat16:
+            return rne_bf16(v.to(tl.float32))
+    return v.to(DST)
 
 
 @triton.jit
