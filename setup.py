@@ -43,7 +43,7 @@ def ext_modules_and_cmdclass():
             "dpm_kernels._cpu",
             [str(p.relative_to(ROOT)) for p in sorted((csrc / "cpu").glob("*.cpp"))],
             include_dirs=inc,
-            extra_compile_args=["-O3", "-std=c++17", "-fopenmp"],
+            extra_compile_args=["-O3", "-fopenmp"],  # no -std: torch picks the one its headers need
             extra_link_args=["-fopenmp"],
             define_macros=[("DPM_KERNELS_PYMODULE", "_cpu")],
         )

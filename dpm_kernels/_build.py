@@ -47,7 +47,8 @@ def cuda_sources() -> list[Path]:
 
 def cpu_cflags() -> list[str]:
     # OpenMP so that at::parallel_for (OpenMP backend in the official wheels) really runs in parallel.
-    return ["-O3", "-std=c++17", "-fopenmp"]
+    # No -std: torch adds the standard its headers need (C++20 from torch 2.14; a later -std=c++17 breaks it).
+    return ["-O3", "-fopenmp"]
 
 
 def cuda_flags() -> list[str]:

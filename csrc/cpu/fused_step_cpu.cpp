@@ -1,8 +1,9 @@
 // CPU kernel of dpm_kernels::fused_step (schema: dpm_kernels/ops.py; math: csrc/dpm_math.h).
 //
-// One pass over memory for a plain step; with dynamic thresholding the per-sample quantile first needs
-// selection passes that read only the inputs of y (quantile_select.h). Arithmetic in float for
-// half/bfloat16/float tensors and in double for double tensors, stored in the input dtype.
+// One pass over memory for a plain step; with dynamic thresholding the per-sample quantile first needs a
+// selection pass (rarely more) that reads only the inputs of y (quantile_select.h). Arithmetic in float for
+// half/bfloat16/float tensors and in double for double tensors, stored in the input dtype; the history
+// (hist1, hist2, hist_out) may be float32 for half/bfloat16 inputs.
 // The schema is defined from Python, so this file registers only the CPU implementation.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -13,11 +14,12 @@
 
 #include <cmath>
 #include <optional>
+#include <type_traits>
 #include <vector>
 
-#include "dpm_math.h"
+#include "step_kernel.h"  // first: it must precede dpm_math.h (see there)
 #include "quantile_select.h"
-#include "step_kernel.h"
+#include "dpm_math.h"
 
 namespace {
 
@@ -29,9 +31,10 @@ bool same_view(const at::Tensor& a, const at::Tensor& b) {
   return a.data_ptr() == b.data_ptr() && a.sizes() == b.sizes() && a.strides() == b.strides();
 }
 
-// Whether the memory spans of a and b intersect: conservative for strided views, like ops._overlap.
+// Whether the address spans of a and b intersect: conservative for strided views, like ops._overlap (and
+// independent of which storage objects hold them: two storages may wrap the same memory).
 bool overlap(const at::Tensor& a, const at::Tensor& b) {
-  if (a.numel() == 0 || b.numel() == 0 || !a.storage().is_alias_of(b.storage())) return false;
+  if (a.numel() == 0 || b.numel() == 0) return false;
   auto span = [](const at::Tensor& t) {
     int64_t extent = 0;
     for (int64_t d = 0; d < t.dim(); ++d) extent += (t.size(d) - 1) * std::abs(t.stride(d));
@@ -40,6 +43,21 @@ bool overlap(const at::Tensor& a, const at::Tensor& b) {
   };
   const auto sa = span(a), sb = span(b);
   return sa.first < sb.second && sb.first < sa.second;
+}
+
+bool is_half(at::ScalarType t) { return t == at::kHalf || t == at::kBFloat16; }
+
+// The dtype history tensors (hist1, hist2, hist_out) share: the first given one's when it is x's, or float32
+// for a float16/bfloat16 x (a low-precision solver keeps a much more accurate history in float32); else x's.
+at::ScalarType history_dtype(at::ScalarType xt, const OptTensor& hist1, const OptTensor& hist2,
+                             const OptTensor& hist_out) {
+  for (const OptTensor* t : {&hist1, &hist2, &hist_out}) {
+    if (const at::Tensor* h = present(*t)) {
+      const at::ScalarType ht = h->scalar_type();
+      return ht == xt || (ht == at::kFloat && is_half(xt)) ? ht : xt;
+    }
+  }
+  return xt;
 }
 
 // Every check runs before anything is written; messages start with the argument's name.
@@ -55,13 +73,20 @@ void check_args(const at::Tensor& x, const at::Tensor& model_out, const OptTenso
   TORCH_CHECK_VALUE(cfg == dpm::CFG_NONE || cfg == dpm::CFG_PAIR || cfg == dpm::CFG_STACKED,
                     "cfg: expected 0 (none), 1 (pair) or 2 (stacked), got ", cfg);
   const int64_t b = x.size(0);
+  const auto hdt = history_dtype(dt, hist1, hist2, hist_out);
   const std::pair<const char*, const at::Tensor*> like_x[] = {
       {"model_out", &model_out}, {"model_cond", present(model_cond)}, {"x_eval", present(x_eval)},
       {"hist1", present(hist1)}, {"hist2", present(hist2)}, {"noise", present(noise)},
       {"out", &out}, {"hist_out", present(hist_out)}};
   for (const auto& [name, t] : like_x) {
     if (t == nullptr) continue;
-    TORCH_CHECK_TYPE(t->scalar_type() == dt, name, ": dtype ", t->scalar_type(), " does not match x's dtype ", dt);
+    const bool history = t == present(hist1) || t == present(hist2) || t == present(hist_out);
+    if (history) {
+      TORCH_CHECK_TYPE(t->scalar_type() == hdt, name, ": dtype ", t->scalar_type(), ": history tensors share one ",
+                       "dtype, x's (", dt, ") or float32 when x is float16/bfloat16");
+    } else {
+      TORCH_CHECK_TYPE(t->scalar_type() == dt, name, ": dtype ", t->scalar_type(), " does not match x's dtype ", dt);
+    }
     TORCH_CHECK_VALUE(t->device() == x.device(), name, ": on device ", t->device(), ", but x is on ", x.device());
     std::vector<int64_t> want = x.sizes().vec();
     if (t == &model_out && cfg == dpm::CFG_STACKED) want[0] = 2 * b;
@@ -109,13 +134,13 @@ void check_args(const at::Tensor& x, const at::Tensor& model_out, const OptTenso
 }
 
 // Per-sample thresholding scales s = clamp(quantile(|y|, ratio), lo, hi).
-template <typename S, typename T>
-void threshold_scales(const dpm_cpu::StepPtrs<S>& p, int64_t nb, int64_t n, const std::vector<dpm::Coef<T>>& rows,
+template <typename S, typename H, typename T>
+void threshold_scales(const dpm_cpu::StepPtrs<S, H>& p, int64_t nb, int64_t n, const std::vector<dpm::Coef<T>>& rows,
                       double ratio, double lo, double hi, std::vector<T>& s) {
   auto one = [&](int64_t b) {
     const dpm::Coef<T>& c = rows[rows.size() == 1 ? 0 : b];
     const int64_t base = b * n;
-    auto fill = [&](int64_t i, int len, T* y) { dpm_cpu::convert_block(p, base + i, len, c, y); };
+    auto fill = [&](int64_t i, int len, T* y) DPM_CPU_LAMBDA_INLINE { dpm_cpu::convert_block(p, base + i, len, c, y); };
     const T q = dpm_cpu::sample_quantile<T>(n, ratio, fill);
     s[b] = dpm::threshold_scale(q, static_cast<T>(lo), static_cast<T>(hi));
   };
@@ -131,8 +156,8 @@ void threshold_scales(const dpm_cpu::StepPtrs<S>& p, int64_t nb, int64_t n, cons
   }
 }
 
-template <typename S>
-void run(const dpm_cpu::StepPtrs<S>& p, int64_t nb, int64_t n, const at::Tensor& coef, bool threshold,
+template <typename S, typename H>
+void run(const dpm_cpu::StepPtrs<S, H>& p, int64_t nb, int64_t n, const at::Tensor& coef, bool threshold,
          double ratio, double lo, double hi) {
   using T = at::opmath_type<S>;
   const at::Tensor cc = coef.contiguous();
@@ -142,13 +167,13 @@ void run(const dpm_cpu::StepPtrs<S>& p, int64_t nb, int64_t n, const at::Tensor&
   std::vector<T> s;
   if (threshold) {
     s.assign(nb, T(1));
-    threshold_scales<S, T>(p, nb, n, rows, ratio, lo, hi, s);
+    threshold_scales<S, H, T>(p, nb, n, rows, ratio, lo, hi, s);
   }
   at::parallel_for(0, nb * n, at::internal::GRAIN_SIZE, [&](int64_t begin, int64_t end) {
     while (begin < end) {  // split at sample boundaries: one coefficient row and one scale per piece
       const int64_t b = begin / n;
       const int64_t stop = std::min(end, (b + 1) * n);
-      dpm_cpu::step_range<S, T>(p, begin, stop, rows[rows.size() == 1 ? 0 : b], threshold,
+      dpm_cpu::step_range<S, H, T>(p, begin, stop, rows[rows.size() == 1 ? 0 : b], threshold,
                                 threshold ? s[b] : T(1));
       begin = stop;
     }
@@ -174,19 +199,29 @@ void fused_step_cpu(const at::Tensor& x, const at::Tensor& model_out, const OptT
   at::Tensor hoc;
   if (ho != nullptr) hoc = ho->is_contiguous() ? *ho : at::empty_like(*ho, at::MemoryFormat::Contiguous);
 
+  const bool float_history = is_half(x.scalar_type()) && history_dtype(x.scalar_type(), hist1, hist2, hist_out) ==
+                                                            at::kFloat;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fused_step_cpu", [&] {
-    auto ptr = [](const at::Tensor& t) { return t.defined() ? t.const_data_ptr<scalar_t>() : nullptr; };
-    dpm_cpu::StepPtrs<scalar_t> p;
-    p.x = ptr(xc);
-    p.xe = xec.defined() ? ptr(xec) : p.x;
-    p.uncond = ptr(moc);
-    p.cond = cfg == dpm::CFG_PAIR ? ptr(mcc) : cfg == dpm::CFG_STACKED ? p.uncond + nb * n : nullptr;
-    p.h1 = ptr(h1c);
-    p.h2 = ptr(h2c);
-    p.z = ptr(zc);
-    p.out = oc.mutable_data_ptr<scalar_t>();
-    p.hout = hoc.defined() ? hoc.mutable_data_ptr<scalar_t>() : nullptr;
-    run<scalar_t>(p, nb, n, coef, threshold, thr_ratio, thr_min, thr_max);
+    auto launch = [&](auto history_zero) {
+      using H = decltype(history_zero);
+      auto ptr = [](const at::Tensor& t) { return t.defined() ? t.const_data_ptr<scalar_t>() : nullptr; };
+      auto hptr = [](const at::Tensor& t) { return t.defined() ? t.const_data_ptr<H>() : nullptr; };
+      dpm_cpu::StepPtrs<scalar_t, H> p;
+      p.x = ptr(xc);
+      p.xe = xec.defined() ? ptr(xec) : p.x;
+      p.uncond = ptr(moc);
+      p.cond = cfg == dpm::CFG_PAIR ? ptr(mcc) : cfg == dpm::CFG_STACKED ? p.uncond + nb * n : nullptr;
+      p.h1 = hptr(h1c);
+      p.h2 = hptr(h2c);
+      p.z = ptr(zc);
+      p.out = oc.mutable_data_ptr<scalar_t>();
+      p.hout = hoc.defined() ? hoc.mutable_data_ptr<H>() : nullptr;
+      run<scalar_t, H>(p, nb, n, coef, threshold, thr_ratio, thr_min, thr_max);
+    };
+    if constexpr (std::is_same_v<scalar_t, at::Half> || std::is_same_v<scalar_t, at::BFloat16>) {
+      if (float_history) return launch(float());
+    }
+    launch(scalar_t());
   });
   if (!oc.is_same(out)) out.copy_(oc);
   if (ho != nullptr && !hoc.is_same(*ho)) ho->copy_(hoc);
@@ -207,7 +242,8 @@ TORCH_LIBRARY_IMPL(dpm_kernels, CPU, m) { m.impl("fused_step", &fused_step_cpu);
 #define DPM_STR(a) DPM_STR_(a)
 
 extern "C" PyMODINIT_FUNC DPM_CAT(PyInit_, DPM_KERNELS_PYMODULE)(void) {
-  static PyModuleDef def = {PyModuleDef_HEAD_INIT, DPM_STR(DPM_KERNELS_PYMODULE), nullptr, -1, nullptr};
+  static PyModuleDef def = {PyModuleDef_HEAD_INIT, DPM_STR(DPM_KERNELS_PYMODULE), nullptr, -1, nullptr,
+                             nullptr, nullptr, nullptr, nullptr};
   return PyModule_Create(&def);
 }
 #endif

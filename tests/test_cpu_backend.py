@@ -1,0 +1,256 @@
+"""The C++ CPU kernel of dpm_kernels::fused_step: op registration, torch.compile, large samples, threads.
+
+The numerical matrix against the float64 reference lives in test_fused_step.py (ids `cpu-cpu`); this file
+covers what is specific to the compiled CPU backend.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+import torch
+
+from dpm_kernels import layout as L
+from dpm_kernels import ops
+from dpm_kernels.backends import reference, registry
+
+# Like conftest: a kernel that fails to build fails these tests; only an explicit opt-out skips them.
+pytestmark = pytest.mark.skipif(os.environ.get("DPM_KERNELS_NO_EXT") == "1", reason="DPM_KERNELS_NO_EXT=1")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _cpu_kernel_loaded():
+    registry.prepare("cpu", "cpu")  # builds or loads the extension (direct torch.ops calls need it); raises if not
+
+
+OP = torch.ops.dpm_kernels.fused_step.default
+THR = (0.9, 0.05, 3.0)  # q inside (lo, hi) for unit-variance data: the quantile itself matters
+
+
+def _coef(b: int | None, seed: int, *, noise: bool = False) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    shape = (L.NCOEF,) if b is None else (b, L.NCOEF)
+    c = torch.rand(shape, generator=gen, dtype=torch.float64) * 2 - 1
+    c[..., L.GUIDE] = 3.0
+    if not noise:
+        c[..., L.CN] = 0.0
+    return c
+
+
+def _args(
+    shape,
+    *,
+    cfg="none",
+    thr=None,
+    noise=False,
+    per_sample=False,
+    x_eval=False,
+    dtype=torch.float32,
+    hist_dtype=None,
+    seed=0,
+):
+    """Positional op arguments (schema order), outputs freshly allocated; history in hist_dtype (default x's)."""
+    gen = torch.Generator().manual_seed(seed)
+    hdt = hist_dtype or dtype
+
+    def rnd(*s, dt=dtype):
+        return torch.randn(*s, generator=gen, dtype=torch.float64).to(dt)
+
+    b = shape[0]
+    x = rnd(*shape)
+    model_out = rnd(*((2 * b,) + tuple(shape[1:]))) if cfg == "stacked" else rnd(*shape)
+    model_cond = rnd(*shape) if cfg == "pair" else None
+    hist1, hist2 = rnd(*shape, dt=hdt), rnd(*shape, dt=hdt)
+    coef = _coef(b if per_sample else None, seed, noise=noise)
+    ratio, lo, hi = thr if thr is not None else (0.0, 1.0, 1.0)
+    return (
+        x,
+        model_out,
+        model_cond,
+        rnd(*shape) if x_eval else None,
+        hist1,
+        hist2,
+        rnd(*shape) if noise else None,
+        coef,
+        L.CFG_MODES[cfg],
+        thr is not None,
+        ratio,
+        lo,
+        hi,
+        torch.empty_like(x),
+        torch.empty_like(x, dtype=hdt),
+    )
+
+
+OPCHECK_CASES = {
+    "plain": {},
+    "thresholded": {"thr": THR},
+    "stacked-cfg": {"cfg": "stacked", "thr": (0.995, 1.0, math.inf)},
+    "pair-cfg-x_eval": {"cfg": "pair", "x_eval": True},
+    "per-sample-coef": {"per_sample": True, "thr": THR},
+    "noise": {"noise": True},
+    "float64": {"dtype": torch.float64, "thr": THR, "noise": True},
+    "bfloat16": {"dtype": torch.bfloat16, "cfg": "stacked"},
+    "float16-float32-history": {"dtype": torch.float16, "hist_dtype": torch.float32, "thr": THR},
+}
+
+
+@pytest.mark.parametrize("name", list(OPCHECK_CASES))
+def test_opcheck(name):
+    args = _args((3, 4, 5), seed=1, **OPCHECK_CASES[name])
+    torch.library.opcheck(OP, args)
+
+
+def test_opcheck_without_history_slot():
+    args = list(_args((2, 9), seed=2))
+    args[-1] = None
+    torch.library.opcheck(OP, tuple(args))
+
+
+def test_torch_compile_fullgraph_loop_equals_eager():
+    registry.prepare("cpu", "cpu")
+    b, n, steps = 2, 257, 5
+    gen = torch.Generator().manual_seed(3)
+    x0 = torch.randn(b, n, generator=gen)
+    coefs = [_coef(None, 10 + i, noise=True) for i in range(steps)]
+    noises = [torch.randn(b, n, generator=gen) for _ in range(steps)]
+
+    def model(x, i):
+        # exact arithmetic (a roll, a power-of-two scale): inductor cannot round it differently from eager,
+        # so compiled and eager loops must agree bit for bit
+        return torch.roll(x, i + 1, dims=-1) * 0.5
+
+    def sample(x, coefs, noises):
+        hist = torch.zeros(2, *x.shape)
+        for i in range(steps):
+            m = model(x, i)
+            slot, prev = hist[i % 2], hist[(i + 1) % 2]
+            x = ops.fused_step(
+                x,
+                m,
+                coefs[i],
+                hist_out=slot,
+                hist=[prev],
+                noise=noises[i],
+                cfg="none",
+                threshold=THR if i % 2 else None,
+                backend="cpu",
+            )
+        return x, hist
+
+    eager_x, eager_h = sample(x0, coefs, noises)
+    comp_x, comp_h = torch.compile(sample, fullgraph=True, backend="inductor")(x0, coefs, noises)
+    torch.testing.assert_close(comp_x, eager_x, rtol=0, atol=0)
+    torch.testing.assert_close(comp_h, eager_h, rtol=0, atol=0)
+
+
+def _identity_threshold_coef() -> torch.Tensor:
+    """y = x, m = clamp(x, -s, s) / s, out = m: the step exposes the thresholding of x itself."""
+    c = torch.zeros(L.NCOEF, dtype=torch.float64)
+    c[L.PX], c[L.QM], c[L.C0] = 1.0, 1.0, 1.0
+    return c
+
+
+def test_quantile_of_one_sample_above_torch_quantile_limit():
+    n = (1 << 24) + 3  # torch.quantile refuses more than 2^24 elements
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(1, n, generator=gen)
+    x[0, ::1000] = x[0, ::1000].round()  # some ties
+    ratio = 0.8  # rank with a fractional part: interpolation between two order statistics
+    out = ops.fused_step(
+        x, torch.zeros_like(x), _identity_threshold_coef(), threshold=(ratio, 1e-30, math.inf), backend="cpu"
+    )
+    s = reference.per_sample_quantile(x.abs(), ratio).clamp(min=1e-30)[:, None]
+    assert s.dtype == torch.float32
+    expect = torch.minimum(torch.maximum(x, -s), s) / s
+    assert torch.equal(out, expect)
+
+
+@pytest.mark.parametrize(
+    "shape,thr",
+    [((1, 1 << 18), THR), ((3, 100_003), THR), ((8, 4096), THR), ((2, 1 << 18), None), ((1, 70_001), (0.5, 1e-3, 9.0))],
+    ids=["one-large-sample", "three-samples", "many-small-samples", "plain", "median"],
+)
+def test_bitwise_identical_with_one_and_two_threads(shape, thr):
+    base = _args(shape, cfg="stacked", thr=thr, noise=True, per_sample=True, seed=5)
+    saved = torch.get_num_threads()
+    results = []
+    try:
+        for nt in (1, 2):
+            torch.set_num_threads(nt)
+            args = list(base)
+            args[-2], args[-1] = torch.full_like(base[0], math.nan), torch.full_like(base[0], math.nan)
+            OP(*args)
+            results.append((args[-2], args[-1]))
+    finally:
+        torch.set_num_threads(saved)
+    (o1, h1), (o2, h2) = results
+    assert torch.equal(o1, o2) and torch.equal(h1, h2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])
+def test_large_samples_match_the_reference_bitwise(dtype):
+    """Samples above the size the kernel selects in directly, with ties, NaN and inf: same bits as the reference
+    run in the kernel's arithmetic type (where the reference's sort and the kernel's selection must agree)."""
+    gen = torch.Generator().manual_seed(6)
+    x = torch.randn(2, 200_001, generator=gen, dtype=torch.float64)
+    x[0] = x[0].round()  # a few distinct values: big tie groups
+    x[1, ::5000] = math.inf
+    x[1, 7] = math.nan
+    x = x.to(dtype)
+    mo = torch.randn(x.shape, generator=gen).to(dtype)
+    coef = _coef(None, 7)
+    for ratio in (0.0, 0.37, 0.995, 1.0):
+        want_out, want_m = reference.fused_step(
+            x, mo, coef, None, None, None, None, None, L.CFG_NONE, True, ratio, 0.05, 3.0
+        )
+        out, m = torch.empty_like(x), torch.empty_like(x)
+        OP(x, mo, None, None, None, None, None, coef, L.CFG_NONE, True, ratio, 0.05, 3.0, out, m)
+        torch.testing.assert_close(out, want_out, rtol=0, atol=0, equal_nan=True, msg=f"ratio={ratio}")
+        torch.testing.assert_close(m, want_m, rtol=0, atol=0, equal_nan=True, msg=f"ratio={ratio}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("ties", [False, True], ids=["distinct", "ties"])
+def test_selection_when_a_strided_sample_misleads(dtype, ties):
+    """The kernel first tries a key interval guessed from evenly strided elements; a layout with outliers at
+    exactly those positions makes the guess miss, and the radix passes must still find the exact answer."""
+    n = 1 << 18  # the guess probes a power-of-two number of evenly spaced elements: all multiples of 8
+    gen = torch.Generator().manual_seed(9)
+    x = torch.randn(2, n, generator=gen, dtype=torch.float64)
+    if ties:
+        x = x.round()  # big tie groups: the radix passes run down to the last bit
+    x[:, ::8] = 100.0 + torch.arange(0, n, 8, dtype=torch.float64) % 977
+    x = x.to(dtype)
+    coef = _identity_threshold_coef()
+    for ratio in (0.0, 0.25, 0.5, 0.9):
+        out = ops.fused_step(x, torch.zeros_like(x), coef, threshold=(ratio, 1e-30, math.inf), backend="cpu")
+        s = reference.per_sample_quantile(x.abs(), ratio).clamp(min=1e-30)[:, None]
+        assert torch.equal(out, torch.minimum(torch.maximum(x, -s), s) / s), f"ratio={ratio}"
+
+
+def test_direct_op_call_validates_before_writing():
+    """The C++ checks are a safety net for direct torch.ops calls that skip the Python wrapper."""
+    args = list(_args((2, 8), seed=8))
+    args[-2].fill_(5.0)
+    args[-1].fill_(5.0)
+    bad = list(args)
+    bad[4] = torch.randn(2, 9)  # hist1 of the wrong shape
+    with pytest.raises(ValueError, match="hist1"):
+        OP(*bad)
+    bad = list(args)
+    bad[-1] = args[4]  # hist_out is hist1
+    with pytest.raises(ValueError, match="hist_out"):
+        OP(*bad)
+    bad = list(args)
+    bad[5] = args[5].double()  # a history dtype that is neither x's nor float32-for-half
+    with pytest.raises(TypeError, match="hist2"):
+        OP(*bad)
+    bad = list(args)
+    bad[7] = args[7].clone()
+    bad[7][L.A] = math.inf
+    with pytest.raises(ValueError, match="coef"):
+        OP(*bad)
+    assert bool((args[-2] == 5.0).all()) and bool((args[-1] == 5.0).all())
