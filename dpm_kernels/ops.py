@@ -14,6 +14,7 @@ import math
 from collections.abc import Sequence
 
 import torch
+from torch._subclasses.fake_tensor import is_fake
 
 from . import layout as L
 
@@ -32,29 +33,22 @@ _lib.define("fused_step" + SCHEMA)
 
 def _has_storage(t: torch.Tensor) -> bool:
     """False for fake/meta tensors (tracing, opcheck): they have no addresses to compare."""
-    if t.device.type == "meta":
-        return False
-    from torch._subclasses.fake_tensor import is_fake
+    return t.device.type != "meta" and not is_fake(t)
 
-    return not is_fake(t)
+
+def _span(t: torch.Tensor) -> tuple[int, int] | None:
+    """[first byte, one past the last byte] a tensor can touch (conservative for strided views)."""
+    if t.numel() == 0:
+        return None
+    lo = t.data_ptr()
+    extent = sum((n - 1) * abs(st) for n, st in zip(t.shape, t.stride(), strict=True))
+    return lo, lo + (extent + 1) * t.element_size()  # its own element size: history may be float32 beside half x
 
 
 def _overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """True when the memory ranges of a and b intersect (conservative for strided views)."""
-    if a.numel() == 0 or b.numel() == 0 or a.device != b.device:
-        return False
-    if not (_has_storage(a) and _has_storage(b)):
-        return False
-    if a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr():
-        return False
-    def span(t: torch.Tensor) -> tuple[int, int]:
-        lo = t.data_ptr()
-        extent = sum((s - 1) * abs(st) for s, st in zip(t.shape, t.stride(), strict=True))
-        return lo, lo + (extent + 1) * t.element_size()  # each its own: history may be float32 beside half x
-
-    a0, a1 = span(a)
-    b0, b1 = span(b)
-    return a0 < b1 and b0 < a1
+    """True when the memory ranges of two real tensors intersect."""
+    sa, sb = _span(a), _span(b)
+    return sa is not None and sb is not None and sa[0] < sb[1] and sb[0] < sa[1]
 
 
 HISTORY_ARGS = ("hist1", "hist2", "hist_out")
@@ -161,6 +155,14 @@ def check_step_args(
             raise ValueError(f"thr_ratio: the thresholding quantile must lie in [0, 1], got {thr_ratio}")
         if math.isnan(thr_min) or math.isnan(thr_max) or thr_min <= 0.0 or thr_max <= 0.0:
             raise ValueError(f"thr_min: thresholding bounds must be > 0, got ({thr_min}, {thr_max})")
+    if _has_storage(x):  # fake tensors (tracing) share one storage and have no addresses
+        _check_overlaps(x, model_out, model_cond, x_eval, hist1, hist2, noise, coef, out, hist_out)
+    if check_values and coef.device.type == "cpu" and not bool(torch.isfinite(coef).all()):
+        bad = [L.NAMES[i % L.NCOEF] for i in torch.nonzero(~torch.isfinite(coef.reshape(-1))).flatten().tolist()]
+        raise ValueError(f"coef: non-finite coefficients ({', '.join(sorted(set(bad)))})")
+
+
+def _check_overlaps(x, model_out, model_cond, x_eval, hist1, hist2, noise, coef, out, hist_out) -> None:
     inputs = {"x": x, "model_out": model_out, "model_cond": model_cond, "x_eval": x_eval,
               "hist1": hist1, "hist2": hist2, "noise": noise, "coef": coef}
     if hist_out is not None:
@@ -172,9 +174,6 @@ def check_step_args(
     for name, t in inputs.items():
         if t is not None and _overlap(out, t) and not (name in ("x", "x_eval") and _same_view(out, t)):
             raise ValueError(f"out: overlaps {name}; out may be x or x_eval itself, nothing else it reads")
-    if check_values and coef.device.type == "cpu" and not bool(torch.isfinite(coef).all()):
-        bad = [L.NAMES[i % L.NCOEF] for i in torch.nonzero(~torch.isfinite(coef.reshape(-1))).flatten().tolist()]
-        raise ValueError(f"coef: non-finite coefficients ({', '.join(sorted(set(bad)))})")
 
 
 @torch.library.register_fake(f"{NAMESPACE}::fused_step")
@@ -247,7 +246,9 @@ def fused_step(
         # values are data the tracer cannot read (they were checked on the eager path or by the planner).
         impl = registry.resolve_cached(backend, x)
     else:
-        check_step_args(*args, out, hist_out)
-        impl = registry.resolve(backend, x)
+        name = registry.resolve_name(backend, x)
+        if name not in registry.SELF_CHECKING:  # the C++ ops check the same rules themselves, cheaper
+            check_step_args(*args, out, hist_out)
+        impl = registry._impl(name)
     impl(*args, out, hist_out)
     return out

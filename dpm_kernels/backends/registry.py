@@ -97,13 +97,25 @@ def choose(backend: str, device: torch.device) -> str:
     raise ValueError("backend: no backend can serve these tensors: " + "; ".join(reasons))
 
 
-def resolve(backend: str, x: torch.Tensor) -> Callable[..., None]:
-    """The implementation (op-schema positional arguments) for `backend` and x's device."""
+# The C++ bindings check every argument themselves, with the same rules and messages as
+# `ops.check_step_args` (TORCH_CHECK_VALUE / TORCH_CHECK_TYPE raise ValueError / TypeError), before writing.
+SELF_CHECKING = ("cpu", "cuda")
+
+
+def resolve_name(backend: str, x: torch.Tensor) -> str:
+    """The backend that serves `backend` for x's device (decided once per device type)."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x: expected a torch.Tensor, got {type(x).__name__}")
-    name = choose(backend, x.device)
-    _chosen[(backend, x.device.type)] = name
-    return _impl(name)
+    key = (backend, x.device.type)
+    name = _chosen.get(key)
+    if name is None:  # the first call per (backend, device type) decides (and may build an extension)
+        name = _chosen[key] = choose(backend, x.device)
+    return name
+
+
+def resolve(backend: str, x: torch.Tensor) -> Callable[..., None]:
+    """The implementation (op-schema positional arguments) for `backend` and x's device."""
+    return _impl(resolve_name(backend, x))
 
 
 def resolve_cached(backend: str, x: torch.Tensor) -> Callable[..., None]:
