@@ -93,8 +93,15 @@ _COMPILED: dict = {}
 
 
 def _compiled(thr: bool):
-    """torch.compile of the reference step, one per thresholding flag, shapes dynamic (few recompiles)."""
+    """torch.compile of the reference step, shapes dynamic: one graph per (flag, dtype, order, device)."""
     if thr not in _COMPILED:
+        import torch._dynamo
+
+        # every configuration of the sweep is its own graph; the default limit (8) would silently fall
+        # back to eager for the rest, and "compile" would time eager code
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 256)
+        if hasattr(torch._dynamo.config, "recompile_limit"):
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 256)
         _COMPILED[thr] = torch.compile(_reference_step, dynamic=True)
     return _COMPILED[thr]
 

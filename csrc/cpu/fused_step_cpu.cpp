@@ -7,7 +7,6 @@
 // The schema is defined from Python, so this file registers only the CPU implementation.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
-#include <ATen/MemoryOverlap.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -20,118 +19,14 @@
 #include "step_kernel.h"  // first: it must precede dpm_math.h (see there)
 #include "quantile_select.h"
 #include "dpm_math.h"
+#include "fused_step_checks.h"
 
 namespace {
 
-using OptTensor = std::optional<at::Tensor>;
-
-const at::Tensor* present(const OptTensor& t) { return t.has_value() && t->defined() ? &*t : nullptr; }
-
-bool same_view(const at::Tensor& a, const at::Tensor& b) {
-  return a.data_ptr() == b.data_ptr() && a.sizes() == b.sizes() && a.strides() == b.strides();
-}
-
-// Whether the address spans of a and b intersect: conservative for strided views, like ops._overlap (and
-// independent of which storage objects hold them: two storages may wrap the same memory).
-bool overlap(const at::Tensor& a, const at::Tensor& b) {
-  if (a.numel() == 0 || b.numel() == 0) return false;
-  auto span = [](const at::Tensor& t) {
-    int64_t extent = 0;
-    for (int64_t d = 0; d < t.dim(); ++d) extent += (t.size(d) - 1) * std::abs(t.stride(d));
-    const char* lo = static_cast<const char*>(t.data_ptr());
-    return std::make_pair(lo, lo + (extent + 1) * static_cast<int64_t>(t.element_size()));
-  };
-  const auto sa = span(a), sb = span(b);
-  return sa.first < sb.second && sb.first < sa.second;
-}
-
-bool is_half(at::ScalarType t) { return t == at::kHalf || t == at::kBFloat16; }
-
-// The dtype history tensors (hist1, hist2, hist_out) share: the first given one's when it is x's, or float32
-// for a float16/bfloat16 x (a low-precision solver keeps a much more accurate history in float32); else x's.
-at::ScalarType history_dtype(at::ScalarType xt, const OptTensor& hist1, const OptTensor& hist2,
-                             const OptTensor& hist_out) {
-  for (const OptTensor* t : {&hist1, &hist2, &hist_out}) {
-    if (const at::Tensor* h = present(*t)) {
-      const at::ScalarType ht = h->scalar_type();
-      return ht == xt || (ht == at::kFloat && is_half(xt)) ? ht : xt;
-    }
-  }
-  return xt;
-}
-
-// Every check runs before anything is written; messages start with the argument's name.
-void check_args(const at::Tensor& x, const at::Tensor& model_out, const OptTensor& model_cond,
-                const OptTensor& x_eval, const OptTensor& hist1, const OptTensor& hist2, const OptTensor& noise,
-                const at::Tensor& coef, int64_t cfg, bool threshold, double ratio, double lo, double hi,
-                const at::Tensor& out, const OptTensor& hist_out) {
-  const auto dt = x.scalar_type();
-  TORCH_CHECK_TYPE(dt == at::kHalf || dt == at::kBFloat16 || dt == at::kFloat || dt == at::kDouble,
-                   "x: expected float16, bfloat16, float32 or float64, got ", dt);
-  TORCH_CHECK_VALUE(x.dim() >= 1, "x: expected a tensor with a batch dimension, got a 0-d tensor");
-  TORCH_CHECK_VALUE(x.device().is_cpu(), "x: the CPU kernel got a tensor on ", x.device());
-  TORCH_CHECK_VALUE(cfg == dpm::CFG_NONE || cfg == dpm::CFG_PAIR || cfg == dpm::CFG_STACKED,
-                    "cfg: expected 0 (none), 1 (pair) or 2 (stacked), got ", cfg);
-  const int64_t b = x.size(0);
-  const auto hdt = history_dtype(dt, hist1, hist2, hist_out);
-  const std::pair<const char*, const at::Tensor*> like_x[] = {
-      {"model_out", &model_out}, {"model_cond", present(model_cond)}, {"x_eval", present(x_eval)},
-      {"hist1", present(hist1)}, {"hist2", present(hist2)}, {"noise", present(noise)},
-      {"out", &out}, {"hist_out", present(hist_out)}};
-  for (const auto& [name, t] : like_x) {
-    if (t == nullptr) continue;
-    const bool history = t == present(hist1) || t == present(hist2) || t == present(hist_out);
-    if (history) {
-      TORCH_CHECK_TYPE(t->scalar_type() == hdt, name, ": dtype ", t->scalar_type(), ": history tensors share one ",
-                       "dtype, x's (", dt, ") or float32 when x is float16/bfloat16");
-    } else {
-      TORCH_CHECK_TYPE(t->scalar_type() == dt, name, ": dtype ", t->scalar_type(), " does not match x's dtype ", dt);
-    }
-    TORCH_CHECK_VALUE(t->device() == x.device(), name, ": on device ", t->device(), ", but x is on ", x.device());
-    std::vector<int64_t> want = x.sizes().vec();
-    if (t == &model_out && cfg == dpm::CFG_STACKED) want[0] = 2 * b;
-    TORCH_CHECK_VALUE(t->sizes() == at::IntArrayRef(want), name, ": shape ", t->sizes(),
-                      " does not match the expected ", at::IntArrayRef(want));
-  }
-  TORCH_CHECK_VALUE(cfg != dpm::CFG_PAIR || present(model_cond),
-                    "model_cond: cfg='pair' needs the conditional output in model_cond");
-  TORCH_CHECK_VALUE(cfg == dpm::CFG_PAIR || !present(model_cond), "model_cond: given, but cfg is not 'pair'");
-  TORCH_CHECK_VALUE(!present(hist2) || present(hist1), "hist2: given without hist1 (history entries are newest first)");
-  TORCH_CHECK_TYPE(coef.scalar_type() == at::kDouble, "coef: expected float64 coefficients, got ", coef.scalar_type());
-  TORCH_CHECK_VALUE(coef.device() == x.device(), "coef: on device ", coef.device(), ", but x is on ", x.device());
-  TORCH_CHECK_VALUE((coef.dim() == 1 && coef.size(0) == dpm::NCOEF) ||
-                        (coef.dim() == 2 && coef.size(0) == b && coef.size(1) == dpm::NCOEF),
-                    "coef: expected shape (", int(dpm::NCOEF), ",) or (", b, ", ", int(dpm::NCOEF), "), got ",
-                    coef.sizes());
-  if (threshold) {
-    TORCH_CHECK_VALUE(ratio >= 0.0 && ratio <= 1.0, "thr_ratio: the thresholding quantile must lie in [0, 1], got ",
-                      ratio);
-    TORCH_CHECK_VALUE(lo > 0.0 && hi > 0.0, "thr_min: thresholding bounds must be > 0, got (", lo, ", ", hi, ")");
-  }
-  const std::pair<const char*, const at::Tensor*> inputs[] = {
-      {"x", &x}, {"model_out", &model_out}, {"model_cond", present(model_cond)}, {"x_eval", present(x_eval)},
-      {"hist1", present(hist1)}, {"hist2", present(hist2)}, {"noise", present(noise)}, {"coef", &coef}};
-  TORCH_CHECK_VALUE(at::has_internal_overlap(out) != at::MemOverlap::Yes, "out: has elements sharing memory");
-  if (const at::Tensor* ho = present(hist_out)) {
-    TORCH_CHECK_VALUE(at::has_internal_overlap(*ho) != at::MemOverlap::Yes, "hist_out: has elements sharing memory");
-    TORCH_CHECK_VALUE(!overlap(*ho, out), "hist_out: overlaps out");
-    for (const auto& [name, t] : inputs) {
-      TORCH_CHECK_VALUE(t == nullptr || !overlap(*ho, *t), "hist_out: overlaps ", name,
-                        "; the history slot written must not be read");
-    }
-  }
-  for (const auto& [name, t] : inputs) {
-    if (t == nullptr) continue;
-    const bool may_alias = (t == &x || t == present(x_eval)) && same_view(out, *t);
-    TORCH_CHECK_VALUE(may_alias || !overlap(out, *t), "out: overlaps ", name,
-                      "; out may be x or x_eval itself, nothing else it reads");
-  }
-  const at::Tensor cc = coef.contiguous();
-  const double* cd = cc.data_ptr<double>();
-  for (int64_t i = 0; i < cc.numel(); ++i) {
-    TORCH_CHECK_VALUE(std::isfinite(cd[i]), "coef: non-finite coefficient at flat index ", i);
-  }
-}
+using dpm_checks::history_dtype;
+using dpm_checks::is_half;
+using dpm_checks::OptTensor;
+using dpm_checks::present;
 
 // Per-sample thresholding scales s = clamp(quantile(|y|, ratio), lo, hi).
 template <typename S, typename H, typename T>
@@ -184,8 +79,8 @@ void fused_step_cpu(const at::Tensor& x, const at::Tensor& model_out, const OptT
                     const OptTensor& x_eval, const OptTensor& hist1, const OptTensor& hist2, const OptTensor& noise,
                     const at::Tensor& coef, int64_t cfg, bool threshold, double thr_ratio, double thr_min,
                     double thr_max, const at::Tensor& out, const OptTensor& hist_out) {
-  check_args(x, model_out, model_cond, x_eval, hist1, hist2, noise, coef, cfg, threshold, thr_ratio, thr_min,
-             thr_max, out, hist_out);
+  dpm_checks::check_step_args(x, model_out, model_cond, x_eval, hist1, hist2, noise, coef, cfg, threshold,
+                              thr_ratio, thr_min, thr_max, out, hist_out, c10::DeviceType::CPU);
   const int64_t nb = x.size(0);
   if (x.numel() == 0) return;
   const int64_t n = x.numel() / nb;
@@ -231,19 +126,4 @@ void fused_step_cpu(const at::Tensor& x, const at::Tensor& model_out, const OptT
 
 TORCH_LIBRARY_IMPL(dpm_kernels, CPU, m) { m.impl("fused_step", &fused_step_cpu); }
 
-#ifdef DPM_KERNELS_PYMODULE
-// Ahead-of-time build (setup.py): `import dpm_kernels._cpu` loads this library, which registers the kernel
-// above; the module itself is empty.
-#include <Python.h>
-
-#define DPM_CAT_(a, b) a##b
-#define DPM_CAT(a, b) DPM_CAT_(a, b)
-#define DPM_STR_(a) #a
-#define DPM_STR(a) DPM_STR_(a)
-
-extern "C" PyMODINIT_FUNC DPM_CAT(PyInit_, DPM_KERNELS_PYMODULE)(void) {
-  static PyModuleDef def = {PyModuleDef_HEAD_INIT, DPM_STR(DPM_KERNELS_PYMODULE), nullptr, -1, nullptr,
-                             nullptr, nullptr, nullptr, nullptr};
-  return PyModule_Create(&def);
-}
-#endif
+#include "pymodule_stub.h"
