@@ -26,7 +26,7 @@ def _demo(args) -> int:
 def _sample(args) -> int:
     import torch
 
-    from .demo import SOLVERS, ddpm_schedule, reference_solution, ring_mixture
+    from .demo import ddpm_schedule, reference_solution, ring_mixture
     from .model_wrapper import model_wrapper
     from .solver import DPMSolver
 
@@ -39,14 +39,21 @@ def _sample(args) -> int:
                   solver_type=args.solver_type)
     if args.algorithm.startswith("sde"):
         kwargs.update(eta=args.eta, generator=torch.Generator().manual_seed(args.seed + 1))
+    from .backends import registry
+
     x = solver.sample(x_T.to(getattr(torch, args.dtype)), **kwargs)
-    print(f"ran: algorithm={args.algorithm} method={args.method} order={args.order} steps={args.steps} "
-          f"skip_type={args.skip_type} solver_type={args.solver_type} dtype={args.dtype} backend={args.backend}")
+    nfe = solver.last_nfe if args.method == "adaptive" else solver.plan(
+        steps=args.steps, order=args.order, skip_type=args.skip_type, method=args.method).nfe
+    print(f"ran: algorithm={args.algorithm} method={args.method} order={args.order} NFE={nfe} "
+          f"skip_type={args.skip_type} solver_type={args.solver_type} dtype={args.dtype} "
+          f"backend={registry.choose(args.backend, x.device)}")
     if not args.algorithm.startswith("sde"):
         ref = reference_solution(fn, ns, x_T)
         print(f"mean L2 error vs the exact ODE solution: {float((x.double() - ref).norm(dim=1).mean()):.3e}")
-    print(f"sample mean {x.double().mean(0).tolist()}, std {x.double().std(0).tolist()}")
-    assert SOLVERS  # the demo's named configurations live in dpm_kernels.demo
+    data = gm.sample_data(100_000, generator=torch.Generator().manual_seed(1))
+    fmt = lambda v: "[" + ", ".join(f"{a:.3f}" for a in v.tolist()) + "]"  # noqa: E731
+    print(f"samples: mean {fmt(x.double().mean(0))}, std {fmt(x.double().std(0))}; "
+          f"data distribution: mean {fmt(data.mean(0))}, std {fmt(data.std(0))}")
     return 0
 
 
@@ -74,19 +81,24 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--no-progress", action="store_true", help="no progress bar")
     d.set_defaults(fn=_demo)
     s = sub.add_parser("sample", help="run one solver configuration on the built-in model and print what ran")
-    s.add_argument("--algorithm", default="dpmsolver++",
-                   choices=["dpmsolver++", "dpmsolver", "sde-dpmsolver++"], help="algorithm_type")
+    s.add_argument("--algorithm", default="dpmsolver++", choices=["dpmsolver++", "dpmsolver", "sde-dpmsolver++"],
+                   help="data prediction (dpmsolver++), noise prediction (dpmsolver) or the SDE solver")
     s.add_argument("--method", default="multistep", choices=["multistep", "singlestep", "singlestep_fixed",
-                                                             "adaptive"])
-    s.add_argument("--order", type=int, default=2, choices=[1, 2, 3])
-    s.add_argument("--steps", type=int, default=10, help="number of model evaluations")
-    s.add_argument("--skip-type", default="logSNR", help="time_uniform | logSNR | time_quadratic | karras")
-    s.add_argument("--solver-type", default="dpmsolver", choices=["dpmsolver", "taylor"])
-    s.add_argument("--eta", type=float, default=1.0, help="SDE noise scale (sde-dpmsolver++)")
-    s.add_argument("--dtype", default="float32", choices=["float32", "float64", "float16", "bfloat16"])
-    s.add_argument("--samples", type=int, default=1000)
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--backend", default="auto")
+                                                             "adaptive"],
+                   help="multistep (reuses past outputs), singlestep (DPM-Solver-fast), singlestep_fixed, or "
+                        "adaptive step size (ignores --steps)")
+    s.add_argument("--order", type=int, default=2, choices=[1, 2, 3], help="solver order (1 = DDIM)")
+    s.add_argument("--steps", type=int, default=10, help="number of model evaluations (NFE)")
+    s.add_argument("--skip-type", default="logSNR",
+                   help="time spacing: time_uniform | logSNR | time_quadratic | karras | exponential")
+    s.add_argument("--solver-type", default="dpmsolver", choices=["dpmsolver", "taylor"],
+                   help="second-order variant: dpmsolver (midpoint) or taylor (heun)")
+    s.add_argument("--eta", type=float, default=1.0, help="SDE noise scale (sde-dpmsolver++; 0 = the ODE)")
+    s.add_argument("--dtype", default="float32", choices=["float32", "float64", "float16", "bfloat16"],
+                   help="dtype of the samples")
+    s.add_argument("--samples", type=int, default=1000, help="batch size")
+    s.add_argument("--seed", type=int, default=0, help="random seed of x_T (and of the SDE noise)")
+    s.add_argument("--backend", default="auto", help="auto | torch | cpu | cuda | triton")
     s.set_defaults(fn=_sample)
     sub.add_parser("bench", help="op benchmarks: fused backends vs eager, torch.compile and diffusers "
                                  "(`python -m dpm_kernels bench --help` for its options)")
