@@ -24,8 +24,15 @@ echo "== build (JIT) and backend availability"
 timeout 300 $PY -m dpm_kernels info 2>&1 | tee "$OUT/build.txt" || status=1
 
 echo "== GPU tests"
+# diffusers is not on the GPU image: carried wheels in .whl/ (see benchmarks/README.md) enable its tests
+if ls .whl/*.whl >/dev/null 2>&1; then
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site
+fi
+EXTRA=""
+$PY -c "import diffusers" 2>/dev/null && EXTRA="tests/test_integration_diffusers.py"
 timeout 200 $PY -m pytest -q -p no:cacheprovider \
-  tests/test_cuda_backend.py tests/test_triton_backend.py 2>&1 | tee "$OUT/tests_gpu.txt" || status=1
+  tests/test_cuda_backend.py tests/test_triton_backend.py tests/test_gpu_sampling.py $EXTRA 2>&1 | tee "$OUT/tests_gpu.txt" || status=1
 timeout 200 $PY -m pytest -q -p no:cacheprovider -k "cuda" \
   tests/test_fused_step.py tests/test_op_errors.py tests/test_hardening.py tests/test_properties.py \
   2>&1 | tee "$OUT/tests_backends.txt" || status=1
