@@ -254,3 +254,91 @@ def test_direct_op_call_validates_before_writing():
     with pytest.raises(ValueError, match="coef"):
         OP(*bad)
     assert bool((args[-2] == 5.0).all()) and bool((args[-1] == 5.0).all())
+
+
+@pytest.fixture(params=["32", "16"], ids=["widest", "16-byte"])
+def cpu_width(request, monkeypatch):
+    """Runs a test in the widest build this CPU has (AVX2 + F16C on most x86-64) and in the 16-byte build."""
+    if request.param == "16":
+        monkeypatch.setenv("DPM_KERNELS_CPU_WIDTH", "16")
+    else:
+        monkeypatch.delenv("DPM_KERNELS_CPU_WIDTH", raising=False)
+    return request.param
+
+
+def _special_floats() -> torch.Tensor:
+    """float32 bit patterns that stress rounding to 16 bits: every half/bfloat16 rounding tie and its neighbours,
+    subnormals, the overflow edges, infinities, NaNs of both signs with payloads, plus random patterns."""
+    gen = torch.Generator().manual_seed(11)
+    rnd = torch.randint(-(1 << 31), 1 << 31, (1 << 20,), generator=gen, dtype=torch.int64)
+    top = torch.arange(1 << 16, dtype=torch.int64) << 16  # every bfloat16 value, as float32 bits
+    near = torch.cat([top + d for d in (0x7FFF, 0x8000, 0x8001, 0x17FFF, 0x18000, 0x18001)])
+    half_grid = torch.arange(-(1 << 15), 1 << 15, dtype=torch.int64) << 13  # every float16 mantissa step
+    half_ties = torch.cat([half_grid + d for d in (0xFFF, 0x1000, 0x1001)])
+    special = torch.tensor(
+        [0, 1, 0x7F7FFFFF, 0x7F800000, 0x7F800001, 0x7FC00000, 0x7FFFFFFF, 0x477FE000, 0x477FEFFF, 0x477FF000,
+         0x33000000, 0x33000001, 0x387FC000],
+        dtype=torch.int64,
+    )
+    special = torch.cat([special, special | (1 << 31)])
+    bits = torch.cat([rnd, near, half_ties, special]) & 0xFFFFFFFF
+    bits = torch.where(bits >= (1 << 31), bits - (1 << 32), bits)
+    return bits.to(torch.int32).view(torch.float32)
+
+
+def _same_bits(got: torch.Tensor, want: torch.Tensor) -> bool:
+    iview = {2: torch.int16, 4: torch.int32}[got.element_size()]
+    return torch.equal(got.view(iview), want.view(iview))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_vector_conversions_match_c10(dtype, cpu_width):
+    """The kernel's vector loads and stores of 16-bit floats equal PyTorch's conversions bit for bit: every one of
+    the 65536 16-bit patterns loaded, and a million float32 patterns (ties, subnormals, overflow, NaN) stored."""
+    # Load: y = 0 * x + 1 * raw lands in the float32 history slot; raw = every 16-bit pattern.
+    raw = torch.arange(-(1 << 15), 1 << 15, dtype=torch.int32).to(torch.int16).view(dtype)[None]
+    x = torch.zeros_like(raw)
+    coef = torch.zeros(L.NCOEF, dtype=torch.float64)
+    coef[L.PM] = 1.0
+    out, m = torch.empty_like(x), torch.full(raw.shape, math.nan)
+    OP(x, raw, None, None, None, None, None, coef, L.CFG_NONE, False, 0.0, 1.0, 1.0, out, m)
+    assert _same_bits(m, 0.0 + raw.float())
+    # Store: out = 0 * x + 0 * m + 1 * h1 with h1 float32: the kernel's rounding of every float above.
+    h1 = _special_floats()[None]
+    x = torch.zeros(h1.shape, dtype=dtype)
+    coef = torch.zeros(L.NCOEF, dtype=torch.float64)
+    coef[L.C1] = 1.0
+    out = torch.empty_like(x)
+    OP(x, torch.zeros_like(x), None, None, h1, None, None, coef, L.CFG_NONE, False, 0.0, 1.0, 1.0, out, None)
+    want = (0.0 + h1).to(dtype)
+    finite = ~want.isnan()
+    assert _same_bits(out[finite], want[finite])
+    assert bool(out[~finite].isnan().all())
+
+
+WIDTH_CASES = {
+    "float32-thr-cfg": {"dtype": torch.float32, "cfg": "stacked", "thr": THR, "noise": True},
+    "float64-pair": {"dtype": torch.float64, "cfg": "pair", "x_eval": True},
+    "bfloat16-thr": {"dtype": torch.bfloat16, "hist_dtype": torch.float32, "thr": THR, "noise": True},
+    "bfloat16-own-history": {"dtype": torch.bfloat16, "cfg": "pair"},
+    "float16-thr": {"dtype": torch.float16, "hist_dtype": torch.float32, "thr": THR, "per_sample": True},
+    "float16-own-history": {"dtype": torch.float16, "noise": True},
+}
+
+
+@pytest.mark.parametrize("name", list(WIDTH_CASES))
+def test_widest_and_16_byte_builds_agree_bitwise(name, monkeypatch):
+    """No FMA and the same operation order in every build: the AVX2 and SSE forms give identical bits, and both
+    equal the reference run in float32 to rounding (the numerical matrix is test_fused_step.py's)."""
+    base = _args((3, 1000 + 37), seed=12, **WIDTH_CASES[name])
+    results = []
+    for width in ("32", "16"):
+        if width == "16":
+            monkeypatch.setenv("DPM_KERNELS_CPU_WIDTH", "16")
+        args = list(base)
+        args[-2], args[-1] = torch.full_like(base[-2], math.nan), torch.full_like(base[-1], math.nan)
+        OP(*args)
+        results.append((args[-2], args[-1]))
+    (o1, h1), (o2, h2) = results
+    assert torch.equal(o1, o2) and torch.equal(h1, h2)
+    assert not o1.isnan().any()

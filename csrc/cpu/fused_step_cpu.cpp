@@ -21,6 +21,17 @@
 #include "dpm_math.h"
 #include "fused_step_checks.h"
 
+namespace dpm_cpu {
+template <>
+struct StorageFormat<at::BFloat16> {
+  static constexpr Fmt value = Fmt::kBF16;
+};
+template <>
+struct StorageFormat<at::Half> {
+  static constexpr Fmt value = Fmt::kF16;
+};
+}  // namespace dpm_cpu
+
 namespace {
 
 using dpm_checks::history_dtype;
@@ -31,12 +42,14 @@ using dpm_checks::present;
 // Per-sample thresholding scales s = clamp(quantile(|y|, ratio), lo, hi).
 template <typename S, typename H, typename T>
 void threshold_scales(const dpm_cpu::StepPtrs<S, H>& p, int64_t nb, int64_t n, const std::vector<dpm::Coef<T>>& rows,
-                      double ratio, double lo, double hi, std::vector<T>& s) {
+                      double ratio, double lo, double hi, int w, std::vector<T>& s) {
   auto one = [&](int64_t b) {
     const dpm::Coef<T>& c = rows[rows.size() == 1 ? 0 : b];
     const int64_t base = b * n;
-    auto fill = [&](int64_t i, int len, T* y) DPM_CPU_LAMBDA_INLINE { dpm_cpu::convert_block(p, base + i, len, c, y); };
-    const T q = dpm_cpu::sample_quantile<T>(n, ratio, fill);
+    auto fill = [&](auto wc, int64_t i, int len, T* y) DPM_CPU_LAMBDA_INLINE {
+      dpm_cpu::convert_range<decltype(wc)::value>(p, base + i, len, c, y);
+    };
+    const T q = dpm_cpu::sample_quantile<T>(n, ratio, w, fill);
     s[b] = dpm::threshold_scale(q, static_cast<T>(lo), static_cast<T>(hi));
   };
   // Across samples when that balances the threads; else sample by sample, each selection parallel inside
@@ -59,17 +72,18 @@ void run(const dpm_cpu::StepPtrs<S, H>& p, int64_t nb, int64_t n, const at::Tens
   const double* cd = cc.data_ptr<double>();
   std::vector<dpm::Coef<T>> rows(coef.dim() == 2 ? nb : 1);
   for (size_t r = 0; r < rows.size(); ++r) rows[r] = dpm::load_coef<T>(cd + r * dpm::NCOEF);
+  const int w = dpm_cpu::best_width();
   std::vector<T> s;
   if (threshold) {
     s.assign(nb, T(1));
-    threshold_scales<S, H, T>(p, nb, n, rows, ratio, lo, hi, s);
+    threshold_scales<S, H, T>(p, nb, n, rows, ratio, lo, hi, w, s);
   }
   at::parallel_for(0, nb * n, at::internal::GRAIN_SIZE, [&](int64_t begin, int64_t end) {
     while (begin < end) {  // split at sample boundaries: one coefficient row and one scale per piece
       const int64_t b = begin / n;
       const int64_t stop = std::min(end, (b + 1) * n);
       dpm_cpu::step_range<S, H, T>(p, begin, stop, rows[rows.size() == 1 ? 0 : b], threshold,
-                                threshold ? s[b] : T(1));
+                                threshold ? s[b] : T(1), w);
       begin = stop;
     }
   });

@@ -65,13 +65,14 @@ void select_in(std::vector<Key>& keys, int64_t at, bool next, Key& v1, Key& v2) 
   v2 = next ? *std::min_element(it + 1, keys.end()) : v1;
 }
 
-// fill(i, len, y): y (arithmetic type T) of the sample's elements [i, i + len), len <= kBlock.
-// Calls body(local, keys, len) on the keys of every block of the sample, in parallel chunks unless already
-// inside a parallel region; each chunk gets its own state from make_local(), merged under a lock.
+// fill(wc, i, len, y): y (arithmetic type T) of the sample's elements [i, i + len), len <= kBlock, computed with
+// wc::value-byte vectors. Calls body(local, keys, len) on the keys of every block of the sample, in parallel
+// chunks unless already inside a parallel region; each chunk gets its own state from make_local(), merged under a
+// lock. A chunk's loop runs in the build for vector width w (best_width(): AVX2 + F16C where the CPU has them).
 // The bodies copy what they capture into locals first: the compiler keeps those in registers, where a
 // captured reference would be reloaded after every store into a histogram or a vector.
 template <typename T, typename Fill, typename MakeLocal, typename Body, typename Merge>
-void for_each_key_block(int64_t n, const Fill& fill, const MakeLocal& make_local, const Body& body,
+void for_each_key_block(int64_t n, int w, const Fill& fill, const MakeLocal& make_local, const Body& body,
                         const Merge& merge) {
   using Key = decltype(dpm::abs_key(T()));
   std::mutex mu;
@@ -79,17 +80,19 @@ void for_each_key_block(int64_t n, const Fill& fill, const MakeLocal& make_local
     for (int64_t s0 = b0; s0 < b1; s0 += kMaxLocal) {
       const int64_t s1 = std::min(b1, s0 + kMaxLocal);
       auto local = make_local();
-      T y[kBlock];
-      Key keys[kBlock];
-      // Full blocks see a constant length once everything is inlined: loops without remainder code.
-      auto block = [&](int64_t i, int len) DPM_CPU_LAMBDA_INLINE {
-        fill(i, len, y);
-        for (int j = 0; j < len; ++j) keys[j] = dpm::abs_key(y[j]);
-        body(local, keys, len);
-      };
-      int64_t i = s0;
-      for (; i + kBlock <= s1; i += kBlock) block(i, kBlock);
-      if (i < s1) block(i, static_cast<int>(s1 - i));
+      isa_call(w, [&](auto wc) DPM_CPU_LAMBDA_INLINE {
+        T y[kBlock];
+        Key keys[kBlock];
+        // Full blocks see a constant length once everything is inlined: loops without remainder code.
+        auto block = [&](int64_t i, int len) DPM_CPU_LAMBDA_INLINE {
+          fill(wc, i, len, y);
+          for (int j = 0; j < len; ++j) keys[j] = dpm::abs_key(y[j]);
+          body(local, keys, len);
+        };
+        int64_t i = s0;
+        for (; i + kBlock <= s1; i += kBlock) block(i, kBlock);
+        if (i < s1) block(i, static_cast<int>(s1 - i));
+      });
       std::lock_guard<std::mutex> lock(mu);
       merge(local);
     }
@@ -109,7 +112,7 @@ void guess_interval(int64_t n, int64_t k1, const Fill& fill, decltype(dpm::abs_k
   std::vector<Key> s(m);
   for (int64_t j = 0; j < m; ++j) {
     T y;
-    fill(j * n / m, 1, &y);
+    fill(std::integral_constant<int, 16>(), j * n / m, 1, &y);
     s[j] = dpm::abs_key(y);
   }
   const double p = static_cast<double>(k1) / static_cast<double>(n - 1);
@@ -134,7 +137,7 @@ void guess_interval(int64_t n, int64_t k1, const Fill& fill, decltype(dpm::abs_k
 // Keys equal to an edge are counted, not stored: a big tie group at the quantile costs no memory.
 // Returns false (nothing settled, one pass spent) when the guess missed.
 template <typename T, typename Fill>
-bool select_in_guess(int64_t n, int64_t k1, int64_t k2, const Fill& fill, decltype(dpm::abs_key(T()))& v1,
+bool select_in_guess(int64_t n, int64_t k1, int64_t k2, int w, const Fill& fill, decltype(dpm::abs_key(T()))& v1,
                      decltype(dpm::abs_key(T()))& v2) {
   using Key = decltype(dpm::abs_key(T()));
   using SKey = std::make_signed_t<Key>;  // keys have a clear top bit: signed compares vectorize on SSE2
@@ -151,7 +154,7 @@ bool select_in_guess(int64_t n, int64_t k1, int64_t k2, const Fill& fill, declty
     bool overflow = false;
   };
   for_each_key_block<T>(
-      n, fill, [] { return Local(); },
+      n, w, fill, [] { return Local(); },
       [lo, hi, cap](Local& loc, const Key* keys, int len) DPM_CPU_LAMBDA_INLINE {
         const SKey a = static_cast<SKey>(lo), b = static_cast<SKey>(hi);
         int32_t nbelow = 0, nlo = 0, nhi = 0, inside = 0;
@@ -209,11 +212,11 @@ bool select_in_guess(int64_t n, int64_t k1, int64_t k2, const Fill& fill, declty
 
 // The keys of order statistics k1 and k2 = k1 + 1 (or k1 when k1 is the last) among the n keys.
 template <typename T, typename Fill>
-void select_keys(int64_t n, int64_t k1, int64_t k2, const Fill& fill, decltype(dpm::abs_key(T()))& v1,
+void select_keys(int64_t n, int64_t k1, int64_t k2, int w, const Fill& fill, decltype(dpm::abs_key(T()))& v1,
                  decltype(dpm::abs_key(T()))& v2) {
   using Key = decltype(dpm::abs_key(T()));
   constexpr int kKeyBits = sizeof(Key) * 8 - 1;  // the sign bit is always clear
-  if (n > kGatherMax && select_in_guess<T>(n, k1, k2, fill, v1, v2)) return;
+  if (n > kGatherMax && select_in_guess<T>(n, k1, k2, w, fill, v1, v2)) return;
   Group<Key> g1{0, 0, n}, g2{0, 0, n};
   int known = 0;
   while (known < kKeyBits) {
@@ -226,7 +229,7 @@ void select_keys(int64_t n, int64_t k1, int64_t k2, const Fill& fill, decltype(d
       std::vector<Key> cand;
       cand.reserve(static_cast<size_t>(g1.count + (same ? 0 : g2.count)));
       for_each_key_block<T>(
-          n, fill, [] { return std::vector<Key>(); },
+          n, w, fill, [] { return std::vector<Key>(); },
           [gshift, p1, p2](std::vector<Key>& loc, const Key* keys, int len) DPM_CPU_LAMBDA_INLINE {
             const int gs = gshift;
             const Key q1 = p1, q2 = p2;
@@ -248,7 +251,7 @@ void select_keys(int64_t n, int64_t k1, int64_t k2, const Fill& fill, decltype(d
       std::vector<uint32_t> c1, c2;
     };
     for_each_key_block<T>(
-        n, fill, [&] { return Local{std::vector<uint32_t>(nb, 0), std::vector<uint32_t>(same ? 0 : nb, 0)}; },
+        n, w, fill, [&] { return Local{std::vector<uint32_t>(nb, 0), std::vector<uint32_t>(same ? 0 : nb, 0)}; },
         [gshift, shift, mask, p1, p2](Local& loc, const Key* keys, int len) DPM_CPU_LAMBDA_INLINE {
           const int gs = gshift, sh = shift;
           const Key m = mask, q1 = p1, q2 = p2;
@@ -280,10 +283,10 @@ void select_keys(int64_t n, int64_t k1, int64_t k2, const Fill& fill, decltype(d
 // quantile(|y|, ratio) of one sample of n >= 1 elements, exactly as torch.quantile (rank in double,
 // interpolation in T with torch.lerp's formula).
 template <typename T, typename Fill>
-T sample_quantile(int64_t n, double ratio, const Fill& fill) {
+T sample_quantile(int64_t n, double ratio, int w, const Fill& fill) {
   const dpm::QuantileRank r = dpm::quantile_rank(n, ratio);
   decltype(dpm::abs_key(T())) v1, v2;
-  select_keys<T>(n, r.k, std::min(r.k + 1, n - 1), fill, v1, v2);
+  select_keys<T>(n, r.k, std::min(r.k + 1, n - 1), w, fill, v1, v2);
   return dpm::lerp_torch(dpm::key_value(v1), dpm::key_value(v2), static_cast<T>(r.w));
 }
 

@@ -1,12 +1,13 @@
 // The elementwise body of the fused step on contiguous memory (CPU).
 //
 // Two forms of the same per-element math (the functions of dpm_math.h, nothing else):
-// - float/double: explicit SIMD with GCC vector extensions. The dpm:: functions are templates, so they run
-//   unchanged on a vector T (+ - * / and `a < b ? b : a` are lane-wise; no FMA is ever formed: IEEE
-//   results identical to the scalar form). One pass per vector: load every input, compute, store.
-//   An AVX2 build of it is chosen at run time (target attribute, no -mavx2 for the rest of the library).
-// - half/bfloat16 (history in the same dtype or in float) and the tails: blocks of kBlock elements, each stage a short loop between memory and a
-//   block-local array, which GCC vectorizes without alias checks.
+// - simd_range: explicit SIMD with GCC vector extensions, for every dtype (loads and stores convert between the
+//   storage type and the arithmetic type, simd_io.h). The dpm:: functions are templates, so they run unchanged on
+//   a vector T (+ - * / and `a < b ? b : a` are lane-wise; no FMA is ever formed: IEEE results identical to the
+//   scalar form). One pass per vector: load every input, compute, store. Built for 16-byte vectors and, chosen
+//   at run time, for AVX2 + F16C (simd_io.h's isa_call; no -mavx2 for the rest of the library).
+// - block_range: the tails, and float16 on a CPU without F16C: blocks of kBlock elements, each stage a short loop
+//   between memory and a block-local array, with c10's scalar conversions.
 // In both, all inputs of an element group are read before its outputs are written: that is what makes
 // `out` aliasing `x` or `x_eval` exactly well defined, with no `restrict` promise to break.
 #pragma once
@@ -23,14 +24,12 @@
 #include <type_traits>
 
 #include "dpm_math.h"
+#include "simd_io.h"
 
 namespace dpm_cpu {
 
 // 64 elements: 256 B per float block array, so a block's working set stays in L1 whatever the dtype.
 constexpr int kBlock = 64;
-
-#define DPM_CPU_INLINE inline __attribute__((always_inline))
-#define DPM_CPU_LAMBDA_INLINE __attribute__((always_inline))  // after a lambda's parameter list
 
 // Base pointers of B * n contiguous elements each (element i of sample b is at b * n + i); null when the
 // tensor is absent. `cond` is model_cond (cfg pair) or the second half of model_out (cfg stacked).
@@ -109,85 +108,77 @@ DPM_CPU_INLINE void block_range(const StepPtrs<S, H>& pp, int64_t begin, int64_t
   if (i < end) step_block(p, i, static_cast<int>(end - i), c, thr, s);
 }
 
-// ---- explicit SIMD for float / double ----
+// ---- explicit SIMD, every dtype ----
 
-template <typename T, int N>
-struct SimdOf {
-  typedef T type __attribute__((vector_size(N * sizeof(T))));
-};
-
+// The coefficients splat into vectors once per range.
 template <typename V, typename T>
-DPM_CPU_INLINE V vload(const T* p) {
-  V v;
-  std::memcpy(&v, p, sizeof(V));  // unaligned load
-  return v;
+DPM_CPU_INLINE dpm::Coef<V> splat_coef(const dpm::Coef<T>& c) {
+  return dpm::Coef<V>{splat<V>(c.guide), splat<V>(c.px), splat<V>(c.pm), splat<V>(c.qx), splat<V>(c.qm),
+                      splat<V>(c.a),     splat<V>(c.c0), splat<V>(c.c1), splat<V>(c.c2), splat<V>(c.cn)};
 }
 
-template <typename V, typename T>
-DPM_CPU_INLINE void vstore(T* p, const V& v) {
-  std::memcpy(p, &v, sizeof(V));
+// y = convert(guided(raw)) of the N elements at i, as convert_block computes them lane by lane.
+template <typename V, typename S, typename H>
+DPM_CPU_INLINE V convert_vec(const StepPtrs<S, H>& p, int64_t i, const dpm::Coef<V>& k, V& xe) {
+  V raw = load_as<V>(p.uncond + i);
+  if (p.cond != nullptr) raw = dpm::guided(raw, load_as<V>(p.cond + i), k.guide);
+  xe = load_as<V>(p.xe + i);
+  return dpm::convert(xe, raw, k.px, k.pm);
 }
 
-template <typename V, typename T>
-DPM_CPU_INLINE V splat(T s) {
-  V v;
-  for (int k = 0; k < static_cast<int>(sizeof(V) / sizeof(T)); ++k) v[k] = s;  // exact copy, -0.0 included
-  return v;
-}
-
-// N lanes of T per vector: 16 bytes (SSE2, every x86-64 CPU) or 32 bytes (the AVX2 build below).
-template <typename T, int N>
-DPM_CPU_INLINE void simd_range(const StepPtrs<T>& pp, int64_t begin, int64_t end, const dpm::Coef<T>& c, bool thr,
-                               T s) {
+// Elements [begin, end) of one sample with W-byte vectors of T (N = W / sizeof(T) lanes).
+template <int W, typename S, typename H, typename T>
+DPM_CPU_INLINE void simd_range(const StepPtrs<S, H>& pp, int64_t begin, int64_t end, const dpm::Coef<T>& c,
+                               bool thr, T s) {
+  constexpr int N = W / sizeof(T);
   using V = typename SimdOf<T, N>::type;
-  const StepPtrs<T> p = pp;
-  const dpm::Coef<V> k{splat<V>(c.guide), splat<V>(c.px), splat<V>(c.pm), splat<V>(c.qx), splat<V>(c.qm),
-                       splat<V>(c.a),     splat<V>(c.c0), splat<V>(c.c1), splat<V>(c.c2), splat<V>(c.cn)};
+  const StepPtrs<S, H> p = pp;
+  const dpm::Coef<V> k = splat_coef<V>(c);
   const V sv = splat<V>(s);
   int64_t i = begin;
   for (; i + N <= end; i += N) {
-    V raw = vload<V>(p.uncond + i);
-    if (p.cond != nullptr) raw = dpm::guided(raw, vload<V>(p.cond + i), k.guide);
-    const V xe = vload<V>(p.xe + i);
-    V y = dpm::convert(xe, raw, k.px, k.pm);
+    V xe;
+    V y = convert_vec(p, i, k, xe);
     if (thr) y = dpm::threshold(xe, y, sv, k.qx, k.qm);
-    V acc = dpm::combine(vload<V>(p.x + i), y, k.a, k.c0);
-    if (p.h1 != nullptr) acc = dpm::add_term(acc, k.c1, vload<V>(p.h1 + i));
-    if (p.h2 != nullptr) acc = dpm::add_term(acc, k.c2, vload<V>(p.h2 + i));
-    if (p.z != nullptr) acc = dpm::add_term(acc, k.cn, vload<V>(p.z + i));
-    if (p.hout != nullptr) vstore(p.hout + i, y);
-    vstore(p.out + i, acc);
+    V acc = dpm::combine(load_as<V>(p.x + i), y, k.a, k.c0);
+    if (p.h1 != nullptr) acc = dpm::add_term(acc, k.c1, load_as<V>(p.h1 + i));
+    if (p.h2 != nullptr) acc = dpm::add_term(acc, k.c2, load_as<V>(p.h2 + i));
+    if (p.z != nullptr) acc = dpm::add_term(acc, k.cn, load_as<V>(p.z + i));
+    if (p.hout != nullptr) store_as(p.hout + i, y);
+    store_as(p.out + i, acc);
   }
   if (i < end) block_range(p, i, end, c, thr, s);
 }
 
-#if defined(__GNUC__) && defined(__x86_64__) && !defined(DPM_CPU_NO_AVX2)  // -DDPM_CPU_NO_AVX2: test the SSE form
-#define DPM_CPU_HAVE_AVX2_PATH 1
-// `flatten` inlines the whole kernel here, so all of it is compiled for AVX2 (without FMA: no contraction).
-template <typename T>
-__attribute__((target("avx2"), flatten, noinline)) void simd_range_avx2(const StepPtrs<T>& p, int64_t begin,
-                                                                        int64_t end, const dpm::Coef<T>& c, bool thr,
-                                                                        T s) {
-  simd_range<T, 32 / sizeof(T)>(p, begin, end, c, thr, s);
-}
-
-inline bool cpu_has_avx2() {
-  static const bool has = __builtin_cpu_supports("avx2");
-  return has;
-}
-#endif
-
-// Elements [begin, end) of one sample: the fastest form for the dtype and the CPU.
-template <typename S, typename H, typename T>
-void step_range(const StepPtrs<S, H>& p, int64_t begin, int64_t end, const dpm::Coef<T>& c, bool thr, T s) {
-  if constexpr (std::is_same_v<S, T> && std::is_same_v<H, T>) {
-#ifdef DPM_CPU_HAVE_AVX2_PATH
-    if (cpu_has_avx2()) return simd_range_avx2<T>(p, begin, end, c, thr, s);
-#endif
-    simd_range<T, 16 / sizeof(T)>(p, begin, end, c, thr, s);
+// The y of elements [i, i + len) of one sample (len <= kBlock) into y, in W-byte vectors where S allows.
+template <int W, typename S, typename H, typename T>
+DPM_CPU_INLINE void convert_range(const StepPtrs<S, H>& p, int64_t i, int len, const dpm::Coef<T>& c, T* y) {
+  constexpr int N = W / sizeof(T);
+  using V = typename SimdOf<T, N>::type;
+  if constexpr (kVectorIo<W, S>) {
+    const dpm::Coef<V> k = splat_coef<V>(c);
+    int j = 0;
+    for (; j + N <= len; j += N) {
+      V xe;
+      vstore(y + j, convert_vec(p, i + j, k, xe));
+    }
+    if (j < len) convert_block(p, i + j, len - j, c, y + j);
   } else {
-    block_range(p, begin, end, c, thr, s);
+    convert_block(p, i, len, c, y);
   }
+}
+
+// Elements [begin, end) of one sample: the fastest form for the dtype and the CPU (`w`: best_width()).
+template <typename S, typename H, typename T>
+void step_range(const StepPtrs<S, H>& p, int64_t begin, int64_t end, const dpm::Coef<T>& c, bool thr, T s, int w) {
+  isa_call(w, [&](auto wc) DPM_CPU_LAMBDA_INLINE {
+    constexpr int W = decltype(wc)::value;
+    if constexpr (kVectorIo<W, S> && kVectorIo<W, H>) {
+      simd_range<W>(p, begin, end, c, thr, s);
+    } else {
+      block_range(p, begin, end, c, thr, s);
+    }
+  });
 }
 
 }  // namespace dpm_cpu
