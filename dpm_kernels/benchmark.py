@@ -9,9 +9,10 @@ combination, history write, in place):
 
 Reported per configuration: median time and 20/80% quantiles, GB/s of the bytes the fused step must move,
 and the ratio to the floor. The floor is those bytes over the device's copy bandwidth measured in the same
-run with `dst.copy_(src)` at the same size (copy = 1 read + 1 write): (order + 3) tensors of n elements
-(MATH.md, "Bytes"), plus one more read of x0 with thresholding (the order statistic needs a full pass
-before the step can write). Results go to `benchmarks/results/` as CSV rows and a markdown table with the
+run with `dst.copy_(src)` (copy = 1 read + 1 write) whose src and dst together span as many bytes as the
+tensors the step touches, so that both run from the same level of the memory hierarchy. The bytes: (order + 3)
+tensors of n elements (MATH.md, "Bytes"), plus one more read of x0 with thresholding (the order statistic needs
+a full pass before the step can write). Results go to `benchmarks/results/` as CSV rows and a markdown table with the
 device, torch version and date.
 """
 
@@ -74,8 +75,13 @@ def quantiles(ts: list[float]) -> tuple[float, float, float]:
     return statistics.median(s), q(0.2), q(0.8)
 
 
-def copy_bandwidth(n: int, dtype: torch.dtype, device: torch.device) -> float:
-    """Bytes/s of dst.copy_(src) for n elements (counting the read and the write)."""
+def copy_bandwidth(footprint: int, dtype: torch.dtype, device: torch.device) -> float:
+    """Bytes/s of dst.copy_(src) (counting the read and the write) with src and dst together `footprint` bytes.
+
+    The copy spans as many bytes as the step it is the floor of, so both run from the same level of the memory
+    hierarchy: a copy of only n elements would stay in a cache that the step's (order + 3) tensors overflow.
+    """
+    n = max(1, footprint // (2 * torch.empty((), dtype=dtype).element_size()))
     src = torch.randn(n, device=device).to(dtype)
     dst = torch.empty_like(src)
     med, _, _ = quantiles(measure(lambda: dst.copy_(src), device))
@@ -134,6 +140,10 @@ class StepCase:
             row[L.C0 + j] = c
         self.coef = row.to(device)
 
+    def footprint(self) -> int:
+        """Bytes of the tensors the step touches: x, eps, the order - 1 history entries read, the one written."""
+        return (self.order + 2) * self.n * self.x.element_size()
+
     def bytes_moved(self) -> int:
         tensors = self.order + 3 + (1 if self.thr else 0)
         return tensors * self.n * self.x.element_size()
@@ -188,10 +198,10 @@ def run(sizes, orders, dtypes, thresholds, providers, device, out_dir: Path | No
     natives = [b for b in ("cpu", "cuda", "triton") if registry._why_not(b, device) is None]
     for dname, exp, order, thr in it:
         dtype, n = DTYPES[dname], 1 << exp
-        if (dname, n) not in bw_cache:
-            bw_cache[(dname, n)] = copy_bandwidth(n, dtype, device)
-        bw = bw_cache[(dname, n)]
         case = StepCase(n, order, dtype, device, thr)
+        if (dname, case.footprint()) not in bw_cache:
+            bw_cache[(dname, case.footprint())] = copy_bandwidth(case.footprint(), dtype, device)
+        bw = bw_cache[(dname, case.footprint())]
         floor = case.bytes_moved() / bw
         fns = {}
         for b in natives:
@@ -261,8 +271,8 @@ def write_results(rows, out_dir: Path, device: torch.device) -> tuple[Path, Path
         w.writerows(rows)
     md_path = out_dir / f"fused_step-{slug}-{stamp}.md"
     header = (f"# Fused step benchmark\n\ndevice: {device_name(device)}; torch {torch.__version__}; date {stamp}\n\n"
-              "Times are medians of one step; `x floor` = time / (bytes the fused step must move / measured copy "
-              "bandwidth); `A vs B` = B's time / A's time.\n\n")
+              "Times are medians of one step; `x floor` = time / (bytes the fused step must move / copy bandwidth "
+              "measured over the same footprint); `A vs B` = B's time / A's time.\n\n")
     md_path.write_text(header + markdown(rows) + "\n")
     return csv_path, md_path
 

@@ -87,6 +87,22 @@ __attribute__((target("avx2,f16c"))) inline void float_to_f16x8(void* p, F8 v) {
   u = v != v ? (u & 0x80000000u) | 0x7fc00000u : u;  // NaN -> quiet NaN of the same sign, no payload
   _mm_storeu_si128(static_cast<__m128i*>(p), _mm256_cvtps_ph(reinterpret_cast<__m256>(u), _MM_FROUND_TO_NEAREST_INT));
 }
+
+// bfloat16 in the AVX2 build: one widening load, and a store that packs with unsigned saturation (the rounded
+// values fit 16 bits) instead of the generic truncation's mask, pack and permute.
+__attribute__((target("avx2,f16c"))) inline F8 bf16x8_to_float(const void* p) {
+  const __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(static_cast<const __m128i*>(p)));
+  return reinterpret_cast<F8>(_mm256_slli_epi32(w, 16));
+}
+
+__attribute__((target("avx2,f16c"))) inline void float_to_bf16x8(void* p, F8 v) {
+  U8 u = reinterpret_cast<U8>(v);
+  u = v != v ? U8{} + 0x7fc00000u : u;  // rounds to 0x7FC0, c10's NaN
+  const U8 r = (u + (((u >> 16) & 1u) + 0x7fffu)) >> 16;
+  const __m256i ri = reinterpret_cast<__m256i>(r);
+  const __m128i packed = _mm_packus_epi32(_mm256_castsi256_si128(ri), _mm256_extracti128_si256(ri, 1));
+  _mm_storeu_si128(static_cast<__m128i*>(p), packed);
+}
 #endif
 
 // N values of S as a vector V of N lanes of the arithmetic type.
@@ -96,6 +112,9 @@ DPM_CPU_INLINE V load_as(const S* p) {
   if constexpr (kFmt<S> == Fmt::kNative) {
     return vload<V>(p);
   } else if constexpr (kFmt<S> == Fmt::kBF16) {
+#ifdef DPM_CPU_HAVE_AVX2_PATH
+    if constexpr (N == 8) return bf16x8_to_float(p);
+#endif
     using U16 = typename SimdOf<uint16_t, N>::type;
     using U32 = typename SimdOf<uint32_t, N>::type;
     return reinterpret_cast<V>(__builtin_convertvector(vload<U16>(p), U32) << 16);
@@ -116,6 +135,9 @@ DPM_CPU_INLINE void store_as(S* p, const V& v) {
   if constexpr (kFmt<S> == Fmt::kNative) {
     vstore(p, v);
   } else if constexpr (kFmt<S> == Fmt::kBF16) {
+#ifdef DPM_CPU_HAVE_AVX2_PATH
+    if constexpr (N == 8) return float_to_bf16x8(p, v);
+#endif
     using U16 = typename SimdOf<uint16_t, N>::type;
     using U32 = typename SimdOf<uint32_t, N>::type;
     U32 u = reinterpret_cast<U32>(v);
