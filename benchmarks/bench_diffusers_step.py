@@ -11,7 +11,8 @@ model output is a fixed tensor. Each provider runs `--reps` trajectories; every 
 on a GPU). Reported: the median over the steady-state steps (index >= order, i.e. after the warm-up steps; this
 includes the first-order final step), their 20/80% quantiles, the median first step (the fused scheduler plans the
 whole trajectory there) and the speed-up of the median over diffusers'. A markdown table goes to stdout; CSV rows
-(device, torch and diffusers versions, date) are appended to <out>/diffusers_step-<device>-<date>.csv.
+(device, torch and diffusers versions, date) are appended to <out>/diffusers_step-<device>-<date>.csv, and the
+table of this run is written beside it (.md).
 """
 
 from __future__ import annotations
@@ -132,11 +133,16 @@ def main(argv=None) -> int:
     device = torch.device(a.device)
     shapes, steps, reps = (SMOKE_SHAPES, 6, 1) if a.smoke else (SHAPES, a.steps, a.reps)
     rows = run(shapes, (2, 3), (False, True), a.dtype, device, steps, reps)
-    print(f"device: {device_name(device)}; torch {torch.__version__}; diffusers {diffusers.__version__}; "
-          f"{dt.date.today().isoformat()}; {a.dtype}, {steps} steps, median over steps >= order\n")
-    print(markdown(rows))
+    head = (f"device: {device_name(device)}; torch {torch.__version__}; diffusers {diffusers.__version__}; "
+            f"{dt.date.today().isoformat()}; {a.dtype}, {steps} steps, median over steps >= order\n")
+    table = markdown(rows)
+    print(head)
+    print(table)
     if a.out:
-        print(f"\nappended to {append_csv(rows, Path(a.out), device)}")
+        csv_path = append_csv(rows, Path(a.out), device)
+        md_path = csv_path.with_suffix(".md")
+        md_path.write_text(f"# diffusers scheduler step() benchmark\n\n{head}\n{table}\n")
+        print(f"\nappended to {csv_path}; table in {md_path}")
     return 0
 
 
