@@ -62,8 +62,9 @@ def ext_modules_and_cmdclass():
                 "dpm_kernels._cuda",
                 [str(p.relative_to(ROOT)) for p in cuda_srcs],
                 include_dirs=inc,
-                # no -std: torch adds the standard its headers need (C++20 from torch 2.14)
-                extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "-lineinfo"]},
+                # no -std: torch adds the standard its headers need (C++20 from torch 2.14); nvcc flags as
+                # dpm_kernels/_build.py's cuda_flags (-fmad=false: no multiply-add contraction)
+                extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "-lineinfo", "-fmad=false"]},
                 define_macros=[("DPM_KERNELS_PYMODULE", "_cuda")],
             )
         )

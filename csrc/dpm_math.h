@@ -83,6 +83,7 @@ DPM_HD T add_term(T acc, T c, T v) { return acc + c * v; }
 struct QuantileRank {
   int64_t k;  // lower order statistic (0-based)
   double w;   // interpolation weight towards order statistic k + 1
+  double w1;  // 1 - w, in double
 };
 
 // Computed in double on the host from the per-sample size n >= 1.
@@ -94,13 +95,16 @@ DPM_HD QuantileRank quantile_rank(int64_t n, double ratio) {
   QuantileRank r;
   r.k = k;
   r.w = pos - static_cast<double>(k);
+  r.w1 = 1.0 - r.w;
   return r;
 }
 
-// torch.lerp's two-branch formula, which torch.quantile uses.
+// torch.lerp's two-branch formula, which torch.quantile uses, with quantile_rank's weights w and w1 = 1 - w:
+// the branch is taken on w itself, and each weight is rounded to T once from double (as the reference's float64
+// weight is), not 1 - w computed in T.
 template <typename T>
-DPM_HD T lerp_torch(T lo, T hi, T w) {
-  return w < T(0.5) ? lo + w * (hi - lo) : hi - (hi - lo) * (T(1) - w);
+DPM_HD T lerp_torch(T lo, T hi, double w, double w1) {
+  return w < 0.5 ? lo + static_cast<T>(w) * (hi - lo) : hi - (hi - lo) * static_cast<T>(w1);
 }
 
 // s = clamp(q, lo, hi): authors' semantics are (lo = max_val, hi = inf), diffusers' (1, sample_max_value).

@@ -52,9 +52,11 @@ def cpu_cflags() -> list[str]:
 
 
 def cuda_flags() -> list[str]:
-    # No --use_fast_math: the kernels must match the float32 reference to rounding. No -std either: torch
-    # adds the standard it was built with (its headers need C++20 from 2.14); the .cu files take 17 or 20.
-    return ["-O3", "-lineinfo"]
+    # No --use_fast_math, and -fmad=false: no multiply-add contraction, so every product and sum rounds as in the
+    # reference (and the CPU kernel): a fused a*b+c differs where terms cancel, and would make the history slot
+    # differ from the reference's m in the last bits. No -std either: torch adds the standard it was built with
+    # (its headers need C++20 from 2.14); the .cu files take 17 or 20.
+    return ["-O3", "-lineinfo", "-fmad=false"]
 
 
 def _jit(name: str) -> None:

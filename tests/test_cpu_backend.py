@@ -342,3 +342,33 @@ def test_widest_and_16_byte_builds_agree_bitwise(name, monkeypatch):
     (o1, h1), (o2, h2) = results
     assert torch.equal(o1, o2) and torch.equal(h1, h2)
     assert not o1.isnan().any()
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 64, 65, 257, 4096, 1 << 15, (1 << 15) + 1])
+@pytest.mark.parametrize("kind", ["distinct", "ties", "nan-inf-zero"])
+def test_sample_quantile_matches_the_reference_bitwise(n, kind):
+    """Samples the kernel selects in memory (up to 2^15 keys) and the first size above: every rank position,
+    including the first and last (ratio 0 and 1, exact) and equal neighbours, gives the reference's order
+    statistics. Interpolated ranks may round differently in the last place (torch.quantile's lerp vs the
+    kernel's): 3e-7 relative, where a neighbouring order statistic would be off by orders of magnitude more."""
+    gen = torch.Generator().manual_seed(n)
+    x = torch.randn(3, n, generator=gen)
+    if kind == "ties":
+        x = (x * 2).round() / 2  # a handful of distinct values: the k-th and (k+1)-th keys often tie
+    elif kind == "nan-inf-zero":
+        x[:, :: max(1, n // 7)] = 0.0
+        x[0, -1] = math.nan
+        x[1, 0] = -math.inf
+        x[2, n // 2] = math.inf
+    mo = torch.randn(x.shape, generator=gen)
+    coef = _coef(None, n)
+    coef[L.PX], coef[L.PM] = 1.0, 0.0  # y = x: the sample's own values are thresholded
+    for ratio in (0.0, 0.37, 0.5, 0.995, 1.0):
+        want_out, want_m = reference.fused_step(
+            x, mo, coef, None, None, None, None, None, L.CFG_NONE, True, ratio, 1e-30, math.inf
+        )
+        out, m = torch.full_like(x, 7.0), torch.full_like(x, 7.0)
+        OP(x, mo, None, None, None, None, None, coef, L.CFG_NONE, True, ratio, 1e-30, math.inf, out, m)
+        tol = 0.0 if ratio in (0.0, 1.0) else 3e-7
+        torch.testing.assert_close(out, want_out, rtol=tol, atol=0, equal_nan=True, msg=f"ratio={ratio}")
+        torch.testing.assert_close(m, want_m, rtol=tol, atol=0, equal_nan=True, msg=f"ratio={ratio}")

@@ -85,7 +85,7 @@ def obj_path(out_dir: Path, src: Path, arch: str, torch_defines: bool) -> Path:
 
 def compile_cu(src: Path, arch: str, torch_defines: bool, out_dir: Path) -> tuple[int, str]:
     cmd = [NVCC, "-c", str(src), "-o", str(obj_path(out_dir, src, arch, torch_defines)),
-           "-std=c++17", "-O3", f"-I{CSRC}", "-Xptxas", "-v", "-Werror", "all-warnings",
+           "-std=c++17", "-O3", "-fmad=false", f"-I{CSRC}", "-Xptxas", "-v", "-Werror", "all-warnings",
            "-Xcompiler=-Wall,-Wextra", "-gencode", f"arch=compute_{arch},code=sm_{arch}"]
     if torch_defines:
         cmd += TORCH_NVCC_DEFINES
@@ -251,7 +251,7 @@ T radix_scale(const std::vector<T>& y, double ratio, double lo, double hi) {
     }
     st = next;
   }
-  return select_scale<K>(st, q.w, lo, hi);
+  return select_scale<K>(st, q.w, q.w1, lo, hi);
 }
 
 // The reference: sort |y| with NaN last (torch.sort), lerp the two order statistics.
@@ -262,7 +262,7 @@ T sorted_scale(const std::vector<T>& y, double ratio, double lo, double hi) {
   std::sort(a.begin(), a.end(), [](T p, T q) { return (!std::isnan(p) && std::isnan(q)) || p < q; });
   const int64_t n = static_cast<int64_t>(a.size());
   const dpm::QuantileRank r = dpm::quantile_rank(n, ratio);
-  const T v = dpm::lerp_torch(a[r.k], a[r.k + 1 < n ? r.k + 1 : n - 1], static_cast<T>(r.w));
+  const T v = dpm::lerp_torch(a[r.k], a[r.k + 1 < n ? r.k + 1 : n - 1], r.w, r.w1);
   return dpm::threshold_scale(v, static_cast<T>(lo), static_cast<T>(hi));
 }
 

@@ -8,7 +8,7 @@
 // Each pass either
 //   - histograms the next digit (16 bits) of the keys that share the prefix found so far with the target
 //     order statistic, then descends into the bucket that holds it; or
-//   - once that group is small (kGatherMax), gathers its keys and finishes with std::nth_element.
+//   - once that group is small (kGatherMax), gathers its keys and finishes in memory (radix_select_in).
 // float keys have 31 bits: at most two histogram passes pin a key exactly, so the worst case (ties, all
 // values in one bucket) stays linear. double keys have 63 bits: at most four.
 // Before those, one pass tries an interval of keys guessed from a strided sample: when it holds both ranks
@@ -32,7 +32,7 @@
 
 namespace dpm_cpu {
 
-constexpr int64_t kGatherMax = int64_t(1) << 15;  // nth_element on at most this many keys
+constexpr int64_t kGatherMax = int64_t(1) << 15;  // groups of at most this many keys are selected in memory
 constexpr int kDigitBits = 16;
 constexpr int64_t kSelectGrain = int64_t(1) << 15;  // elements per thread, at least, within one sample
 constexpr int64_t kMaxLocal = int64_t(1) << 31;     // uint32 local counts are merged before this many
@@ -56,13 +56,69 @@ Group<Key> descend(const Group<Key>& g, const std::vector<int64_t>& h, int bits,
   return Group<Key>{static_cast<Key>((g.prefix << bits) | static_cast<Key>(d)), below, h[d]};
 }
 
-// The keys at sorted positions `at` and (when `next`) at + 1 of `keys`, which it reorders.
+// The key of sorted position `at` among src[0, m): an MSD radix select in memory, 8-bit digits. Each pass
+// histograms the next digit and copies the bucket holding the rank into `work` (branch-free; in place from the
+// second copy on), so the work shrinks with the group and src is left as it was; nth_element finishes once few
+// keys remain. No comparison-based partition of the whole group: those mispredict a branch on every other key.
 template <typename Key>
-void select_in(std::vector<Key>& keys, int64_t at, bool next, Key& v1, Key& v2) {
-  const auto it = keys.begin() + at;
-  std::nth_element(keys.begin(), it, keys.end());
-  v1 = *it;
-  v2 = next ? *std::min_element(it + 1, keys.end()) : v1;
+Key radix_select_in(const Key* src, int64_t m, int64_t at, std::vector<Key>& work) {
+  constexpr int kKeyBits = sizeof(Key) * 8 - 1;  // the sign bit is always clear
+  constexpr int kBits = 8;
+  work.resize(static_cast<size_t>(m));
+  Key* const dst = work.data();
+  const Key* k = src;
+  int shift = kKeyBits;  // the keys in k[0, m) share their bits above `shift`
+  while (m > 64 && shift > 0) {
+    const int bits = std::min(kBits, shift);
+    shift -= bits;
+    const Key mask = static_cast<Key>((Key(1) << bits) - 1);
+    // Four interleaved histograms: runs of keys in one bucket (the usual case: few exponents hold most keys)
+    // would otherwise chain every increment through the same counter in memory.
+    int32_t h4[4][1 << kBits] = {};
+    int64_t j = 0;
+    for (; j + 4 <= m; j += 4) {
+      ++h4[0][(k[j] >> shift) & mask];
+      ++h4[1][(k[j + 1] >> shift) & mask];
+      ++h4[2][(k[j + 2] >> shift) & mask];
+      ++h4[3][(k[j + 3] >> shift) & mask];
+    }
+    for (; j < m; ++j) ++h4[0][(k[j] >> shift) & mask];
+    int64_t h[1 << kBits];
+    for (int b = 0; b < (1 << kBits); ++b) h[b] = int64_t(h4[0][b]) + h4[1][b] + h4[2][b] + h4[3][b];
+    int64_t d = 0, below = 0;
+    while (below + h[d] <= at) below += h[d++];
+    if (h[d] == m) continue;  // the whole group is in that bucket
+    int64_t c = 0;
+    const Key want = static_cast<Key>(d);
+    for (j = 0; j < m; ++j) {  // in place (k == dst): c <= j, each key is read before its slot is written
+      const Key x = k[j];
+      dst[c] = x;
+      c += ((x >> shift) & mask) == want;
+    }
+    k = dst;
+    m = c;
+    at -= below;
+  }
+  if (k != dst) std::copy(k, k + m, dst);
+  std::nth_element(dst, dst + at, dst + m);
+  return dst[at];
+}
+
+// The keys at sorted positions `at` and (when `next`) at + 1 of keys[0, m).
+template <typename Key>
+void select_in(const Key* keys, int64_t m, int64_t at, bool next, Key& v1, Key& v2) {
+  std::vector<Key> work;
+  v1 = v2 = radix_select_in(keys, m, at, work);
+  if (!next) return;
+  // Position at + 1: v1 again when more than at + 1 keys are <= v1, else the smallest key above v1.
+  int64_t le = 0;
+  Key above = std::numeric_limits<Key>::max();
+  for (int64_t j = 0; j < m; ++j) {
+    const Key x = keys[j];
+    le += x <= v1;
+    above = x > v1 && x < above ? x : above;
+  }
+  if (le <= at + 1) v2 = above;
 }
 
 // fill(wc, i, len, y): y (arithmetic type T) of the sample's elements [i, i + len), len <= kBlock, computed with
@@ -197,13 +253,18 @@ bool select_in_guess(int64_t n, int64_t k1, int64_t k2, int w, const Fill& fill,
   // Ranks below, below + 1, ... hold at_lo times lo, then the sorted `mid`, then at_hi times hi.
   const int64_t nmid = static_cast<int64_t>(mid.size());
   if (overflow || k1 < below || k2 >= below + at_lo + nmid + at_hi) return false;
+  const int64_t r1 = k1 - below - at_lo;  // positions in the sorted `mid`
+  if (k2 != k1 && r1 >= 0 && r1 + 1 < nmid) {
+    select_in(mid.data(), nmid, r1, true, v1, v2);
+    return true;
+  }
+  std::vector<Key> work;
   auto pick = [&](int64_t r) {
     r -= below;
     if (r < at_lo) return lo;
     r -= at_lo;
     if (r >= nmid) return hi;
-    std::nth_element(mid.begin(), mid.begin() + r, mid.end());
-    return mid[r];
+    return radix_select_in(mid.data(), nmid, r, work);
   };
   v1 = pick(k1);
   v2 = k2 == k1 ? v1 : pick(k2);
@@ -216,7 +277,20 @@ void select_keys(int64_t n, int64_t k1, int64_t k2, int w, const Fill& fill, dec
                  decltype(dpm::abs_key(T()))& v2) {
   using Key = decltype(dpm::abs_key(T()));
   constexpr int kKeyBits = sizeof(Key) * 8 - 1;  // the sign bit is always clear
-  if (n > kGatherMax && select_in_guess<T>(n, k1, k2, w, fill, v1, v2)) return;
+  if (n <= kGatherMax) {  // a small sample: every key into one array, no predicate, no merging
+    std::vector<Key> keys(static_cast<size_t>(n));
+    isa_call(w, [&](auto wc) DPM_CPU_LAMBDA_INLINE {
+      T y[kBlock];
+      for (int64_t i = 0; i < n; i += kBlock) {
+        const int len = static_cast<int>(std::min<int64_t>(kBlock, n - i));
+        fill(wc, i, len, y);
+        for (int j = 0; j < len; ++j) keys[i + j] = dpm::abs_key(y[j]);
+      }
+    });
+    select_in(keys.data(), n, k1, k2 != k1, v1, v2);
+    return;
+  }
+  if (select_in_guess<T>(n, k1, k2, w, fill, v1, v2)) return;
   Group<Key> g1{0, 0, n}, g2{0, 0, n};
   int known = 0;
   while (known < kKeyBits) {
@@ -239,7 +313,7 @@ void select_keys(int64_t n, int64_t k1, int64_t k2, int w, const Fill& fill, dec
             }
           },
           [&](std::vector<Key>& loc) { cand.insert(cand.end(), loc.begin(), loc.end()); });
-      select_in(cand, k1 - g1.below, k2 != k1, v1, v2);
+      select_in(cand.data(), static_cast<int64_t>(cand.size()), k1 - g1.below, k2 != k1, v1, v2);
       return;
     }
     const int bits = std::min(kDigitBits, kKeyBits - known);
@@ -287,7 +361,7 @@ T sample_quantile(int64_t n, double ratio, int w, const Fill& fill) {
   const dpm::QuantileRank r = dpm::quantile_rank(n, ratio);
   decltype(dpm::abs_key(T())) v1, v2;
   select_keys<T>(n, r.k, std::min(r.k + 1, n - 1), w, fill, v1, v2);
-  return dpm::lerp_torch(dpm::key_value(v1), dpm::key_value(v2), static_cast<T>(r.w));
+  return dpm::lerp_torch(dpm::key_value(v1), dpm::key_value(v2), r.w, r.w1);
 }
 
 }  // namespace dpm_cpu

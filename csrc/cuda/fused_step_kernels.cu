@@ -145,6 +145,7 @@ cudaError_t run(const DpmStepArgs& a, void* workspace, int num_sms, cudaStream_t
     sa.k0 = static_cast<uint64_t>(q.k);
     sa.k1 = static_cast<uint64_t>(q.k + 1 < a.numel ? q.k + 1 : a.numel - 1);
     sa.w = q.w;
+    sa.w1 = q.w1;
     sa.lo = a.thr_min;
     sa.hi = a.thr_max;
     const cudaError_t e = launch_select<S>(t, sh, sa, workspace, num_sms, stream, &scale);

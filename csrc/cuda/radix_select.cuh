@@ -99,14 +99,14 @@ DPM_HD int find_bin_serial(const C* h, uint64_t r, uint64_t& below) {
   return kBins - 1;
 }
 
-// s = threshold_scale(lerp_torch(v[k0], v[k1], w), lo, hi) from the two selected full keys.
+// s = threshold_scale(lerp_torch(v[k0], v[k1], w, w1), lo, hi) from the two selected full keys.
 template <typename K>
-DPM_HD auto select_scale(const SelectState& s, double w, double lo, double hi)
+DPM_HD auto select_scale(const SelectState& s, double w, double w1, double lo, double hi)
     -> decltype(dpm::key_value(static_cast<K>(0))) {
   using T = decltype(dpm::key_value(static_cast<K>(0)));
   const T v0 = dpm::key_value(static_cast<K>(s.prefix[0]));
   const T v1 = dpm::key_value(static_cast<K>(s.prefix[1]));
-  return dpm::threshold_scale(dpm::lerp_torch(v0, v1, static_cast<T>(w)), static_cast<T>(lo), static_cast<T>(hi));
+  return dpm::threshold_scale(dpm::lerp_torch(v0, v1, w, w1), static_cast<T>(lo), static_cast<T>(hi));
 }
 
 #if defined(__CUDACC__)

@@ -198,7 +198,7 @@ __device__ __forceinline__ void predict_group(const Tensors<S>& t, const StepSha
 // The selection of the per-sample scale (threshold_select.cu) and the sizes it needs.
 struct SelectArgs {
   uint64_t k0, k1;        // order statistics to select (0-based), k1 = min(k0 + 1, n - 1)
-  double w, lo, hi;       // lerp weight and clamp bounds of dpm::threshold_scale
+  double w, w1, lo, hi;   // lerp weights (w1 = 1 - w) and clamp bounds of dpm::threshold_scale
 };
 
 // Workspace layout: [scale: B values of T][selection scratch, huge regime only]. Offsets 256-aligned.

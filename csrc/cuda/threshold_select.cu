@@ -84,7 +84,7 @@ __global__ void __launch_bounds__(kSmallThreads)
       warps_advance<K>(&st, cur, hist, hist + kBins, pass);
       __syncthreads();  // st advanced before the next pass reads it and hist is re-zeroed
     }
-    if (threadIdx.x == 0) scale[b] = select_scale<K>(st, a.w, a.lo, a.hi);
+    if (threadIdx.x == 0) scale[b] = select_scale<K>(st, a.w, a.w1, a.lo, a.hi);
     // Only thread 0 touches st before the next sample's first barrier: no further barrier needed.
   }
 }
@@ -139,7 +139,7 @@ __global__ void __launch_bounds__(kFinalThreads)
   for (int64_t b = blockIdx.x; b < batch; b += gridDim.x) {
     derive_state<K>(&st, w, a, batch, b, Digits<K>::kPasses);
     __syncthreads();
-    if (threadIdx.x == 0) scale[b] = select_scale<K>(st, a.w, a.lo, a.hi);
+    if (threadIdx.x == 0) scale[b] = select_scale<K>(st, a.w, a.w1, a.lo, a.hi);
     __syncthreads();
   }
 }

@@ -112,4 +112,23 @@ def _register() -> None:
     # `schema` documents intent; the torch versions we support infer the identical schema from the annotations
     # (tests compare the two).
     torch.library.triton_op(name, fused_step_triton, mutates_args={"out", "hist_out"}, schema=ops.SCHEMA)
+    _record_kernels(name)
     torch.library.register_fake(name, ops.fake_impl())
+
+
+def _record_kernels(name: str) -> None:
+    """Tell torch which Triton kernels the op launches. triton_op finds them by scanning the source for
+    `wrap_triton(<kernel>)`; ours go through `triton_select.launch`, which that scan cannot follow, so the
+    compile caches would key on no kernel source and could serve stale code after an edit or upgrade."""
+    from . import triton_kernels, triton_select
+
+    kernels = [triton_kernels._step_kernel, triton_select._select_small, triton_select._hist_pass,
+               triton_select._finalize]
+    try:
+        from torch._library import triton as library_triton  # private: present in torch 2.6 through 2.13
+
+        table = library_triton.triton_ops_to_kernels
+    except (ImportError, AttributeError):
+        return
+    known = table.get(name, [])
+    table[name] = list(known) + [k for k in kernels if k not in known]

@@ -10,9 +10,11 @@ the header gets from C++ that Triton spells differently:
   awkward for torch.compile's kernel capture;
 - `a / b` in float32 lowers to the approximate `div.full.f32` on NVIDIA GPUs, while nvcc's `/` is IEEE
   (`div.rn`), so `div_` calls `tl.math.div_rn`; float64 `/` is already IEEE;
-- `a * b + c` may contract to an FMA on the GPU, as nvcc's default does (Triton 3.6-3.9 fuse by default;
-  3.10 stops, TRITON_DEFAULT_FP_FUSION): within a rounding of the reference either way, and the select and
-  the update compute y with the same code, so they contract it alike;
+- `a * b + c` may contract to an FMA on the GPU (Triton 3.6-3.9 fuse by default; 3.10 stops,
+  TRITON_DEFAULT_FP_FUSION), unlike the C++ kernels (CPU: no FMA; CUDA: built with -fmad=false): within a
+  rounding of the terms either way, and the select and the update compute y with the same code, so they
+  contract it alike. (`enable_fp_fusion=False` is a launch option that torch.compile's capture of user
+  kernels does not pass through, so it is not used);
 - `min_`/`max_` are `tl.where` on the same comparison as the header, so NaN propagates the same way
   (torch.minimum/maximum semantics for a NaN y; `tl.minimum` would not promise that);
 - radix-select keys are signed integers with the sign bit cleared (int32 for float, int64 for double):
@@ -83,10 +85,11 @@ def to_storage(v, DST: tl.constexpr):
 
 
 @triton.jit
-def from_bits(bits, F64: tl.constexpr):
-    """A host float passed as its float64 bit pattern (Triton passes Python floats as fp32), in T."""
+def from_bits(high, low, F64: tl.constexpr):
+    """A host float passed as the two signed 32-bit halves of its float64 bits (`triton_select.f64_bits`), in T."""
     ACC: tl.constexpr = tl.float64 if F64 else tl.float32
-    return tl.cast(bits, tl.int64).to(tl.float64, bitcast=True).to(ACC)
+    bits = (tl.cast(high, tl.int64) << 32) | tl.cast(tl.cast(low, tl.int32).to(tl.uint32), tl.int64)
+    return bits.to(tl.float64, bitcast=True).to(ACC)
 
 
 @triton.jit
@@ -135,7 +138,10 @@ def add_term(acc, c, v):
 
 @triton.jit
 def lerp_torch(lo, hi, w):
-    return tl.where(w < 0.5, lo + w * (hi - lo), hi - (hi - lo) * (1.0 - w))
+    """w: the float64 weight; the branch is on w, and w and 1 - w are each rounded to lo's type from float64."""
+    wt = w.to(lo.dtype)
+    w1 = (1.0 - w).to(lo.dtype)
+    return tl.where(w < 0.5, lo + wt * (hi - lo), hi - (hi - lo) * w1)
 
 
 @triton.jit

@@ -72,9 +72,15 @@ def launch(kernel, grid, *args, **meta) -> None:
         wrap_triton(kernel)[grid](*args, **meta)
 
 
-def f64_bits(v: float) -> int:
-    """A Python float as the int64 of its float64 bits: Triton would round a float argument to fp32."""
-    return struct.unpack("<q", struct.pack("<d", float(v)))[0]
+def f64_bits(v: float) -> tuple[int, int]:
+    """A Python float as the high and low halves of its float64 bits, each a signed 32-bit int.
+
+    Not a float argument: Triton would round it to fp32. Not one int64 either: Inductor's code generation for
+    user kernels (torch 2.11) fails on Python ints beyond 32 bits ('int' object has no attribute 'xreplace').
+    """
+    u = struct.unpack("<Q", struct.pack("<d", float(v)))[0]
+    s32 = lambda h: h - (1 << 32) if h >= (1 << 31) else h  # noqa: E731
+    return s32(u >> 32), s32(u & 0xFFFFFFFF)
 
 
 @triton.jit
@@ -184,15 +190,15 @@ def _advance(row, dlt, last, F64: tl.constexpr):
 
 
 @triton.jit
-def _scale(lkey, hs, hkey, w_bits, lo_bits, hi_bits, F64: tl.constexpr):
+def _scale(lkey, hs, hkey, w_h, w_l, lo_h, lo_l, hi_h, hi_l, F64: tl.constexpr):
     """s = threshold_scale(lerp_torch(v[k], v[kh], w), lo, hi) from the final keys (hs != 2: kh's key is k's)."""
     hkey = tl.where(hs == 2, hkey, lkey)
-    q = lerp_torch(key_value(lkey), key_value(hkey), from_bits(w_bits, F64))
-    return threshold_scale(q, from_bits(lo_bits, F64), from_bits(hi_bits, F64))
+    q = lerp_torch(key_value(lkey), key_value(hkey), from_bits(w_h, w_l, True))  # the weight stays float64
+    return threshold_scale(q, from_bits(lo_h, lo_l, F64), from_bits(hi_h, hi_l, F64))
 
 
-@triton.jit(do_not_specialize=["k", "dlt", "w_bits", "lo_bits", "hi_bits"])
-def _select_small(mo_ptr, mc_ptr, xe_ptr, coef_ptr, scale_ptr, n, cond_off, k, dlt, w_bits, lo_bits, hi_bits,
+@triton.jit(do_not_specialize=["k", "dlt", "w_h", "w_l", "lo_h", "lo_l", "hi_h", "hi_l"])
+def _select_small(mo_ptr, mc_ptr, xe_ptr, coef_ptr, scale_ptr, n, cond_off, k, dlt, w_h, w_l, lo_h, lo_l, hi_h, hi_l,
                   CFG: tl.constexpr, PER_SAMPLE: tl.constexpr, F64: tl.constexpr, NPASS: tl.constexpr,
                   KEY_BITS: tl.constexpr, BLOCK: tl.constexpr):
     b = tl.program_id(0)
@@ -211,7 +217,7 @@ def _select_small(mo_ptr, mc_ptr, xe_ptr, coef_ptr, scale_ptr, n, cond_off, k, d
             if ls == 0:
                 pre, r, ls, lkey, hs, hpre, hkey = _digit_step(h.to(tl.int64), pre, r, ls, lkey, hs, hpre, hkey,
                                                                dlt, p == NPASS - 1)
-    tl.store(scale_ptr + b, _scale(lkey, hs, hkey, w_bits, lo_bits, hi_bits, F64))
+    tl.store(scale_ptr + b, _scale(lkey, hs, hkey, w_h, w_l, lo_h, lo_l, hi_h, hi_l, F64))
 
 
 @triton.jit(do_not_specialize=["k", "dlt", "p"])
@@ -248,12 +254,12 @@ def _hist_pass(mo_ptr, mc_ptr, xe_ptr, coef_ptr, ws_ptr, n, nchunks, cond_off, k
             tl.atomic_max(row + HMIN, (KMAX - hmin).to(tl.int64), sem="relaxed")
 
 
-@triton.jit(do_not_specialize=["dlt", "w_bits", "lo_bits", "hi_bits"])
-def _finalize(ws_ptr, scale_ptr, dlt, w_bits, lo_bits, hi_bits, F64: tl.constexpr, NPASS: tl.constexpr):
+@triton.jit(do_not_specialize=["dlt", "w_h", "w_l", "lo_h", "lo_l", "hi_h", "hi_l"])
+def _finalize(ws_ptr, scale_ptr, dlt, w_h, w_l, lo_h, lo_l, hi_h, hi_l, F64: tl.constexpr, NPASS: tl.constexpr):
     b = tl.program_id(0)
     last_row = ws_ptr + b.to(tl.int64) * (NPASS * WS_ROW) + (NPASS - 1) * WS_ROW
     pre, r, ls, lkey, hs, hpre, hkey = _advance(last_row, dlt, True, F64)
-    tl.store(scale_ptr + b, _scale(lkey, hs, hkey, w_bits, lo_bits, hi_bits, F64))
+    tl.store(scale_ptr + b, _scale(lkey, hs, hkey, w_h, w_l, lo_h, lo_l, hi_h, hi_l, F64))
 
 
 @functools.cache
@@ -290,8 +296,8 @@ def select_scale(model_out: torch.Tensor, model_cond: torch.Tensor | None, xe: t
         small = n <= SMALL_MAX_N or (nb >= sm_count(xe.device) and n < 2**31)
     if small:
         block = block or SMALL_BLOCK
-        launch(_select_small, (nb,), model_out, mc, xe, coef, scale, n, nb * n, k, dlt, f64_bits(w), f64_bits(lo),
-               f64_bits(hi), **common, BLOCK=block, num_warps=_warps(block, SMALL_WARPS))
+        launch(_select_small, (nb,), model_out, mc, xe, coef, scale, n, nb * n, k, dlt, *f64_bits(w), *f64_bits(lo),
+               *f64_bits(hi), **common, BLOCK=block, num_warps=_warps(block, SMALL_WARPS))
         return
     block = block or PASS_BLOCK
     chunk = block * (iters or PASS_ITERS)
@@ -300,7 +306,7 @@ def select_scale(model_out: torch.Tensor, model_cond: torch.Tensor | None, xe: t
     for p in range(npass):
         launch(_hist_pass, (nb * nchunks,), model_out, mc, xe, coef, ws, n, nchunks, nb * n, k, dlt, p, **common,
                BLOCK=block, CHUNK=chunk, num_warps=_warps(block, PASS_WARPS))
-    launch(_finalize, (nb,), ws, scale, dlt, f64_bits(w), f64_bits(lo), f64_bits(hi), F64=f64, NPASS=npass,
+    launch(_finalize, (nb,), ws, scale, dlt, *f64_bits(w), *f64_bits(lo), *f64_bits(hi), F64=f64, NPASS=npass,
            num_warps=1)
 
 
