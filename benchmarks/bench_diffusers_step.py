@@ -18,7 +18,6 @@ table of this run is written beside it (.md).
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime as dt
 import statistics
 import time
@@ -29,7 +28,7 @@ import torch
 from diffusers import DPMSolverMultistepScheduler
 
 from dpm_kernels.backends import registry
-from dpm_kernels.benchmark import device_name, quantiles
+from dpm_kernels.benchmark import device_name, quantiles, results_csv
 from dpm_kernels.integrations.diffusers import FusedDPMSolverMultistepScheduler
 
 SHAPES = {"latent64": (1, 4, 64, 64), "latent128": (1, 4, 128, 128), "pixels256": (2, 3, 256, 256)}
@@ -105,19 +104,6 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def append_csv(rows: list[dict], out_dir: Path, device: torch.device) -> Path:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    slug = "".join(c if c.isalnum() else "-" for c in device_name(device)).strip("-").lower()
-    path = out_dir / f"diffusers_step-{slug}-{dt.date.today().isoformat()}.csv"
-    new = not path.exists()
-    with path.open("a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0].keys()))
-        if new:
-            w.writeheader()
-        w.writerows(rows)
-    return path
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cpu")
@@ -139,7 +125,7 @@ def main(argv=None) -> int:
     print(head)
     print(table)
     if a.out:
-        csv_path = append_csv(rows, Path(a.out), device)
+        csv_path = results_csv(rows, Path(a.out), "diffusers_step", device)
         md_path = csv_path.with_suffix(".md")
         md_path.write_text(f"# diffusers scheduler step() benchmark\n\n{head}\n{table}\n")
         print(f"\nappended to {csv_path}; table in {md_path}")

@@ -258,18 +258,24 @@ def markdown(rows) -> str:
     return "\n".join(lines)
 
 
-def write_results(rows, out_dir: Path, device: torch.device) -> tuple[Path, Path]:
+def results_csv(rows: list[dict], out_dir: Path, kind: str, device: torch.device) -> Path:
+    """Appends rows to out_dir/<kind>-<device>-<date>.csv (header when new); returns its path."""
     out_dir.mkdir(parents=True, exist_ok=True)
     slug = "".join(c if c.isalnum() else "-" for c in device_name(device)).strip("-").lower()
-    stamp = _dt.date.today().isoformat()
-    csv_path = out_dir / f"fused_step-{slug}-{stamp}.csv"
-    new = not csv_path.exists()
-    with csv_path.open("a", newline="") as f:
+    path = out_dir / f"{kind}-{slug}-{_dt.date.today().isoformat()}.csv"
+    new = not path.exists()
+    with path.open("a", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0].keys()))
         if new:
             w.writeheader()
         w.writerows(rows)
-    md_path = out_dir / f"fused_step-{slug}-{stamp}.md"
+    return path
+
+
+def write_results(rows, out_dir: Path, device: torch.device) -> tuple[Path, Path]:
+    csv_path = results_csv(rows, out_dir, "fused_step", device)
+    stamp = _dt.date.today().isoformat()
+    md_path = csv_path.with_suffix(".md")
     header = (f"# Fused step benchmark\n\ndevice: {device_name(device)}; torch {torch.__version__}; date {stamp}\n\n"
               "Times are medians of one step; `x floor` = time / (bytes the fused step must move / copy bandwidth "
               "measured over the same footprint); `A vs B` = B's time / A's time.\n\n")

@@ -41,6 +41,15 @@ def backends_for(device: str) -> list[str]:
 ALL_BACKEND_CASES = [(d, b) for d in devices() for b in backends_for(d)]
 
 
+@pytest.fixture
+def one_thread():
+    """One intra-op thread for tests of tiny tensors, where threads only add overhead on a busy 2-core machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(params=ALL_BACKEND_CASES, ids=[f"{d}-{b}" for d, b in ALL_BACKEND_CASES])
 def device_backend(request):
     return request.param

@@ -32,17 +32,10 @@ SHAPE = (2, 3, 4, 4)
 TOL64 = {"multi": 2e-6, "single": 1e-10}  # multistep: diffusers casts the sample to float32 (measured 4.4e-7)
 PAIRS = {"multi": (DPMSolverMultistepScheduler, FusedDPMSolverMultistepScheduler),
          "single": (DPMSolverSinglestepScheduler, FusedDPMSolverSinglestepScheduler)}
-pytestmark = [pytest.mark.filterwarnings("ignore::FutureWarning"),  # deprecated dpmsolver / sde-dpmsolver
+pytestmark = [pytest.mark.usefixtures("one_thread"),  # tiny tensors
+              pytest.mark.filterwarnings("ignore::FutureWarning"),  # deprecated dpmsolver / sde-dpmsolver
               pytest.mark.filterwarnings("ignore::DeprecationWarning")]
 logging.getLogger("diffusers").setLevel(logging.ERROR)  # singlestep's "changing lower_order_final" notices
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny tensors: threads only add overhead on a shared 2-core box
-    yield
-    torch.set_num_threads(n)
 
 
 def toy_model(x: torch.Tensor, t) -> torch.Tensor:

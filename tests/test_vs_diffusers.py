@@ -83,18 +83,10 @@ BETAS = {
 PRED = {"epsilon": "noise", "sample": "x_start", "v_prediction": "v"}
 # diffusers deprecates algorithm_type="dpmsolver"/"sde-dpmsolver" (FutureWarning) and trips over numpy 2's copy
 # keyword (DeprecationWarning): noise for these tests
-pytestmark = [pytest.mark.filterwarnings("ignore::FutureWarning"),
+pytestmark = [pytest.mark.usefixtures("one_thread"),  # tiny tensors
+              pytest.mark.filterwarnings("ignore::FutureWarning"),
               pytest.mark.filterwarnings("ignore::DeprecationWarning")]
 THRESHOLD = dict(thresholding=True, scale=1.5, sample_max_value=2.0)  # |x0| quantiles span 1..3: every regime
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """The tensors here are tiny: intra-op threads only add overhead (10+ ms per softmax on a busy 2-core box)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 class Recorder:

@@ -46,18 +46,10 @@ except ImportError as exc:  # a required test dependency: fail loudly instead of
         "(pip install --no-deps k-diffusion==0.1.1.post1, plus scipy, torchdiffeq, torchsde, tqdm)"
     ) from exc
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors
 RTOL = 1e-10
 SHAPE = (3, 8)
 SIGMA_MIN, SIGMA_MAX = 0.0292, 14.6146  # Stable Diffusion's range
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """The tensors here are tiny: intra-op threads only add overhead on a busy machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 class MixtureDenoiser:
