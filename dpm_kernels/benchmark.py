@@ -79,9 +79,9 @@ def copy_bandwidth(footprint: int, dtype: torch.dtype, device: torch.device) -> 
     """Bytes/s of dst.copy_(src) (counting the read and the write) with src and dst together `footprint` bytes.
 
     The copy spans as many bytes as the step it is the floor of, so both run from the same level of the memory
-    hierarchy: a copy of only n elements would stay in a cache that the step's (order + 3) tensors overflow.
+    hierarchy: a copy of only n elements would stay in a cache that the step's tensors overflow.
     """
-    n = max(1, footprint // (2 * torch.empty((), dtype=dtype).element_size()))
+    n = max(1, footprint // (2 * dtype.itemsize))
     src = torch.randn(n, device=device).to(dtype)
     dst = torch.empty_like(src)
     med, _, _ = quantiles(measure(lambda: dst.copy_(src), device))
@@ -199,9 +199,10 @@ def run(sizes, orders, dtypes, thresholds, providers, device, out_dir: Path | No
     for dname, exp, order, thr in it:
         dtype, n = DTYPES[dname], 1 << exp
         case = StepCase(n, order, dtype, device, thr)
-        if (dname, case.footprint()) not in bw_cache:
-            bw_cache[(dname, case.footprint())] = copy_bandwidth(case.footprint(), dtype, device)
-        bw = bw_cache[(dname, case.footprint())]
+        key = (dname, case.footprint())
+        if key not in bw_cache:
+            bw_cache[key] = copy_bandwidth(case.footprint(), dtype, device)
+        bw = bw_cache[key]
         floor = case.bytes_moved() / bw
         fns = {}
         for b in natives:

@@ -253,13 +253,8 @@ bool select_in_guess(int64_t n, int64_t k1, int64_t k2, int w, const Fill& fill,
   // Ranks below, below + 1, ... hold at_lo times lo, then the sorted `mid`, then at_hi times hi.
   const int64_t nmid = static_cast<int64_t>(mid.size());
   if (overflow || k1 < below || k2 >= below + at_lo + nmid + at_hi) return false;
-  const int64_t r1 = k1 - below - at_lo;  // positions in the sorted `mid`
-  if (k2 != k1 && r1 >= 0 && r1 + 1 < nmid) {
-    select_in(mid.data(), nmid, r1, true, v1, v2);
-    return true;
-  }
   std::vector<Key> work;
-  auto pick = [&](int64_t r) {
+  auto pick = [&](int64_t r) {  // radix_select_in leaves `mid` as it is: pick twice
     r -= below;
     if (r < at_lo) return lo;
     r -= at_lo;

@@ -95,15 +95,20 @@ __attribute__((target("avx2,f16c"))) inline F8 bf16x8_to_float(const void* p) {
   return reinterpret_cast<F8>(_mm256_slli_epi32(w, 16));
 }
 
-__attribute__((target("avx2,f16c"))) inline void float_to_bf16x8(void* p, F8 v) {
-  U8 u = reinterpret_cast<U8>(v);
-  u = v != v ? U8{} + 0x7fc00000u : u;  // rounds to 0x7FC0, c10's NaN
-  const U8 r = (u + (((u >> 16) & 1u) + 0x7fffu)) >> 16;
+__attribute__((target("avx2,f16c"))) inline void store_u16x8(void* p, U8 r) {
   const __m256i ri = reinterpret_cast<__m256i>(r);
   const __m128i packed = _mm_packus_epi32(_mm256_castsi256_si128(ri), _mm256_extracti128_si256(ri, 1));
   _mm_storeu_si128(static_cast<__m128i*>(p), packed);
 }
 #endif
+
+// The bfloat16 bits of each lane of v (in the low 16 bits of a 32-bit lane), rounded to nearest even.
+template <typename V, typename U32 = typename SimdOf<uint32_t, sizeof(V) / 4>::type>
+DPM_CPU_INLINE U32 bf16_bits(const V& v) {
+  U32 u = reinterpret_cast<U32>(v);
+  u = v != v ? U32{} + 0x7fc00000u : u;  // rounds to 0x7FC0, c10's NaN
+  return (u + (((u >> 16) & 1u) + 0x7fffu)) >> 16;
+}
 
 // N values of S as a vector V of N lanes of the arithmetic type.
 template <typename V, typename S>
@@ -135,15 +140,11 @@ DPM_CPU_INLINE void store_as(S* p, const V& v) {
   if constexpr (kFmt<S> == Fmt::kNative) {
     vstore(p, v);
   } else if constexpr (kFmt<S> == Fmt::kBF16) {
+    const auto r = bf16_bits(v);
 #ifdef DPM_CPU_HAVE_AVX2_PATH
-    if constexpr (N == 8) return float_to_bf16x8(p, v);
+    if constexpr (N == 8) return store_u16x8(p, r);
 #endif
-    using U16 = typename SimdOf<uint16_t, N>::type;
-    using U32 = typename SimdOf<uint32_t, N>::type;
-    U32 u = reinterpret_cast<U32>(v);
-    u = v != v ? U32{} + 0x7fc00000u : u;  // rounds to 0x7FC0, c10's NaN
-    const U32 r = (u + (((u >> 16) & 1u) + 0x7fffu)) >> 16;
-    vstore(p, __builtin_convertvector(r, U16));
+    vstore(p, __builtin_convertvector(r, typename SimdOf<uint16_t, N>::type));
   } else {
 #ifdef DPM_CPU_HAVE_AVX2_PATH
     static_assert(N == 8, "float16 vectors: 8 lanes (F16C)");
