@@ -46,7 +46,7 @@ def _sample(args) -> int:
         steps=args.steps, order=args.order, skip_type=args.skip_type, method=args.method).nfe
     print(f"ran: algorithm={args.algorithm} method={args.method} order={args.order} NFE={nfe} "
           f"skip_type={args.skip_type} solver_type={args.solver_type} dtype={args.dtype} "
-          f"backend={registry.choose(args.backend, x.device)}")
+          f"backend={registry.choose(args.backend, x.device).name}")
     if not args.algorithm.startswith("sde"):
         ref = reference_solution(fn, ns, x_T)
         print(f"mean L2 error vs the exact ODE solution: {float((x.double() - ref).norm(dim=1).mean()):.3e}")

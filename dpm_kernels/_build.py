@@ -107,7 +107,7 @@ def _load_locked(name: str) -> str | None:
         return "disabled by DPM_KERNELS_NO_EXT=1"
     import torch  # noqa: F401  (the op schema must be defined before the kernels register)
 
-    from . import ops  # noqa: F401
+    from . import opdef  # noqa: F401
 
     try:
         importlib.import_module(f"dpm_kernels._{name}")

@@ -27,11 +27,15 @@ import statistics
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
+from . import coefficients as C
 from . import layout as L
+from . import planner as P
 from .backends import reference, registry
 from .ops import fused_step
+from .schedule import NoiseScheduleVP
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 THR = (0.995, 1.0, math.inf)
@@ -116,9 +120,6 @@ class StepCase:
     """Inputs of one benchmarked step: x [B, 4, n/4B], eps, order-1 history entries, a coefficient row."""
 
     def __init__(self, n: int, order: int, dtype: torch.dtype, device: torch.device, thresholding: bool):
-        from . import coefficients as C
-        from .schedule import NoiseScheduleVP
-
         b = 4 if n >= 64 * 1024 else 1
         shape = (b, 4, n // (4 * b))  # [B, C, HW]: diffusers' thresholding needs a channel dimension
         g = torch.Generator(device="cpu").manual_seed(0)
@@ -127,18 +128,10 @@ class StepCase:
         self.hist = [mk(0.5) for _ in range(order - 1)]
         self.hist_out = torch.empty_like(self.x)
         self.order, self.thr, self.n, self.dtype = order, thresholding, n, dtype
-        ns = NoiseScheduleVP("linear")
         # a realistic mid-trajectory step: history at t = 0.6, 0.55, current point 0.5, target 0.45
-        pts = [C.Point.from_log_alpha(float(ns.log_alpha64(t))) for t in (0.6, 0.55, 0.5, 0.45)]
-        upd = C.multistep("dpmsolver++", "dpmsolver", order, pts[2::-1][:order], pts[3])
-        row = torch.zeros(L.NCOEF, dtype=torch.float64)
-        p0 = pts[2]
-        row[L.GUIDE] = 1.0
-        row[L.PX], row[L.PM] = C.conversion("noise", "x0", p0.alpha, p0.sigma)
-        row[L.QM], row[L.A] = 1.0, upd.a
-        for j, c in enumerate(upd.c):
-            row[L.C0 + j] = c
-        self.coef = row.to(device)
+        pts = P.point(NoiseScheduleVP("linear"), np.array([0.6, 0.55, 0.5, 0.45]))
+        upd = C.multistep("dpmsolver++", "dpmsolver", order, [pts[2], pts[1], pts[0]][:order], pts[3])
+        self.coef = torch.from_numpy(P.coefficient_rows(pts[2], P.Conversion("noise", "x0"), upd)).to(device)
 
     def footprint(self) -> int:
         """Bytes of the tensors the step touches: x, eps, the order - 1 history entries read, the one written."""
@@ -195,7 +188,7 @@ def run(sizes, orders, dtypes, thresholds, providers, device, out_dir: Path | No
         it = tqdm(combos, desc="bench", unit="config")
     rows = []
     bw_cache: dict = {}
-    natives = [b for b in ("cpu", "cuda", "triton") if registry._why_not(b, device) is None]
+    natives = [b.name for b in registry.BACKENDS if b is not registry.TORCH and b.why_not(device) is None]
     for dname, exp, order, thr in it:
         dtype, n = DTYPES[dname], 1 << exp
         case = StepCase(n, order, dtype, device, thr)

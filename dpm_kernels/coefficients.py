@@ -1,64 +1,102 @@
-"""Every DPM-Solver update as float64 scalars: ``x_t = a * x + sum_j c[j] * m_j + noise * z`` (MATH.md).
+"""Every DPM-Solver update as float64 numbers: ``x_t = a * x + sum_j c[j] * m_j + noise * z`` (docs/math.md).
 
 This file is the one place where the solver formulas live in Python. Each function takes the points of
 the trajectory (alpha, sigma, lambda of each time) and returns an `Update`; the fused kernels only ever
 see the resulting numbers. ``c[0]`` multiplies the newest model output, ``c[1]`` the one before, and so on.
 
+Vectorized: a point's fields may be float64 scalars or numpy arrays (one entry per step of a trajectory, or per
+sample of a batch with per-sample times), which broadcast; the update's fields then are arrays too. Control
+flow (the order, the algorithm) is per call; everything that depends on the values is elementwise.
+
 Points are generic (alpha, sigma) pairs with ``lam = log(alpha) - log(sigma)``: VP points from a noise
 schedule, or k-diffusion's VE points (alpha = 1, sigma = sigma_k) -- the formulas only use ratios and lambda,
 so both work. A point with sigma = 0 (the end of a trajectory that denoises completely) has lam = +inf;
 only first-order steps may end there, and they are computed by their finite limits, never as 0 * inf.
+
+A step of zero length (|h| <= ZERO_STEP: repeated times or sigmas) is the identity, a = 1 and every c and the
+noise 0; nothing divides by its h.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
+
+import numpy as np
 
 ALGORITHMS = ("dpmsolver++", "dpmsolver", "sde-dpmsolver++", "sde-dpmsolver")
 SOLVER_TYPES = ("dpmsolver", "taylor")
 # diffusers' names for the same two variants.
 _SOLVER_ALIASES = {"midpoint": "dpmsolver", "heun": "taylor", "dpmsolver": "dpmsolver", "taylor": "taylor"}
+MULTISTEP3 = ("standard", "third_order")
+# A step with |lambda_t - lambda_s| at or below this is zero-length: the identity. Real steps are many orders of
+# magnitude longer (1000 steps over a lambda range of 20 are 0.02 each); a step this short moves x by ~1e-6 of
+# its derivative at most, and divided differences over it would only amplify rounding.
+ZERO_STEP = 1e-6
+
+
+def _fast_any(c) -> bool:
+    return bool(c.any()) if isinstance(c, np.ndarray) else bool(c)
+
+
+def _where(c, a, b):
+    """np.where, without its cost for scalars."""
+    return np.where(c, a, b) if isinstance(c, np.ndarray) else (a if c else b)
+
+
+def _f64(v):
+    return v if isinstance(v, np.ndarray) else np.float64(v)
 
 
 @dataclass(frozen=True)
 class Point:
-    """One time of a trajectory: alpha_t, sigma_t and lambda_t = log(alpha_t / sigma_t), all float64."""
+    """One time of a trajectory: alpha_t, sigma_t and lambda_t = log(alpha_t / sigma_t), float64 (scalars, or
+    arrays of equal or broadcastable shape: several points at once)."""
 
-    alpha: float
-    sigma: float
-    lam: float
+    alpha: float | np.ndarray
+    sigma: float | np.ndarray
+    lam: float | np.ndarray
+
+    def __post_init__(self):  # float64 scalars: a division by zero gives inf for the finiteness checks, not an error
+        for name in ("alpha", "sigma", "lam"):
+            object.__setattr__(self, name, _f64(getattr(self, name)))
+
+    def __getitem__(self, idx) -> Point:
+        """The points at `idx` of array fields."""
+        shape = np.broadcast_shapes(np.shape(self.alpha), np.shape(self.sigma), np.shape(self.lam))
+        return Point(*(np.broadcast_to(v, shape)[idx] for v in (self.alpha, self.sigma, self.lam)))
 
     @staticmethod
-    def from_log_alpha(log_alpha: float) -> Point:
-        """A VP point from log(alpha_t); sigma_t = sqrt(1 - alpha_t^2) computed without cancellation."""
-        log_alpha = float(log_alpha)
-        if log_alpha == 0.0:
-            return Point(1.0, 0.0, math.inf)
-        log_sigma = 0.5 * math.log(-math.expm1(2.0 * log_alpha))
-        return Point(math.exp(log_alpha), math.exp(log_sigma), log_alpha - log_sigma)
+    @np.errstate(divide="ignore")
+    def from_log_alpha(log_alpha) -> Point:
+        """VP points from log(alpha_t); sigma_t = sqrt(1 - alpha_t^2) computed without cancellation (log_alpha = 0
+        gives sigma = 0, lambda = inf)."""
+        la = np.asarray(log_alpha, dtype=np.float64)
+        log_sigma = 0.5 * np.log(-np.expm1(2.0 * la))
+        return Point(np.exp(la), np.exp(log_sigma), la - log_sigma)
 
     @staticmethod
-    def from_ve_sigma(sigma: float) -> Point:
+    @np.errstate(divide="ignore")
+    def from_ve_sigma(sigma) -> Point:
         """k-diffusion's parameterisation x_ve = x / alpha: alpha = 1, sigma = sigma_ve."""
-        sigma = float(sigma)
-        return Point(1.0, sigma, math.inf if sigma == 0.0 else -math.log(sigma))
+        s = np.asarray(sigma, dtype=np.float64)
+        return Point(np.ones_like(s)[()], s[()], -np.log(s))
 
     @staticmethod
-    def from_vp_of_ve_sigma(sigma: float) -> Point:
+    @np.errstate(divide="ignore")
+    def from_vp_of_ve_sigma(sigma) -> Point:
         """diffusers' conversion of a VE sigma to VP: alpha = 1/sqrt(1 + s^2), sigma_vp = s * alpha."""
-        sigma = float(sigma)
-        alpha = 1.0 / math.sqrt(1.0 + sigma * sigma)
-        return Point(alpha, sigma * alpha, math.inf if sigma == 0.0 else -math.log(sigma))
+        s = np.asarray(sigma, dtype=np.float64)
+        alpha = 1.0 / np.sqrt(1.0 + s * s)
+        return Point(alpha, s * alpha, -np.log(s))
 
 
 @dataclass(frozen=True)
 class Update:
     """``x_t = a * x + sum_j c[j] * m_j + noise * z``: c[0] for the newest model output."""
 
-    a: float
-    c: tuple[float, ...]
-    noise: float = 0.0
+    a: float | np.ndarray
+    c: tuple
+    noise: float | np.ndarray = 0.0
 
 
 def normalize_solver_type(solver_type: str) -> str:
@@ -74,28 +112,42 @@ def is_data_prediction(algorithm_type: str) -> bool:
     return algorithm_type.endswith("++")
 
 
-def _expm1_over(x: float) -> float:
-    """expm1(x) / x, continuous at x = 0."""
-    return math.expm1(x) / x if x != 0.0 else 1.0
+def is_zero_step(h):
+    """True where a step of lambda-length h is zero-length (also NaN: from sigma = 0 to sigma = 0)."""
+    return ~(np.abs(h) > ZERO_STEP)
 
 
-def _sigma_expm1_h(pt: Point, ps: Point) -> float:
+def _step_length(ps: Point, pt: Point):
+    """(zero, h): where the step is zero-length, and h with 1 standing in there, so that nothing divides by 0."""
+    h = pt.lam - ps.lam
+    zero = is_zero_step(h)
+    return zero, _where(zero, 1.0, h)
+
+
+def _identity_where(zero, u: Update) -> Update:
+    """u, with the identity (a = 1, no model or noise term) where the step is zero-length."""
+    if not _fast_any(zero):
+        return u
+    return Update(_where(zero, 1.0, u.a), tuple(_where(zero, 0.0, c) for c in u.c), _where(zero, 0.0, u.noise))
+
+
+def _sigma_expm1_h(pt: Point, ps: Point, h):
     """sigma_t * expm1(lambda_t - lambda_s), finite also when sigma_t = 0 (then it is alpha_t sigma_s / alpha_s)."""
-    if pt.sigma == 0.0:
-        return pt.alpha * ps.sigma / ps.alpha
-    return pt.sigma * math.expm1(pt.lam - ps.lam)
+    return _where(pt.sigma == 0.0, pt.alpha * ps.sigma / ps.alpha, pt.sigma * np.expm1(h))
 
 
 def _check_finite_step(order: int, pt: Point) -> None:
-    if pt.sigma == 0.0 and order > 1:
+    if order > 1 and _fast_any(pt.sigma == 0.0):
         raise ValueError("order: a step that ends at sigma = 0 must be first order (higher orders divide by h = inf)")
 
 
-MULTISTEP3 = ("standard", "third_order")
+def _check_order(order: int, n_prev: int) -> None:
+    if order not in (1, 2, 3) or n_prev < order:
+        raise ValueError(f"order: need 1..3 and as many previous points, got order={order} with {n_prev}")
 
 
-def _d_weights(r0: float, r1: float, d2_weight_scale: float) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Weights of (m0, m1, m2) in D1 and in d2_weight_scale * D2 (MATH.md, multistep 3).
+def _d_weights(r0, r1, d2_weight_scale: float) -> tuple[tuple, tuple]:
+    """Weights of (m0, m1, m2) in D1 and in d2_weight_scale * D2 (docs/math.md, multistep 3).
 
     D1 = h x0' + O(h^3) and D2 = h^2 x0''/2 + O(h^3) for smooth outputs; the exact update needs
     h^2 x0'' = 2 D2 in front of phi3, hence the scale 2 of the "third_order" variant.
@@ -114,37 +166,36 @@ def _d2_scale(multistep3: str) -> float:
     return 1.0 if multistep3 == "standard" else 2.0
 
 
+@np.errstate(all="ignore")
 def multistep(algorithm_type: str, solver_type: str, order: int, prev: list[Point], pt: Point,
               multistep3: str = "standard") -> Update:
     """Multistep DPM-Solver(++) of ``order`` from ``prev[0]`` (newest) to ``pt``; prev[1], prev[2] older.
 
     ODE algorithms only; see `sde_multistep` for the SDE variants. Order 3 comes in two variants:
-    "standard" is the update of the authors' code, diffusers and k-diffusion (MATH.md): its D2 term carries
+    "standard" is the update of the authors' code, diffusers and k-diffusion (docs/math.md): its D2 term carries
     half the weight a Taylor expansion asks for, so its local error is O(h^3) and the method is second
     order globally; "third_order" doubles the D2 term, giving local error O(h^4) (third order globally).
     """
     solver_type = normalize_solver_type(solver_type)
-    if order not in (1, 2, 3) or len(prev) < order:
-        raise ValueError(f"order: need 1..3 and as many previous points, got order={order} with {len(prev)}")
+    _check_order(order, len(prev))
     scale = _d2_scale(multistep3)
-    _check_finite_step(order, pt)
+    plus = is_data_prediction(algorithm_type)
     if algorithm_type.startswith("sde"):
         raise ValueError("algorithm_type: use sde_multistep for SDE algorithms")
+    _check_finite_step(order, pt)
     s0 = prev[0]
-    h = pt.lam - s0.lam
-    plus = is_data_prediction(algorithm_type)
+    zero, h = _step_length(s0, pt)
     if plus:
         a = pt.sigma / s0.sigma
-        phi1 = math.expm1(-h)  # -1 when h = inf
+        phi1 = np.expm1(-h)  # -1 when h = inf
         k = pt.alpha  # x_t = a x - k*phi1*m0 + ...
     else:
         a = pt.alpha / s0.alpha
-        phi1 = math.expm1(h)
+        phi1 = np.expm1(h)
         k = pt.sigma
     if order == 1:
-        if plus:
-            return Update(a, (-k * phi1,))
-        return Update(a, (-_sigma_expm1_h(pt, s0),))
+        c0 = -k * phi1 if plus else -_sigma_expm1_h(pt, s0, h)
+        return _identity_where(zero, Update(a, (c0,)))
     s1 = prev[1]
     r0 = (s0.lam - s1.lam) / h
     if order == 2:
@@ -153,7 +204,7 @@ def multistep(algorithm_type: str, solver_type: str, order: int, prev: list[Poin
             e = -0.5 * k * phi1
         else:
             e = k * (phi1 / h + 1.0) if plus else -k * (phi1 / h - 1.0)
-        return Update(a, (-k * phi1 + e / r0, -e / r0))
+        return _identity_where(zero, Update(a, (-k * phi1 + e / r0, -e / r0)))
     r1 = (s1.lam - prev[2].lam) / h
     if plus:
         phi2 = phi1 / h + 1.0
@@ -165,10 +216,11 @@ def multistep(algorithm_type: str, solver_type: str, order: int, prev: list[Poin
         e1, e2 = -k * phi2, -k * phi3
     d1, d2 = _d_weights(r0, r1, scale)
     c = [e1 * d1[j] + e2 * d2[j] for j in range(3)]
-    c[0] += -k * phi1
-    return Update(a, tuple(c))
+    c[0] = c[0] - k * phi1
+    return _identity_where(zero, Update(a, tuple(c)))
 
 
+@np.errstate(all="ignore")
 def sde_multistep(
     algorithm_type: str,
     solver_type: str,
@@ -195,20 +247,20 @@ def sde_multistep(
     With eta = 0, ``sde-dpmsolver++`` equals the ODE solver of the same order (taylor form at order 3).
     """
     solver_type = normalize_solver_type(solver_type)
-    if order not in (1, 2, 3) or len(prev) < order:
-        raise ValueError(f"order: need 1..3 and as many previous points, got order={order} with {len(prev)}")
+    _check_order(order, len(prev))
     if eta < 0 or s_noise < 0:
         raise ValueError("eta: eta and s_noise must be >= 0")
     _check_finite_step(order, pt)
     s0 = prev[0]
-    h = pt.lam - s0.lam
-    if h <= 0:
+    zero, h = _step_length(s0, pt)
+    if _fast_any(h < 0):
         raise ValueError("t: SDE steps must go towards the data (lambda increasing); SDE inversion is not defined")
+    end = pt.sigma == 0.0
     if algorithm_type == "sde-dpmsolver++":
         big_h = (1.0 + eta) * h
-        psi = -math.expm1(-big_h)  # 1 - e^{-H}, = 1 at sigma_t = 0
-        a = pt.sigma / s0.sigma * math.exp(-eta * h) if pt.sigma != 0.0 else 0.0
-        noise = pt.sigma * math.sqrt(-math.expm1(-2.0 * eta * h)) * s_noise if pt.sigma != 0.0 else 0.0
+        psi = -np.expm1(-big_h)  # 1 - e^{-H}, = 1 at sigma_t = 0
+        a = _where(end, 0.0, pt.sigma / s0.sigma * np.exp(-eta * h))
+        noise = _where(end, 0.0, pt.sigma * np.sqrt(-np.expm1(-2.0 * eta * h)) * s_noise)
         c = [pt.alpha * psi, 0.0, 0.0]
         if order >= 2:
             s1 = prev[1]
@@ -216,8 +268,8 @@ def sde_multistep(
             phi2 = -psi / big_h + 1.0
             if order == 2:
                 e1 = 0.5 * pt.alpha * psi if solver_type == "dpmsolver" else pt.alpha * phi2
-                c[0] += e1 / r0
-                c[1] -= e1 / r0
+                c[0] = c[0] + e1 / r0
+                c[1] = c[1] - e1 / r0
             else:
                 s2 = prev[2]
                 r1 = (s1.lam - s2.lam) / h
@@ -231,25 +283,26 @@ def sde_multistep(
                     e2, scale = -pt.alpha * phi3, _d2_scale(multistep3)
                 d1, d2 = _d_weights(r0, r1, scale)
                 for j in range(3):
-                    c[j] += e1 * d1[j] + e2 * d2[j]
-        return Update(a, tuple(c[:order]), noise)
+                    c[j] = c[j] + e1 * d1[j] + e2 * d2[j]
+        return _identity_where(zero, Update(a, tuple(c[:order]), noise))
     if algorithm_type == "sde-dpmsolver":
         if eta != 1.0:
             raise ValueError("eta: 'sde-dpmsolver' is defined for eta = 1 only")
-        if pt.sigma == 0.0:
+        if _fast_any(end):
             raise ValueError("t: 'sde-dpmsolver' cannot end at sigma = 0")
         if order == 3:
             raise ValueError("order: 'sde-dpmsolver' supports orders 1 and 2")
-        phi1 = math.expm1(h)
+        phi1 = np.expm1(h)
         a = pt.alpha / s0.alpha
-        noise = pt.sigma * math.sqrt(math.expm1(2.0 * h)) * s_noise
+        noise = pt.sigma * np.sqrt(np.expm1(2.0 * h)) * s_noise
         c = [-2.0 * pt.sigma * phi1, 0.0]
         if order == 2:
             r0 = (s0.lam - prev[1].lam) / h
             e1 = -pt.sigma * phi1 if solver_type == "dpmsolver" else -2.0 * pt.sigma * (phi1 / h - 1.0)
-            c[0] += e1 / r0
-            c[1] -= e1 / r0
-        return Update(a, tuple(c[:order]), noise)
+            c[0] = c[0] + e1 / r0
+            c[1] = c[1] - e1 / r0
+        return _identity_where(zero, Update(a, tuple(c[:order]), noise))
+    is_data_prediction(algorithm_type)  # an unknown name: the error lists the algorithms
     raise ValueError(f"algorithm_type: {algorithm_type!r} is not an SDE algorithm")
 
 
@@ -258,6 +311,7 @@ def singlestep_intermediate(algorithm_type: str, ps: Point, pu: Point) -> Update
     return multistep(algorithm_type, "dpmsolver", 1, [ps], pu)
 
 
+@np.errstate(all="ignore")
 def singlestep(
     algorithm_type: str,
     solver_type: str,
@@ -274,61 +328,60 @@ def singlestep(
     u2 uses (m_s1, m_s), x_t of order 3 uses (m_s2, m_s1, m_s). ``r1, r2`` are the lambda fractions of the
     intermediate points. ``u2_form`` picks the second-order formula for u2: "taylor" is the authors' code
     (whatever the solver_type), "solver_type" follows ``solver_type`` (diffusers' singlestep scheduler).
+    A zero-length block is the identity at every evaluation.
     """
     solver_type = normalize_solver_type(solver_type)
     if order not in (1, 2, 3) or len(inner) != order - 1:
         raise ValueError(f"order: singlestep order {order} needs {order - 1} intermediate points, got {len(inner)}")
+    if u2_form not in ("taylor", "solver_type"):
+        raise ValueError(f"u2_form: expected 'taylor' or 'solver_type', got {u2_form!r}")
+    plus = is_data_prediction(algorithm_type)
     if algorithm_type.startswith("sde"):
         raise ValueError("algorithm_type: singlestep solvers are ODE solvers; use method='multistep' for SDE")
     _check_finite_step(order, pt)
     if order == 1:
         return [multistep(algorithm_type, solver_type, 1, [ps], pt)]
-    plus = is_data_prediction(algorithm_type)
-    h = pt.lam - ps.lam
+    zero, h = _step_length(ps, pt)
     r = [(p.lam - ps.lam) / h for p in inner]
     updates = [singlestep_intermediate(algorithm_type, ps, inner[0])]
     if order == 2:
-        updates.append(_single2_final(plus, solver_type, ps, pt, r[0]))
-        return updates
-    r1, r2 = r
-    pu2 = inner[1]
-    # u2: second order from s to s2 via s1; its own r is r1 / r2.
-    u2_type = "taylor" if u2_form == "taylor" else solver_type
-    if u2_form not in ("taylor", "solver_type"):
-        raise ValueError(f"u2_form: expected 'taylor' or 'solver_type', got {u2_form!r}")
-    updates.append(_single2_final(plus, u2_type, ps, pu2, r1 / r2))
-    updates.append(_single3_final(plus, solver_type, ps, pt, r1, r2))
-    return updates
+        updates.append(_single2_final(plus, solver_type, ps, pt, h, r[0]))
+    else:
+        r1, r2 = r
+        # u2: second order from s to s2 via s1; its own r is r1 / r2
+        u2_type = "taylor" if u2_form == "taylor" else solver_type
+        h2 = _where(zero, 1.0, inner[1].lam - ps.lam)
+        updates.append(_single2_final(plus, u2_type, ps, inner[1], h2, r1 / r2))
+        updates.append(_single3_final(plus, solver_type, ps, pt, h, r1, r2))
+    return [_identity_where(zero, u) for u in updates]
 
 
-def _single2_final(plus: bool, solver_type: str, ps: Point, pt: Point, r1: float) -> Update:
-    """x_t from m_s and m_s1 (r1: the lambda fraction of s1); c = (c_s1, c_s), newest first."""
-    h = pt.lam - ps.lam
+def _single2_final(plus: bool, solver_type: str, ps: Point, pt: Point, h, r1) -> Update:
+    """x_t from m_s and m_s1 (h: the step's lambda length, r1: the lambda fraction of s1); c = (c_s1, c_s)."""
     if plus:
         a = pt.sigma / ps.sigma
-        phi1 = math.expm1(-h)
+        phi1 = np.expm1(-h)
         base = -pt.alpha * phi1
         e = -(0.5 / r1) * pt.alpha * phi1 if solver_type == "dpmsolver" else (1.0 / r1) * pt.alpha * (phi1 / h + 1.0)
     else:
         a = pt.alpha / ps.alpha
-        phi1 = math.expm1(h)
+        phi1 = np.expm1(h)
         base = -pt.sigma * phi1
         e = -(0.5 / r1) * pt.sigma * phi1 if solver_type == "dpmsolver" else -(1.0 / r1) * pt.sigma * (phi1 / h - 1.0)
     # x_t = a x + base m_s + e (m_s1 - m_s)
     return Update(a, (e, base - e))
 
 
-def _single3_final(plus: bool, solver_type: str, ps: Point, pt: Point, r1: float, r2: float) -> Update:
-    h = pt.lam - ps.lam
+def _single3_final(plus: bool, solver_type: str, ps: Point, pt: Point, h, r1, r2) -> Update:
     if plus:
         a = pt.sigma / ps.sigma
-        phi1 = math.expm1(-h)
+        phi1 = np.expm1(-h)
         phi2 = phi1 / h + 1.0
         phi3 = phi2 / h - 0.5
         k, g1, g2, g3 = pt.alpha, -1.0, 1.0, -1.0  # x_t = a x + k(g1 phi1 m_s + g2 phi2 D1 + g3 phi3 D2)
     else:
         a = pt.alpha / ps.alpha
-        phi1 = math.expm1(h)
+        phi1 = np.expm1(h)
         phi2 = phi1 / h - 1.0
         phi3 = phi2 / h - 0.5
         k, g1, g2, g3 = pt.sigma, -1.0, -1.0, -1.0
@@ -337,18 +390,19 @@ def _single3_final(plus: bool, solver_type: str, ps: Point, pt: Point, r1: float
     if solver_type == "dpmsolver":
         # + k g2 phi2 (m_s2 - m_s) / r2
         g = k * g2 * phi2 / r2
-        c[0] -= g
-        c[2] += g
+        c[0] = c[0] - g
+        c[2] = c[2] + g
     else:
         d1_0 = (-1.0 / r1, 1.0 / r1, 0.0)
         d1_1 = (-1.0 / r2, 0.0, 1.0 / r2)
         for j in range(3):
             d1 = (r2 * d1_0[j] - r1 * d1_1[j]) / (r2 - r1)
             d2 = 2.0 * (d1_1[j] - d1_0[j]) / (r2 - r1)
-            c[j] += k * g2 * phi2 * d1 + k * g3 * phi3 * d2
+            c[j] = c[j] + k * g2 * phi2 * d1 + k * g3 * phi3 * d2
     return Update(a, (c[2], c[1], c[0]))
 
 
+@np.errstate(all="ignore")
 def singlestep_sde_diffusers(solver_type: str, order: int, ps: Point, inner: list[Point], pt: Point) -> list[Update]:
     """diffusers' singlestep SDE-DPM-Solver++ (eta = 1): the updates of `singlestep`, one per evaluation.
 
@@ -362,46 +416,50 @@ def singlestep_sde_diffusers(solver_type: str, order: int, ps: Point, inner: lis
 
     def stretch(q: Point) -> Point:
         dh = q.lam - ps.lam
-        return Point(q.alpha, q.sigma * math.exp(-dh) if q.sigma != 0.0 else 0.0, ps.lam + 2.0 * dh)
+        return Point(q.alpha, _where(q.sigma == 0.0, 0.0, q.sigma * np.exp(-dh)), ps.lam + 2.0 * dh)
 
     ups = singlestep("dpmsolver++", solver_type, order, ps, [stretch(q) for q in inner], stretch(pt), "solver_type")
     out = []
     for q, u in zip(list(inner) + [pt], ups, strict=True):
-        noise = q.sigma * math.sqrt(-math.expm1(-2.0 * (q.lam - ps.lam))) if q.sigma != 0.0 else 0.0
+        noise = _where(q.sigma == 0.0, 0.0, q.sigma * np.sqrt(-np.expm1(-2.0 * (q.lam - ps.lam))))
         out.append(Update(u.a, u.c, noise))
+    zero, h = _step_length(ps, pt)
     if order == 3 and solver_type == "taylor":
-        h = pt.lam - ps.lam
         r1, r2 = ((q.lam - ps.lam) / h for q in inner)
         # D2 = 2 (D1_1 - D1_0) / (r2 - r1), D1_0 = (m_s1 - m_s) / r1, D1_1 = (m_s2 - m_s) / r2; c newest first
         w = (2.0 / r2, -2.0 / r1, 2.0 / r1 - 2.0 / r2)
         c = tuple(cj - pt.alpha * wj / (r2 - r1) for cj, wj in zip(out[-1].c, w, strict=True))
         out[-1] = Update(out[-1].a, c, out[-1].noise)
-    return out
+    return [_identity_where(zero, u) for u in out]
 
 
-def conversion(model_type: str, target: str, alpha: float, sigma: float) -> tuple[float, float]:
-    """(px, pm) with ``target = px * x + pm * model_output`` (MATH.md, "Notation").
+MODEL_TYPES = ("noise", "x_start", "v", "score")
+
+
+@np.errstate(divide="ignore", invalid="ignore")
+def conversion(model_type: str, target: str, alpha, sigma) -> tuple:
+    """(px, pm) with ``target = px * x + pm * model_output`` (docs/math.md, "Notation").
 
     model_type: "noise" | "x_start" | "v" | "score"; target: "x0" | "eps".
     """
     if target not in ("x0", "eps"):
         raise ValueError(f"target: expected 'x0' or 'eps', got {target!r}")
+    if model_type not in MODEL_TYPES:
+        raise ValueError(f"model_type: expected one of {MODEL_TYPES}, got {model_type!r}")
     if target == "x0":
-        table = {
-            "noise": (1.0 / alpha, -sigma / alpha),
-            "x_start": (0.0, 1.0),
-            "v": (alpha, -sigma),
-            "score": (1.0 / alpha, sigma * sigma / alpha),
-        }
-    else:
-        if sigma == 0.0 and model_type in ("x_start", "v"):
-            raise ValueError("t: cannot convert to a noise prediction at sigma = 0")
-        table = {
-            "noise": (0.0, 1.0),
-            "x_start": (1.0 / sigma if sigma else 0.0, -alpha / sigma if sigma else 0.0),
-            "v": (sigma, alpha),
-            "score": (0.0, -sigma),
-        }
-    if model_type not in table:
-        raise ValueError(f"model_type: expected one of {tuple(table)}, got {model_type!r}")
-    return table[model_type]
+        if model_type == "noise":
+            return 1.0 / alpha, -sigma / alpha
+        if model_type == "x_start":
+            return 0.0, 1.0
+        if model_type == "v":
+            return alpha, -sigma
+        return 1.0 / alpha, sigma * sigma / alpha  # score
+    if model_type in ("x_start", "v") and _fast_any(sigma == 0.0):
+        raise ValueError("t: cannot convert to a noise prediction at sigma = 0")
+    if model_type == "noise":
+        return 0.0, 1.0
+    if model_type == "x_start":
+        return 1.0 / sigma, -alpha / sigma
+    if model_type == "v":
+        return sigma, alpha
+    return 0.0, -sigma  # score

@@ -2,7 +2,7 @@
 
 Same names, arguments and return values as `dpm_solver_pytorch.DPM_Solver`; times are tensors of shape
 (1,). They evaluate the model through `self.model_fn` (converted outputs, as the authors' code) and run each
-linear combination as one fused step with the planner's float64 coefficients. `sample` does not use them.
+linear combination as one fused step (`DPMSolver.combine`) with float64 coefficients. `sample` does not use them.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from . import coefficients as C
+from . import planner as P
 
 
 def _f(t) -> float:
@@ -18,7 +19,7 @@ def _f(t) -> float:
 
 class AuthorsUpdatesMixin:
     def _pt(self, t) -> C.Point:
-        return C.Point.from_log_alpha(float(self.noise_schedule.log_alpha64(_f(t))))
+        return P.point(self.noise_schedule, _f(t))
 
     def _pt_lambda(self, lam: float):
         t = float(self.noise_schedule.inverse_lambda64(lam))
@@ -30,7 +31,7 @@ class AuthorsUpdatesMixin:
     def dpm_solver_first_update(self, x, s, t, model_s=None, return_intermediate=False):
         if model_s is None:
             model_s = self.model_fn(x, s)
-        x_t = self._combine(C.multistep(self.algorithm_type, "dpmsolver", 1, [self._pt(s)], self._pt(t)), x, [model_s])
+        x_t = self.combine(C.multistep(self.algorithm_type, "dpmsolver", 1, [self._pt(s)], self._pt(t)), x, [model_s])
         return (x_t, {"model_s": model_s}) if return_intermediate else x_t
 
     def singlestep_dpm_solver_second_update(self, x, s, t, r1=0.5, model_s=None, return_intermediate=False,
@@ -41,9 +42,9 @@ class AuthorsUpdatesMixin:
         ups = C.singlestep(self.algorithm_type, solver_type, 2, ps, [p1], pt)
         if model_s is None:
             model_s = self.model_fn(x, s)
-        x_s1 = self._combine(ups[0], x, [model_s])
+        x_s1 = self.combine(ups[0], x, [model_s])
         model_s1 = self.model_fn(x_s1, self._ttensor(t1, x))
-        x_t = self._combine(ups[1], x, [model_s1, model_s])
+        x_t = self.combine(ups[1], x, [model_s1, model_s])
         return (x_t, {"model_s": model_s, "model_s1": model_s1}) if return_intermediate else x_t
 
     def singlestep_dpm_solver_third_update(self, x, s, t, r1=1.0 / 3.0, r2=2.0 / 3.0, model_s=None, model_s1=None,
@@ -58,11 +59,11 @@ class AuthorsUpdatesMixin:
         if model_s is None:
             model_s = self.model_fn(x, s)
         if model_s1 is None:
-            x_s1 = self._combine(ups[0], x, [model_s])
+            x_s1 = self.combine(ups[0], x, [model_s])
             model_s1 = self.model_fn(x_s1, self._ttensor(t1, x))
-        x_s2 = self._combine(ups[1], x, [model_s1, model_s])
+        x_s2 = self.combine(ups[1], x, [model_s1, model_s])
         model_s2 = self.model_fn(x_s2, self._ttensor(t2, x))
-        x_t = self._combine(ups[2], x, [model_s2, model_s1, model_s])
+        x_t = self.combine(ups[2], x, [model_s2, model_s1, model_s])
         if return_intermediate:
             return x_t, {"model_s": model_s, "model_s1": model_s1, "model_s2": model_s2}
         return x_t
@@ -93,7 +94,7 @@ class AuthorsUpdatesMixin:
         prev = [self._pt(tp) for tp in list(t_prev_list)[::-1][:order]]
         ms = list(model_prev_list)[::-1][:order]
         upd = C.multistep(self.algorithm_type, solver_type, order, prev, self._pt(t))
-        return self._combine(upd, x, ms)
+        return self.combine(upd, x, ms)
 
     def dpm_solver_adaptive(self, x, order, t_T, t_0, h_init=0.05, atol=0.0078, rtol=0.05, theta=0.9, t_err=1e-5,
                             solver_type="dpmsolver"):

@@ -6,7 +6,8 @@
 k-diffusion works with x_ve = x / alpha and a denoiser ``model(x, sigma, **extra_args) -> x0``; in these
 variables a VP point is (alpha = 1, sigma = sigma_ve, lambda = -log sigma), so the DPM-Solver++ updates
 apply unchanged (`coefficients.Point.from_ve_sigma`). Each step is one fused op: store the denoised
-output in a ring buffer, combine, add noise. The sigmas are read to the host once per call.
+output in a ring buffer, combine, add noise; the trajectory is planned once (`planner.plan_multistep` on VE points)
+and its coefficient table uploaded once. The sigmas are read to the host once per call.
 
 Differences from k-diffusion, by design: the default noise sampler of the SDE samplers is i.i.d. Gaussian
 noise (k-diffusion defaults to a torchsde Brownian tree; pass ``noise_sampler`` to use any other), and
@@ -18,12 +19,11 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import torch
 
 from . import coefficients as C
-from . import layout as L
-from .ops import default_history_dtype, fused_step
+from . import planner as P
+from .ops import bind, default_history_dtype
 
 
 def _sigmas(sigmas: torch.Tensor) -> list[float]:
@@ -32,38 +32,27 @@ def _sigmas(sigmas: torch.Tensor) -> list[float]:
     sig = sigmas.detach().double().cpu().tolist()
     if any(not math.isfinite(s) or s < 0 for s in sig):
         raise ValueError("sigmas: noise levels must be finite and >= 0")
-    if any(b >= a for a, b in zip(sig, sig[1:], strict=False)):
-        raise ValueError("sigmas: must be strictly decreasing")
+    if any(b > a for a, b in zip(sig, sig[1:], strict=False)):
+        raise ValueError("sigmas: must be non-increasing (a repeated sigma is a zero-length step, the identity)")
     return sig
 
 
-def _run(model, x, sigmas, extra_args, callback, disable, algorithm, solver_types, max_order, eta, s_noise,
+def _run(model, x, sigmas, extra_args, callback, disable, algorithm, solver_type, max_order, eta, s_noise,
          noise_sampler, multistep3="standard", backend="auto"):
     if not isinstance(x, torch.Tensor) or not x.is_floating_point():
         raise TypeError("x: expected a floating-point tensor")
     extra_args = {} if extra_args is None else extra_args
     sig = _sigmas(sigmas)
-    pts = [C.Point.from_ve_sigma(s) for s in sig]
     n = len(sig) - 1
     orders = [1 if sig[i + 1] == 0 else min(max_order, i + 1) for i in range(n)]
-    rows = np.zeros((n, L.NCOEF))
-    for i, o in enumerate(orders):
-        prev = [pts[i - j] for j in range(o)]
-        st = solver_types[o]
-        if algorithm == "ode":
-            u = C.multistep("dpmsolver++", st, o, prev, pts[i + 1], multistep3)
-        else:
-            u = C.sde_multistep("sde-dpmsolver++", st, o, prev, pts[i + 1], eta, s_noise, multistep3)
-        rows[i, L.PM], rows[i, L.QM], rows[i, L.A], rows[i, L.CN] = 1.0, 1.0, u.a, u.noise
-        rows[i, L.C0:L.C0 + len(u.c)] = u.c
-    if not np.all(np.isfinite(rows)):
-        raise ValueError("sigmas: the steps have non-finite coefficients")
-    coef = torch.from_numpy(rows)
-    coef = coef.pin_memory().to(x.device, non_blocking=True) if x.device.type == "cuda" else coef.to(x.device)
+    plan = P.plan_multistep(None, algorithm, solver_type, sig, orders, eta, s_noise, multistep3,
+                            points=C.Point.from_ve_sigma(sig))
+    rows = P.DeviceTable(plan.table(P.IDENTITY_X0, what="sigmas"), x.device).rows
+    step = bind(backend, x.device)
     if noise_sampler is None:
         noise_sampler = lambda sigma, sigma_next: torch.randn_like(x)  # noqa: E731
-    k = max_order
-    ring = torch.empty((k,) + tuple(x.shape), dtype=default_history_dtype(x.dtype), device=x.device)
+    slots = torch.empty((plan.n_slots,) + tuple(x.shape), dtype=default_history_dtype(x.dtype),
+                        device=x.device).unbind(0)
     s_in = x.new_ones([x.shape[0]])
     cur = x.clone(memory_format=torch.contiguous_format)
     spare = torch.empty_like(cur) if callback is not None else None
@@ -73,16 +62,13 @@ def _run(model, x, sigmas, extra_args, callback, disable, algorithm, solver_type
         denoised = model(cur, sigmas[i] * s_in, **extra_args)
         if callback is not None:
             callback({"x": cur, "i": i, "sigma": sigmas[i], "sigma_hat": sigmas[i], "denoised": denoised})
-        z = None
-        if rows[i, L.CN] != 0.0:
-            z = noise_sampler(sigmas[i], sigmas[i + 1])
+        ev = plan.evals[i]
+        z = noise_sampler(sigmas[i], sigmas[i + 1]).to(cur.dtype) if ev.noisy else None
         # a callback may keep `x`: then write into a second buffer instead of in place
         out = cur if spare is None else spare
-        needed = any(orders[j] > j - i for j in range(i + 1, n))
-        fused_step(cur, denoised.to(cur.dtype), coef[i], out=out,
-                   hist_out=ring[i % k] if needed else None,
-                   hist=[ring[(i - j) % k] for j in range(1, orders[i])],
-                   noise=None if z is None else z.to(cur.dtype), backend=backend)
+        h = [slots[s] for s in ev.read_slots] + [None, None]
+        step(cur, denoised.to(cur.dtype), rows[i], out, None if ev.write_slot is None else slots[ev.write_slot],
+             h[0], h[1], None, z)
         if spare is not None:
             cur, spare = out, torch.empty_like(cur)
     return cur
@@ -91,8 +77,8 @@ def _run(model, x, sigmas, extra_args, callback, disable, algorithm, solver_type
 @torch.no_grad()
 def sample_dpmpp_2m(model, x, sigmas, extra_args=None, callback=None, disable=None, *, backend="auto"):
     """DPM-Solver++(2M) (k-diffusion's signature): model(x, sigma, **extra_args) -> denoised."""
-    return _run(model, x, sigmas, extra_args, callback, disable, "ode", {1: "dpmsolver", 2: "dpmsolver"}, 2, 0.0, 1.0,
-                None, backend=backend)
+    return _run(model, x, sigmas, extra_args, callback, disable, "dpmsolver++", "dpmsolver", 2, 0.0, 1.0, None,
+                backend=backend)
 
 
 @torch.no_grad()
@@ -101,8 +87,8 @@ def sample_dpmpp_2m_sde(model, x, sigmas, extra_args=None, callback=None, disabl
     """DPM-Solver++(2M) SDE (k-diffusion's signature); solver_type "midpoint" or "heun"."""
     if solver_type not in ("midpoint", "heun"):
         raise ValueError("solver_type: must be 'heun' or 'midpoint'")
-    return _run(model, x, sigmas, extra_args, callback, disable, "sde", {1: solver_type, 2: solver_type}, 2, eta,
-                s_noise, noise_sampler, backend=backend)
+    return _run(model, x, sigmas, extra_args, callback, disable, "sde-dpmsolver++", solver_type, 2, eta, s_noise,
+                noise_sampler, backend=backend)
 
 
 @torch.no_grad()
@@ -110,5 +96,5 @@ def sample_dpmpp_3m_sde(model, x, sigmas, extra_args=None, callback=None, disabl
                         noise_sampler=None, *, multistep3="standard", backend="auto"):
     """DPM-Solver++(3M) SDE (k-diffusion's signature). multistep3: "standard" | "third_order"."""
     # k-diffusion's second step (before three outputs exist) uses the phi_2 (taylor) form
-    return _run(model, x, sigmas, extra_args, callback, disable, "sde", {1: "taylor", 2: "taylor", 3: "taylor"}, 3, eta,
-                s_noise, noise_sampler, multistep3, backend=backend)
+    return _run(model, x, sigmas, extra_args, callback, disable, "sde-dpmsolver++", "taylor", 3, eta, s_noise,
+                noise_sampler, multistep3, backend=backend)

@@ -1,10 +1,17 @@
-"""The planner: times, orders and float64 coefficients of every model evaluation of a trajectory.
+"""The planner: times, orders and float64 coefficients of every model evaluation -- the only code that writes
+coefficient rows.
 
-A plan is a list of `Eval`s. Each is one model evaluation followed by one fused step: evaluate the model
-at x (or at the intermediate point u of a singlestep solver), convert its output, store it in a ring slot,
-and combine the block-start x with stored outputs into x (end of a solver step) or into u. The plan is
-computed once per trajectory in float64 on the host; the executor copies its coefficient table to the
-device once and never syncs. Everything a backend needs per step is one coefficient row plus slot indices.
+A trajectory (points on the schedule, orders, algorithm, solver type, SDE options) becomes a `Plan`: one `Eval` per
+model evaluation (where the model is evaluated, which ring slots its fused step reads and writes) and the `Update`
+of each (a, c, noise; arrays over the evaluations). `Plan.table(conversion)` adds how the raw model output becomes
+the stored prediction (`Conversion`: model type, target, thresholding, guidance scale) and gives the [nfe, NCOEF]
+float64 table; `DeviceTable` puts it on the sample's device once. A step is then a row of that table plus one op
+call. `coefficient_rows` is the row writer itself, public for code that builds its own steps: vectorized, one row
+per point (per step of a trajectory, or per sample with per-sample times).
+
+History: the ring holds the converted outputs of distinct times only. A zero-length step (repeated times or sigmas)
+is the identity and stores nothing -- the next evaluation, at the same time, stores its output instead -- and an
+update's order is capped by the number of distinct earlier times, so no divided difference ever spans h = 0.
 """
 
 from __future__ import annotations
@@ -13,12 +20,27 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 from . import coefficients as C
+from . import layout as L
 from .schedule import NoiseScheduleVP
 
 SKIP_TYPES = ("time_uniform", "logSNR", "time_quadratic", "karras", "exponential", "uniform_lambda")
 METHODS = ("multistep", "singlestep", "singlestep_fixed", "adaptive")
+
+
+def point(ns: NoiseScheduleVP, t) -> C.Point:
+    """The schedule's point(s) at continuous time(s) t (a float or an array)."""
+    return C.Point.from_log_alpha(ns.log_alpha64(t))
+
+
+def stack_points(points) -> C.Point:
+    """One `Point` of arrays from a list of points (or a `Point` already holding arrays)."""
+    if isinstance(points, C.Point):
+        return points
+    pts = list(points)
+    return C.Point(*(np.array([getattr(p, f) for p in pts], dtype=np.float64) for f in ("alpha", "sigma", "lam")))
 
 
 def time_steps(ns: NoiseScheduleVP, skip_type: str, t_T: float, t_0: float, n: int,
@@ -84,28 +106,115 @@ def singlestep_orders(steps: int, order: int) -> list[int]:
     return [o for o in orders if o > 0]
 
 
+# ---- how a raw model output becomes the stored prediction, and the rows ----
+
+@dataclass(frozen=True)
+class Conversion:
+    """The conversion part of a row: raw output of `model_type` -> the solver's `target` ("x0" | "eps").
+
+    With thresholding the output goes to x0 first, is thresholded, then goes to the target. `guidance_scale` is
+    the classifier-free guidance scale the kernel applies to (uncond, cond) pairs.
+    """
+
+    model_type: str = "noise"
+    target: str = "x0"
+    thresholding: bool = False
+    guidance_scale: float = 1.0
+
+    @staticmethod
+    def for_algorithm(model_type: str, algorithm_type: str, thresholding: bool = False,
+                      guidance_scale: float = 1.0) -> Conversion:
+        target = "x0" if C.is_data_prediction(algorithm_type) else "eps"
+        return Conversion(model_type, target, thresholding, guidance_scale)
+
+    @staticmethod
+    def identity(target: str) -> Conversion:
+        """The model output already is the target (a denoiser's x0, an already converted prediction)."""
+        return Conversion("x_start" if target == "x0" else "noise", target)
+
+
+IDENTITY_X0 = Conversion.identity("x0")
+
+
+def coefficient_rows(points: C.Point, conversion: Conversion, update: C.Update | None = None,
+                     what: str = "t") -> np.ndarray:
+    """Float64 coefficient rows [..., NCOEF] for model evaluations at `points` followed by `update`.
+
+    points and update broadcast (scalars: one row [NCOEF]). update None: no combination, the step's output is
+    the converted prediction itself (a = 0, c0 = 1). Non-finite rows raise ValueError naming `what`, the caller's
+    argument that determined them.
+    """
+    alpha, sigma = points.alpha, points.sigma
+    fields = [alpha, sigma] + ([] if update is None else [update.a, update.noise, *update.c])
+    shape = np.broadcast_shapes(*(np.shape(f) for f in fields))
+    rows = np.zeros(shape + (L.NCOEF,), dtype=np.float64)
+    rows[..., L.GUIDE] = conversion.guidance_scale
+    if conversion.thresholding:
+        rows[..., L.PX], rows[..., L.PM] = C.conversion(conversion.model_type, "x0", alpha, sigma)
+        rows[..., L.QX], rows[..., L.QM] = C.conversion("x_start", conversion.target, alpha, sigma)
+    else:
+        rows[..., L.PX], rows[..., L.PM] = C.conversion(conversion.model_type, conversion.target, alpha, sigma)
+        rows[..., L.QM] = 1.0
+    if update is None:
+        rows[..., L.C0] = 1.0
+    else:
+        if len(update.c) > 3:
+            raise ValueError(f"update: at most 3 model outputs are combined, got {len(update.c)}")
+        rows[..., L.A] = update.a
+        for j, c in enumerate(update.c):
+            rows[..., L.C0 + j] = c
+        rows[..., L.CN] = update.noise
+    if not np.isfinite(rows).all():
+        bad = sorted({L.NAMES[j] for j in np.nonzero(~np.isfinite(rows.reshape(-1, L.NCOEF)))[1]})
+        raise ValueError(f"{what}: the step has non-finite coefficients ({', '.join(bad)}); check the times")
+    return rows
+
+
+class DeviceTable:
+    """A float64 coefficient table uploaded to a device once (pinned, asynchronous on CUDA): ``rows[k]`` are views.
+
+    The host copy stays referenced: a CUDA graph that captured the upload reads it again at every replay.
+    """
+
+    def __init__(self, rows: np.ndarray, device: torch.device):
+        host = torch.from_numpy(np.ascontiguousarray(rows, dtype=np.float64))
+        if device.type == "cuda":
+            host = host.pin_memory()
+            self.device_rows = host.to(device, non_blocking=True)
+        else:
+            self.device_rows = host.to(device)
+        self.host = host
+        self.rows: tuple[torch.Tensor, ...] = self.device_rows.unbind(0) if rows.ndim > 1 else (self.device_rows,)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+
+# ---- plans ----
+
 @dataclass(frozen=True)
 class Eval:
     """One model evaluation and the fused step that consumes it."""
 
     t: float  # time of the evaluation
-    point: C.Point  # alpha/sigma/lambda at t (for the output conversion)
+    t_next: float  # the time the step's result belongs to
     source: str  # "x": evaluate at x; "u": at the intermediate point u
-    update: C.Update  # x_new = a * x + c[0] * m_new + c[1] * hist1 + c[2] * hist2 + noise * z
+    dest: str  # "x" (a solver step ends here) or "u"
     write_slot: int | None  # ring slot receiving the converted output (None: not needed later)
     read_slots: tuple[int, ...]  # ring slots of hist1, hist2 (newest first)
-    dest: str  # "x" (a solver step ends here) or "u"
-    order: int  # the solver order of the step this evaluation belongs to
-    step: int  # 1-based index of that solver step
-    t_next: float  # the time the result belongs to
+    order: int  # the order of the update this evaluation feeds
+    step: int  # 1-based index of the solver step it belongs to
+    noisy: bool  # the update adds noise
 
 
 @dataclass
 class Plan:
     evals: list[Eval]
+    points: C.Point  # arrays [nfe]: where each evaluation happens (its conversion)
+    update: C.Update  # arrays [nfe]: a, c (3 arrays, newest output first), noise
     n_slots: int
     times: np.ndarray  # the solver-step boundaries t_0 = t_start, ..., t_end
-    orders: list[int]  # order of each solver step
+    orders: list[int]  # order of each solver step (multistep: as run, after the caps of zero-length steps)
     needs_u: bool = False
     kind: str = "multistep"  # "multistep" | "singlestep"
 
@@ -113,44 +222,78 @@ class Plan:
     def nfe(self) -> int:
         return len(self.evals)
 
+    def table(self, conversion: Conversion, what: str = "t_end") -> np.ndarray:
+        """[nfe, NCOEF] float64 rows for the fused op (`coefficient_rows`)."""
+        return coefficient_rows(self.points, conversion, self.update, what)
 
-def _pt(ns: NoiseScheduleVP, t: float) -> C.Point:
-    return C.Point.from_log_alpha(float(ns.log_alpha64(t)))
+
+def _update_arrays(n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    return np.ones(n), np.zeros((n, 3)), np.zeros(n)
 
 
-def plan_multistep(ns, algorithm_type, solver_type, times, orders, eta=0.0, s_noise=1.0,
-                   multistep3="standard", points: list[C.Point] | None = None) -> Plan:
+def _store(a, c, noise, idx, u: C.Update) -> None:
+    a[idx] = u.a
+    for j, cj in enumerate(u.c):
+        c[idx, j] = cj
+    noise[idx] = u.noise
+
+
+def plan_multistep(ns, algorithm_type, solver_type, times, orders, eta=0.0, s_noise=1.0, multistep3="standard",
+                   points=None) -> Plan:
     """Multistep: evaluation i at times[i] feeds update i -> i+1 (a ring of max(orders) slots).
 
-    times: the n + 1 step boundaries (the model is evaluated at the first n); orders: n orders.
-    points: the (alpha, sigma, lambda) of each boundary when they are not those of `ns` at `times` --
-    e.g. a last point with sigma = 0 (complete denoising, which no finite t of a VP schedule reaches).
+    times: the n + 1 step boundaries (the model is evaluated at the first n); orders: n requested orders.
+    points: the (alpha, sigma, lambda) of each boundary when they are not those of `ns` at `times` (a list of
+    points or one `Point` of arrays) -- e.g. a last point with sigma = 0 (complete denoising, which no finite t
+    of a VP schedule reaches), or k-diffusion's VE points. Zero-length steps are the identity and store nothing;
+    an order is capped by the distinct earlier times (module doc).
     """
     n = len(times) - 1
     if len(orders) != n:
         raise ValueError(f"orders: expected {n} orders for {n + 1} times, got {len(orders)}")
-    pts = list(points) if points is not None else [_pt(ns, t) for t in times]
-    if len(pts) != n + 1:
-        raise ValueError(f"points: expected {n + 1} points, got {len(pts)}")
+    C.is_data_prediction(algorithm_type)  # validated also when every step is zero-length
+    C.normalize_solver_type(solver_type)
+    pts = stack_points(points) if points is not None else point(ns, np.asarray(times, dtype=np.float64))
+    if np.shape(pts.lam) != (n + 1,):
+        raise ValueError(f"points: expected {n + 1} points, got {np.shape(pts.lam)}")
+    lam = pts.lam.tolist()
     k = max(orders)
-    evals = []
-    sde = algorithm_type.startswith("sde")
+    entries: list[tuple[int, int]] = []  # (evaluation, ring slot) of the stored outputs, newest first
+    prev = np.zeros((n, 3), dtype=np.int64)
+    eff, reads, slots, zero = [], [], [], []
     for i in range(n):
-        o = orders[i]
-        prev = [pts[i - j] for j in range(o)]
+        z = not abs(lam[i + 1] - lam[i]) > C.ZERO_STEP
+        o = 1 if z else min(orders[i], len(entries) + 1)
+        used = entries[:o - 1]
+        prev[i, :o] = [i] + [e for e, _ in used]
+        eff.append(o)
+        reads.append(tuple(s for _, s in used))
+        zero.append(z)
+        slot = None
+        if not z:
+            taken = {s for _, s in entries[:k - 1]}
+            slot = next(s for s in range(k) if s not in taken)
+            entries = [(i, slot)] + entries[:k - 1]
+        slots.append(slot)
+    read_evals = {int(e) for i in range(n) for e in prev[i, 1:eff[i]]}
+    a, c, noise = _update_arrays(n)
+    sde = algorithm_type.startswith("sde")
+    for o in (1, 2, 3):
+        idx = np.array([i for i in range(n) if eff[i] == o and not zero[i]], dtype=np.int64)
+        if idx.size == 0:
+            continue
+        before = [pts[prev[idx, j]] for j in range(o)]
         if sde:
-            upd = C.sde_multistep(algorithm_type, solver_type, o, prev, pts[i + 1], eta, s_noise, multistep3)
+            u = C.sde_multistep(algorithm_type, solver_type, o, before, pts[idx + 1], eta, s_noise, multistep3)
         else:
-            upd = C.multistep(algorithm_type, solver_type, o, prev, pts[i + 1], multistep3)
-        # the output of evaluation i is needed by later updates only if some later order reaches back to it
-        needed = any(orders[j] > j - i for j in range(i + 1, n))
-        evals.append(Eval(
-            t=float(times[i]), point=pts[i], source="x", update=upd,
-            write_slot=(i % k) if needed else None,
-            read_slots=tuple((i - j) % k for j in range(1, o)),
-            dest="x", order=o, step=i + 1, t_next=float(times[i + 1]),
-        ))
-    return Plan(evals, k, np.asarray(times, dtype=np.float64), list(orders))
+            u = C.multistep(algorithm_type, solver_type, o, before, pts[idx + 1], multistep3)
+        _store(a, c, noise, idx, u)
+    tl = np.asarray(times, dtype=np.float64).tolist()
+    evals = [Eval(t=tl[i], t_next=tl[i + 1], source="x", dest="x",
+                  write_slot=slots[i] if i in read_evals else None, read_slots=reads[i], order=eff[i], step=i + 1,
+                  noisy=bool(noise[i] != 0.0)) for i in range(n)]
+    return Plan(evals, pts[np.arange(n)], C.Update(a, tuple(c.T), noise), k, np.asarray(times, dtype=np.float64),
+                eff)
 
 
 def plan_singlestep(ns, algorithm_type, solver_type, outer, orders, skip_type="time_uniform", u2_form="taylor",
@@ -162,7 +305,8 @@ def plan_singlestep(ns, algorithm_type, solver_type, outer, orders, skip_type="t
     """
     if len(outer) != len(orders) + 1:
         raise ValueError(f"orders: expected {len(outer) - 1} block orders, got {len(orders)}")
-    evals = []
+    outer = np.asarray(outer, dtype=np.float64)
+    eval_t, blocks = [], []  # evaluation times; per block (order, first evaluation index)
     for b, o in enumerate(orders):
         s, t = float(outer[b]), float(outer[b + 1])
         if inner_times is not None:
@@ -171,50 +315,62 @@ def plan_singlestep(ns, algorithm_type, solver_type, outer, orders, skip_type="t
                 raise ValueError(f"inner_times: block {b} of order {o} needs {o - 1} times, got {inner_t.shape}")
         else:
             inner_t = time_steps(ns, skip_type, s, t, o)[1:-1] if o > 1 else np.zeros(0)
-        ps, pt = _pt(ns, s), _pt(ns, t)
-        inner = [_pt(ns, v) for v in inner_t]
-        ups = C.singlestep(algorithm_type, solver_type, o, ps, inner, pt, u2_form)
-        eval_t = [s] + [float(v) for v in inner_t]
-        eval_p = [ps] + inner
+        blocks.append((o, len(eval_t)))
+        eval_t += [s] + inner_t.tolist()
+    nfe = len(eval_t)
+    pts = point(ns, np.asarray(eval_t + [float(outer[-1])]))
+    ends = point(ns, outer[1:])
+    a, c, noise = _update_arrays(nfe)
+    for o in (1, 2, 3):
+        bs = [b for b, (ob, _) in enumerate(blocks) if ob == o]
+        if not bs:
+            continue
+        first = np.array([blocks[b][1] for b in bs], dtype=np.int64)
+        ups = C.singlestep(algorithm_type, solver_type, o, pts[first], [pts[first + j] for j in range(1, o)],
+                           ends[np.array(bs)], u2_form)
+        for j, u in enumerate(ups):
+            _store(a, c, noise, first + j, u)
+    evals = []
+    for b, (o, first) in enumerate(blocks):
+        t_end = float(outer[b + 1])
         for j in range(o):
             last = j == o - 1
-            evals.append(Eval(
-                t=eval_t[j], point=eval_p[j], source="x" if j == 0 else "u", update=ups[j],
-                write_slot=None if last else j,
-                read_slots=tuple(range(j - 1, -1, -1)),
-                dest="x" if last else "u", order=o, step=b + 1,
-                t_next=t if last else float(inner_t[j]),
-            ))
-    return Plan(evals, 2, np.asarray(outer, dtype=np.float64), list(orders), needs_u=max(orders) > 1,
-                kind="singlestep")
+            evals.append(Eval(t=eval_t[first + j], t_next=t_end if last else eval_t[first + j + 1],
+                              source="x" if j == 0 else "u", dest="x" if last else "u",
+                              write_slot=None if last else j, read_slots=tuple(range(j - 1, -1, -1)), order=o,
+                              step=b + 1, noisy=False))
+    return Plan(evals, pts[np.arange(nfe)], C.Update(a, tuple(c.T), noise), 2, outer, list(orders),
+                needs_u=max(orders) > 1, kind="singlestep")
 
 
-def coefficient_table(plan: Plan, model_type: str, algorithm_type: str, guidance_scale: float = 1.0,
-                      thresholding: bool = False) -> np.ndarray:
-    """[nfe, NCOEF] float64 rows for the fused op (see `dpm_kernels.layout`).
-
-    With thresholding the output is converted to x0 (px, pm), thresholded, then to the solver's
-    prediction (qx, qm); without, straight to the solver's prediction.
+def plan_singlestep_steps(algorithm_type: str, solver_type: str, points, orders: list[int], times=None) -> Plan:
+    """Singlestep blocks as diffusers' singlestep scheduler steps them: evaluation i, of order o = orders[i], is the
+    o-th of a block that started o - 1 evaluations before. Its update goes from the block start (points[i - o + 1])
+    through the block's later evaluation points to points[i + 1], combining the block's outputs (the newest is its
+    own; the ring holds the last ones). The caller passes the block start as x and the current sample as x_eval.
+    ``sde-dpmsolver++`` is diffusers' singlestep SDE variant (`coefficients.singlestep_sde_diffusers`).
     """
-    from . import layout as L
-
-    target = "x0" if C.is_data_prediction(algorithm_type) else "eps"
-    rows = np.zeros((len(plan.evals), L.NCOEF), dtype=np.float64)
-    for i, ev in enumerate(plan.evals):
-        p = ev.point
-        rows[i, L.GUIDE] = guidance_scale
-        if thresholding:
-            rows[i, L.PX], rows[i, L.PM] = C.conversion(model_type, "x0", p.alpha, p.sigma)
-            rows[i, L.QX], rows[i, L.QM] = C.conversion("x_start", target, p.alpha, p.sigma)
+    pts = stack_points(points)
+    n = len(orders)
+    if np.shape(pts.lam) != (n + 1,):
+        raise ValueError(f"points: expected {n + 1} points, got {np.shape(pts.lam)}")
+    if any(o > i + 1 for i, o in enumerate(orders)):
+        raise ValueError("orders: evaluation i can be at most the (i + 1)-th of its block")
+    a, c, noise = _update_arrays(n)
+    for o in (1, 2, 3):
+        idx = np.array([i for i in range(n) if orders[i] == o], dtype=np.int64)
+        if idx.size == 0:
+            continue
+        start, inner, end = pts[idx - o + 1], [pts[idx - o + 1 + j] for j in range(1, o)], pts[idx + 1]
+        if algorithm_type == "sde-dpmsolver++":
+            u = C.singlestep_sde_diffusers(solver_type, o, start, inner, end)[-1]
         else:
-            rows[i, L.PX], rows[i, L.PM] = C.conversion(model_type, target, p.alpha, p.sigma)
-            rows[i, L.QX], rows[i, L.QM] = 0.0, 1.0
-        u = ev.update
-        rows[i, L.A] = u.a
-        for j, c in enumerate(u.c):
-            rows[i, L.C0 + j] = c
-        rows[i, L.CN] = u.noise
-    if not np.all(np.isfinite(rows)):
-        bad = sorted({L.NAMES[j] for j in np.nonzero(~np.isfinite(rows))[1]})
-        raise ValueError(f"t_end: the plan has non-finite coefficients ({', '.join(bad)}); check the time range")
-    return rows
+            u = C.singlestep(algorithm_type, solver_type, o, start, inner, end, u2_form="solver_type")[-1]
+        _store(a, c, noise, idx, u)
+    k = max(orders)
+    tl = (np.zeros(n + 1) if times is None else np.asarray(times, dtype=np.float64)).tolist()
+    evals = [Eval(t=tl[i], t_next=tl[i + 1], source="x", dest="x",
+                  write_slot=(i % k) if any(orders[j] > j - i for j in range(i + 1, n)) else None,
+                  read_slots=tuple((i - j) % k for j in range(1, orders[i])), order=orders[i], step=i + 1,
+                  noisy=bool(noise[i] != 0.0)) for i in range(n)]
+    return Plan(evals, pts[np.arange(n)], C.Update(a, tuple(c.T), noise), k, np.asarray(tl), list(orders))

@@ -17,12 +17,12 @@ import numpy as np
 import torch
 
 from . import coefficients as C
-from . import layout as L
 from . import planner as P
+from .backends import registry
 from .compat import AuthorsUpdatesMixin
 from .model_wrapper import WrappedModel
 from .noise import NoiseSource
-from .ops import default_history_dtype, fused_step
+from .ops import bind, default_history_dtype
 from .schedule import NoiseScheduleVP
 
 THRESHOLDING_SEMANTICS = ("authors", "diffusers")
@@ -56,7 +56,7 @@ class DPMSolver(AuthorsUpdatesMixin):
         correcting_x0_fn: None, "dynamic_thresholding", or ``f(x0, t) -> x0`` applied to data predictions.
         correcting_xt_fn: ``f(x_t, t, step) -> x_t`` applied after each step.
         thresholding_max_val, dynamic_thresholding_ratio: see ``thresholding_semantics``.
-        backend: "auto" | "torch" | "cpu" | "cuda" | "triton".
+        backend: one of `backends.registry.CHOICES` ("auto": the first backend that can serve x's device).
         thresholding_semantics: "authors": s = max(quantile, thresholding_max_val), applied to data
             predictions (DPM-Solver++ and the final denoising); "diffusers": s = clamp(quantile, 1,
             thresholding_max_val), applied for every algorithm (noise predictions via x0 and back).
@@ -90,10 +90,7 @@ class DPMSolver(AuthorsUpdatesMixin):
             raise ValueError("dynamic_thresholding_ratio: must lie in [0, 1]")
         if not thresholding_max_val > 0:
             raise ValueError("thresholding_max_val: must be > 0")
-        from .backends import registry
-
-        if backend != "auto" and backend not in registry.BACKENDS:
-            raise ValueError(f"backend: expected 'auto' or one of {registry.BACKENDS}, got {backend!r}")
+        registry.validate(backend)
         self.model = lambda x, t: model_fn(x, t.expand(x.shape[0]))
         self.noise_schedule = noise_schedule
         self.algorithm_type = algorithm_type
@@ -293,7 +290,7 @@ class DPMSolver(AuthorsUpdatesMixin):
                 plan = self._plan(steps, t_from, t_to, order, skip_type, method, lower_order_final, solver_type,
                                   lof_threshold, eta, s_noise, multistep3)
                 noises = None
-                if self.algorithm_type.startswith("sde") and any(ev.update.noise for ev in plan.evals):
+                if self.algorithm_type.startswith("sde") and any(ev.noisy for ev in plan.evals):
                     noises = NoiseSource(x, noise, noise_sampler, generator, steps=len(plan.evals))
                 x, intermediates = self._execute(x, plan, noises, return_intermediate, plan.kind == "multistep")
                 last_step = plan.evals[-1].step
@@ -305,7 +302,16 @@ class DPMSolver(AuthorsUpdatesMixin):
                     intermediates.append(x.clone())
         return (x, intermediates) if return_intermediate else x
 
-    # ----- execution -----
+    # ----- building blocks: the fused steps of this solver (sample, adaptive.py and compat.py use them) -----
+    def conversion(self, target: str | None = None, thresholding: bool | None = None) -> P.Conversion:
+        """How this solver's fused steps turn the model's raw output into `target` (default: the algorithm's
+        prediction, x0 for DPM-Solver++ and eps otherwise), thresholded or not (default: as configured)."""
+        plus = C.is_data_prediction(self.algorithm_type)
+        target = ("x0" if plus else "eps") if target is None else target
+        if thresholding is None:
+            thresholding = self._threshold_for(target == "x0") is not None
+        return P.Conversion(self._spec.raw_type, target, thresholding, self._spec.guidance_scale)
+
     def _threshold_for(self, data_prediction: bool):
         """(ratio, lo, hi) when the fused step must threshold this prediction, else None."""
         if not self._thresholding:
@@ -318,38 +324,47 @@ class DPMSolver(AuthorsUpdatesMixin):
         dt = torch.float64 if x.dtype == torch.float64 else torch.float32
         return torch.full((x.shape[0],), t, dtype=dt, device=x.device)
 
-    def _raw(self, x: torch.Tensor, t: float) -> torch.Tensor:
-        out = self._spec.raw(x, self._t_tensor(t, x))
-        if not isinstance(out, torch.Tensor):
-            raise TypeError(f"model_fn: must return a tensor, got {type(out).__name__}")
+    def _raw(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The model's raw output at (x, t [B]): a floating tensor, cast to x's dtype (any other output is an error)."""
+        out = self._spec.raw(x, t)
+        if not isinstance(out, torch.Tensor) or not out.is_floating_point():
+            what = type(out).__name__ if not isinstance(out, torch.Tensor) else f"a {out.dtype} tensor"
+            raise TypeError(f"model_fn: must return a floating-point tensor, got {what}")
         return out if out.dtype == x.dtype else out.to(x.dtype)
 
-    def _coef_rows(self, plan: P.Plan) -> tuple[np.ndarray, tuple | None]:
-        plus = C.is_data_prediction(self.algorithm_type)
-        thr = self._threshold_for(plus)
-        rows = P.coefficient_table(plan, self._spec.raw_type, self.algorithm_type, self._spec.guidance_scale,
-                                   thresholding=thr is not None)
-        return rows, thr
+    def _bound(self, x: torch.Tensor, threshold=None, cfg: str | None = None):
+        return bind(self.backend, x.device, self._spec.cfg if cfg is None else cfg, threshold)
 
-    def _upload(self, rows: np.ndarray, device: torch.device) -> torch.Tensor:
-        t = torch.from_numpy(np.ascontiguousarray(rows))
-        if device.type == "cuda":
-            return t.pin_memory().to(device, non_blocking=True)
-        return t.to(device)
+    def _convert(self, x: torch.Tensor, raw: torch.Tensor, pt: C.Point, t: float, target: str | None = None,
+                 thresholding: bool | None = None) -> torch.Tensor:
+        """The raw output at (x, t) converted (new tensor): guidance, thresholding and `correcting_x0_fn`."""
+        conv = self.conversion(target, thresholding)
+        custom = callable(self.correcting_x0_fn) and not self._thresholding and (conv.target == "x0")
+        row = P.DeviceTable(P.coefficient_rows(pt, P.Conversion(conv.model_type, "x0", False, conv.guidance_scale)
+                                               if custom else conv), x.device).rows[0]
+        thr = self.threshold_bounds() if conv.thresholding else None
+        y = self._bound(x, thr)(x, raw, row, torch.empty_like(x))
+        return self.correcting_x0_fn(y, self._t_tensor(t, x)).to(x.dtype) if custom else y
 
-    def _step(self, x, raw, coef, out, hist_out=None, hist=(), x_eval=None, noise=None, threshold=None, cfg=None):
-        return fused_step(x, raw, coef, out=out, hist_out=hist_out, hist=hist, x_eval=x_eval, noise=noise,
-                          cfg=self._spec.cfg if cfg is None else cfg, threshold=threshold, backend=self.backend)
+    def prediction(self, x: torch.Tensor, t: float) -> torch.Tensor:
+        """One model evaluation at (x [B, ...], t): this solver's prediction (x0 for DPM-Solver++, else eps), with
+        guidance, thresholding and `correcting_x0_fn` applied as in `sample`; a new tensor."""
+        t = float(t)
+        return self._convert(x, self._raw(x, self._t_tensor(t, x)), P.point(self.noise_schedule, t), t)
 
-    def _custom_x0(self, xe: torch.Tensor, raw: torch.Tensor, ev: P.Eval) -> torch.Tensor:
-        """The data prediction with a user `correcting_x0_fn` applied (unfused: a user function sits in between)."""
-        row = np.zeros(L.NCOEF)
-        row[L.GUIDE] = self._spec.guidance_scale
-        row[L.PX], row[L.PM] = C.conversion(self._spec.raw_type, "x0", ev.point.alpha, ev.point.sigma)
-        row[L.QM], row[L.C0] = 1.0, 1.0
-        x0 = self._step(xe, raw, self._upload(row, xe.device), out=torch.empty_like(xe))
-        return self.correcting_x0_fn(x0, self._t_tensor(ev.t, xe)).to(xe.dtype)
+    def combine(self, update: C.Update, x: torch.Tensor, outputs: list[torch.Tensor],
+                noise: torch.Tensor | None = None) -> torch.Tensor:
+        """``update.a * x + sum_j update.c[j] * outputs[j] (+ update.noise * noise)`` for converted predictions
+        (newest first, at most 3) as one fused step; a new tensor."""
+        if len(outputs) != len(update.c):
+            raise ValueError(f"outputs: the update combines {len(update.c)} outputs, got {len(outputs)}")
+        row = P.DeviceTable(P.coefficient_rows(C.Point(1.0, 1.0, 0.0), P.IDENTITY_X0, update), x.device).rows[0]
+        hd = default_history_dtype(x.dtype)
+        hist = [m.to(hd) for m in outputs[1:]] + [None, None]
+        return self._bound(x, cfg="none")(x, outputs[0].to(x.dtype), row, torch.empty_like(x), None, hist[0], hist[1],
+                                          None, noise)
 
+    # ----- execution -----
     def execute(self, x: torch.Tensor, plan: P.Plan, *, generator=None, noise=None, noise_sampler=None,
                 return_intermediate: bool = False):
         """Run a plan built with `dpm_kernels.planner` (explicit times, orders, points).
@@ -361,18 +376,30 @@ class DPMSolver(AuthorsUpdatesMixin):
             raise TypeError("x: expected a floating-point tensor")
         with torch.no_grad():
             noises = None
-            if any(ev.update.noise for ev in plan.evals):
+            if any(ev.noisy for ev in plan.evals):
                 noises = NoiseSource(x, noise, noise_sampler, generator, steps=len(plan.evals))
             out, inter = self._execute(x, plan, noises, return_intermediate, plan.kind == "multistep")
         return (out, inter) if return_intermediate else out
 
     def _execute(self, x, plan: P.Plan, noises, return_intermediate, multistep: bool):
-        rows, thr = self._coef_rows(plan)
-        plus = C.is_data_prediction(self.algorithm_type)
-        custom_x0 = plus and callable(self.correcting_x0_fn) and not self._thresholding
-        coef = self._upload(rows, x.device)
+        conv = self.conversion()
+        custom_x0 = conv.target == "x0" and callable(self.correcting_x0_fn) and not self._thresholding
+        dev = x.device
+        if custom_x0:  # user code sits between the conversion to x0 and the update: two fused steps an evaluation
+            x0_rows = P.DeviceTable(P.coefficient_rows(plan.points, P.Conversion(conv.model_type, "x0", False,
+                                                                                 conv.guidance_scale)), dev).rows
+            table = P.DeviceTable(plan.table(P.IDENTITY_X0), dev)
+            to_x0, step = self._bound(x), self._bound(x, cfg="none")
+        else:
+            table = P.DeviceTable(plan.table(conv), dev)
+            step = self._bound(x, self.threshold_bounds() if conv.thresholding else None)
+        rows = table.rows
+        times = P.DeviceTable(np.array([ev.t for ev in plan.evals]), dev).device_rows
+        dt = torch.float64 if x.dtype == torch.float64 else torch.float32
+        t_in = times.to(dt)[:, None].expand(len(plan.evals), x.shape[0]).unbind(0)  # each evaluation's times [B]
         xw = x.clone(memory_format=torch.contiguous_format)
-        ring = torch.empty((plan.n_slots,) + tuple(x.shape), dtype=default_history_dtype(x.dtype), device=x.device)
+        slots = torch.empty((plan.n_slots,) + tuple(x.shape), dtype=default_history_dtype(x.dtype),
+                            device=dev).unbind(0)
         u = torch.empty_like(xw) if plan.needs_u else None
         intermediates = []
         x_first_eval = None
@@ -388,23 +415,16 @@ class DPMSolver(AuthorsUpdatesMixin):
                 xe = x_first_eval if (i == 0 and x_first_eval is not None) else xw
             else:
                 xe = u
-            raw = self._raw(xe, ev.t)
-            row = coef[i]
-            cfg = None
+            raw = self._raw(xe, t_in[i])
             if custom_x0:
-                raw, cfg = self._custom_x0(xe, raw, ev), "none"
-                r = rows[i].copy()
-                r[L.PX], r[L.PM] = C.conversion("x_start", "x0", ev.point.alpha, ev.point.sigma)
-                row = self._upload(r, x.device)
+                raw = self.correcting_x0_fn(to_x0(xe, raw, x0_rows[i], torch.empty_like(xe)), t_in[i]).to(xe.dtype)
             z = None
-            if ev.update.noise != 0.0:
+            if ev.noisy:
                 z = noises(noise_i, ev.t, ev.t_next)
                 noise_i += 1
-            dest = xw if ev.dest == "x" else u
-            self._step(xw, raw, row, out=dest,
-                       hist_out=None if ev.write_slot is None else ring[ev.write_slot],
-                       hist=[ring[s] for s in ev.read_slots], x_eval=None if xe is xw else xe, noise=z,
-                       threshold=thr, cfg=cfg)
+            h = [slots[s] for s in ev.read_slots] + [None, None]
+            step(xw, raw, rows[i], xw if ev.dest == "x" else u,
+                 None if ev.write_slot is None else slots[ev.write_slot], h[0], h[1], None if xe is xw else xe, z)
             if ev.dest == "x":
                 if self.correcting_xt_fn is not None:
                     xw.copy_(self.correcting_xt_fn(xw, self._t_tensor(ev.t_next, xw), ev.step))
@@ -412,47 +432,10 @@ class DPMSolver(AuthorsUpdatesMixin):
                     intermediates.append(xw.clone())
         return xw, intermediates
 
-    def _convert(self, xe: torch.Tensor, raw: torch.Tensor, p: C.Point, t: float) -> torch.Tensor:
-        """The solver's prediction (x0 for ++, else eps) from a raw output at (xe, t), as a new tensor."""
-        plus = C.is_data_prediction(self.algorithm_type)
-        if plus and callable(self.correcting_x0_fn) and not self._thresholding:
-            return self._custom_x0(xe, raw, P.Eval(t, p, "x", C.Update(0.0, (1.0,)), None, (), "x", 1, 0, t))
-        thr = self._threshold_for(plus)
-        target = "x0" if plus else "eps"
-        row = np.zeros(L.NCOEF)
-        row[L.GUIDE] = self._spec.guidance_scale
-        if thr is not None:
-            row[L.PX], row[L.PM] = C.conversion(self._spec.raw_type, "x0", p.alpha, p.sigma)
-            row[L.QX], row[L.QM] = C.conversion("x_start", target, p.alpha, p.sigma)
-        else:
-            row[L.PX], row[L.PM] = C.conversion(self._spec.raw_type, target, p.alpha, p.sigma)
-            row[L.QM] = 1.0
-        row[L.C0] = 1.0
-        return self._step(xe, raw, self._upload(row, xe.device), out=torch.empty_like(xe), threshold=thr)
-
-    def _combine(self, upd: C.Update, x: torch.Tensor, ms: list[torch.Tensor], noise=None) -> torch.Tensor:
-        """``a * x + sum_j c_j * ms[j] (+ noise term)`` for already-converted outputs, newest first."""
-        row = np.zeros(L.NCOEF)
-        row[L.PM], row[L.QM], row[L.A], row[L.CN] = 1.0, 1.0, upd.a, upd.noise
-        for j, c in enumerate(upd.c):
-            row[L.C0 + j] = c
-        hd = default_history_dtype(x.dtype)
-        return self._step(x, ms[0].to(x.dtype), self._upload(row, x.device), out=torch.empty_like(x),
-                          hist=[m.to(hd) for m in ms[1:]], noise=noise, cfg="none")
-
     def _denoise_to_zero(self, x: torch.Tensor, t: float) -> torch.Tensor:
-        """The data prediction at t (one more model evaluation)."""
-        p = C.Point.from_log_alpha(float(self.noise_schedule.log_alpha64(t)))
-        raw = self._raw(x, t)
-        if callable(self.correcting_x0_fn) and not self._thresholding:
-            ev = P.Eval(t, p, "x", C.Update(0.0, (1.0,)), None, (), "x", 1, 0, t)
-            return self._custom_x0(x, raw, ev)
-        row = np.zeros(L.NCOEF)
-        row[L.GUIDE] = self._spec.guidance_scale
-        row[L.PX], row[L.PM] = C.conversion(self._spec.raw_type, "x0", p.alpha, p.sigma)
-        row[L.QM], row[L.C0] = 1.0, 1.0
-        return self._step(x, raw, self._upload(row, x.device), out=torch.empty_like(x),
-                          threshold=self.threshold_bounds() if self._thresholding else None)
+        """The data prediction at t (one more model evaluation), thresholded when thresholding is on."""
+        return self._convert(x, self._raw(x, self._t_tensor(t, x)), P.point(self.noise_schedule, t), t, "x0",
+                             self._thresholding)
 
     def _adaptive(self, x, order, t_T, t_0, atol, rtol, solver_type, h_init=0.05, theta=0.9, t_err=1e-5):
         """DPM-Solver-12 (order 2) / -23 (order 3): accept a step when the RMS error estimate is <= 1."""

@@ -6,19 +6,26 @@
         x = dk.multistep_update(x, eps, hist, t=ts[i], t_next=ts[i + 1], noise_schedule=ns, order=3, out=x)
 
 The history is a ring buffer [order, *x.shape] owned by the caller: each call writes the converted model
-output into its next slot (no copies, no list shifting) and remembers the output's time. Coefficients are
-computed in float64 on the host, per sample when t is a [B] tensor.
+output into a free slot (no copies, no list shifting) and remembers the output's time. The coefficient row comes
+from the planner (`planner.coefficient_rows`), vectorized over samples when t is a [B] tensor. Rows of float
+times are kept per (schedule, times, options, device) in a small cache: a loop that runs the same time grid again
+(the next image) finds its rows there and does no float64 math and no upload per step.
 """
 
 from __future__ import annotations
+
+from collections import OrderedDict
 
 import numpy as np
 import torch
 
 from . import coefficients as C
-from . import layout as L
-from .ops import default_history_dtype, fused_step
+from . import planner as P
+from .ops import bind, default_history_dtype
 from .schedule import NoiseScheduleVP
+
+_CACHE_SIZE = 4096
+_row_cache: OrderedDict = OrderedDict()
 
 
 class History:
@@ -29,12 +36,12 @@ class History:
         order: ring size = the highest solver order it will serve (1..3).
         dtype: storage dtype; default float32 for float16/bfloat16 samples (more accurate), else like's.
     Attributes:
-        buffer: [order, B, ...] storage; `count`: outputs pushed so far; `last_order`: the order of the most
-        recent update.
+        buffer: [order, B, ...] storage; `count`: outputs stored so far; `last_order`: the order of the most
+        recent update. Only outputs of distinct times are stored: a zero-length step (t_next == t) stores nothing.
     """
 
     def __init__(self, like: torch.Tensor, order: int = 3, dtype: torch.dtype | None = None):
-        if order not in (1, 2, 3):
+        if not isinstance(order, int) or order not in (1, 2, 3):
             raise ValueError(f"order: expected 1, 2 or 3, got {order!r}")
         if not isinstance(like, torch.Tensor) or not like.is_floating_point():
             raise TypeError("like: expected a floating-point tensor [B, ...]")
@@ -42,40 +49,82 @@ class History:
         self.x_dtype = like.dtype
         dtype = default_history_dtype(like.dtype) if dtype is None else dtype
         self.buffer = torch.empty((order,) + tuple(like.shape), dtype=dtype, device=like.device)
+        self._slots = self.buffer.unbind(0)
         self.reset()
 
     def reset(self) -> None:
         """Forget every stored output (start a new trajectory)."""
         self.count = 0
         self.last_order = 0
-        self._points: list[list[C.Point] | None] = [None] * self.order
+        self._entries: list[tuple[int, C.Point, object]] = []  # (slot, point(s), cache key of the time), newest first
 
     def slot(self, k: int) -> int:
         """Ring index of the k-th most recent output (k = 0: newest)."""
-        return (self.count - 1 - k) % self.order
+        return self._entries[k][0]
 
-    def points(self, k: int) -> list[C.Point]:
-        return self._points[self.slot(k)]
+    def points(self, k: int) -> C.Point:
+        """The point(s) (one, or [B] arrays) of the k-th most recent output."""
+        return self._entries[k][1]
 
-    def _advance(self, pts: list[C.Point]) -> int:
-        idx = self.count % self.order
-        self._points[idx] = pts
+    def _free_slot(self) -> int:
+        taken = {s for s, _, _ in self._entries[:self.order - 1]}
+        return next(s for s in range(self.order) if s not in taken)
+
+    def _push(self, slot: int, pt: C.Point, key) -> None:
+        self._entries = [(slot, pt, key)] + self._entries[:self.order - 1]
         self.count += 1
-        return idx
 
 
-def _points(ns: NoiseScheduleVP, t, b: int, name: str) -> list[C.Point]:
-    """Per-sample points for a float or a [B] tensor of times (a scalar gives one shared point)."""
+def _times(ns: NoiseScheduleVP, t, b: int, name: str):
+    """(cache key, point(s)) of a float or a [B] tensor of times (key None: per-sample, not cached)."""
     if isinstance(t, torch.Tensor):
+        if t.numel() not in (1, b):
+            raise ValueError(f"{name}: expected a scalar or [{b}] times, got shape {tuple(t.shape)}")
         tv = t.detach().double().cpu().reshape(-1).numpy()
-        if tv.size not in (1, b):
-            raise ValueError(f"{name}: expected a scalar or [{b}] times, got {tuple(t.shape)}")
-    else:
-        tv = np.asarray([float(t)])
+        if tv.size == 1:
+            t = float(tv[0])
+    elif isinstance(t, (bool, str)) or not isinstance(t, (int, float, np.floating, np.integer)):
+        raise TypeError(f"{name}: expected a float or a [B] tensor of times, got {type(t).__name__}")
+    if not isinstance(t, torch.Tensor):
+        t = float(t)
+        if not np.isfinite(t):
+            raise ValueError(f"{name}: times must be finite, got {t}")
+        return t, P.point(ns, t)
     if not np.all(np.isfinite(tv)):
         raise ValueError(f"{name}: times must be finite")
-    la = ns.log_alpha64(tv)
-    return [C.Point.from_log_alpha(float(v)) for v in np.atleast_1d(la)]
+    return None, P.point(ns, tv)
+
+
+def _distinct_orders(order: int, chain: list[C.Point]):
+    """Per sample, the highest order <= `order` whose points (current first, then the stored ones) are pairwise
+    apart: a divided difference never spans a zero-length step."""
+    eff = np.ones(np.broadcast_shapes(*(np.shape(p.lam) for p in chain)), dtype=np.int64) if order > 1 else 1
+    ok = True
+    for j in range(1, order):
+        ok = ok & ~C.is_zero_step(chain[j].lam - chain[j - 1].lam)
+        eff = eff + ok
+    return eff
+
+
+def _update(algorithm_type, solver_type, order, chain, pt, eta, s_noise, multistep3) -> C.Update:
+    if algorithm_type.startswith("sde"):
+        return C.sde_multistep(algorithm_type, solver_type, order, chain[:order], pt, eta, s_noise, multistep3)
+    return C.multistep(algorithm_type, solver_type, order, chain[:order], pt, multistep3)
+
+
+def _row(ps, pt, chain, eff, algorithm_type, solver_type, model_type, guidance_scale, thresholding, eta,
+         s_noise, multistep3) -> np.ndarray:
+    orders = _distinct_orders(eff, chain)
+    if np.ndim(orders) == 0:
+        upd = _update(algorithm_type, solver_type, int(orders), chain, pt, eta, s_noise, multistep3)
+    else:  # per sample: each order present, then each sample's own
+        ups = {o: _update(algorithm_type, solver_type, o, chain, pt, eta, s_noise, multistep3)
+               for o in sorted(set(orders.tolist()))}
+        pick = lambda get: np.select([orders == o for o in ups], [get(u) for u in ups.values()])  # noqa: E731
+        upd = C.Update(pick(lambda u: u.a), tuple(pick(lambda u, j=j: u.c[j] if j < len(u.c) else 0.0)
+                                                  for j in range(eff)), pick(lambda u: u.noise))
+    conv = P.Conversion.for_algorithm(model_type, algorithm_type, thresholding, guidance_scale)
+    return P.coefficient_rows(ps, conv, upd, what="t_next")
 
 
 def multistep_update(
@@ -107,15 +156,17 @@ def multistep_update(
         x: [B, ...] sample at time t.
         model_output: [B, ...] raw network output at (x, t) of type `model_type`; with cfg="stacked",
             [2B, ...] = cat([uncond, cond]); with cfg="pair", the unconditional half (cond in model_cond).
+            A floating output of another dtype is cast to x's.
         history: the `History` of this trajectory (updated in place).
-        t, t_next: continuous times (floats, or [B] tensors for per-sample times), t_next towards the data.
+        t, t_next: continuous times (floats, or [B] tensors for per-sample times; reading those is a host sync
+            on a GPU), t_next towards the data. t_next == t is a zero-length step: x is returned unchanged.
         noise_schedule: the `NoiseScheduleVP` the times refer to.
         order: 1..3; lower while the history warms up (the first call is first order).
         algorithm_type: "dpmsolver++" | "dpmsolver" | "sde-dpmsolver++" | "sde-dpmsolver".
         solver_type: "dpmsolver" (midpoint) | "taylor" (heun).
         model_type: "noise" | "x_start" | "v" | "score".
         guidance_scale: classifier-free guidance scale (cfg != "none").
-        thresholding: (ratio, lo, hi): s = clamp(quantile(|x0|, ratio), lo, hi) per sample; x0 is
+        thresholding: None or (ratio, lo, hi): s = clamp(quantile(|x0|, ratio), lo, hi) per sample; x0 is
             clamped to [-s, s] and divided by s (authors: (0.995, max_val, inf); diffusers: (0.995, 1, max)).
         noise: [B, ...] standard normal noise (SDE algorithms).
         eta, s_noise: SDE noise scale and multiplier.
@@ -128,49 +179,57 @@ def multistep_update(
         raise TypeError(f"history: expected a dpm_kernels.History, got {type(history).__name__}")
     if not isinstance(x, torch.Tensor) or not x.is_floating_point():
         raise TypeError("x: expected a floating-point tensor")
+    if not isinstance(noise_schedule, NoiseScheduleVP):
+        raise TypeError(f"noise_schedule: expected a dpm_kernels.NoiseScheduleVP, got {type(noise_schedule).__name__}")
     if history.buffer.shape[1:] != x.shape or history.x_dtype != x.dtype or history.buffer.device != x.device:
         raise ValueError(f"history: built for {tuple(history.buffer.shape[1:])} {history.x_dtype} on "
                          f"{history.buffer.device}, got x {tuple(x.shape)} {x.dtype} on {x.device}")
-    if order not in (1, 2, 3) or order > history.order:
+    if not isinstance(order, int) or order not in (1, 2, 3) or order > history.order:
         raise ValueError(f"order: expected 1..{history.order} (the history's size), got {order!r}")
-    plus = C.is_data_prediction(algorithm_type)
+    if not isinstance(model_output, torch.Tensor) or not model_output.is_floating_point():
+        what = f"a {model_output.dtype} tensor" if isinstance(model_output, torch.Tensor) else \
+            type(model_output).__name__
+        raise TypeError(f"model_output: expected a floating-point tensor, got {what}")
+    if model_output.dtype != x.dtype:
+        model_output = model_output.to(x.dtype)
     sde = algorithm_type.startswith("sde")
     b = x.shape[0]
-    ps = _points(noise_schedule, t, b, "t")
-    pt = _points(noise_schedule, t_next, b, "t_next")
-    eff = min(order, history.count + 1)
-    prev_pts = [ps] + [history.points(k) for k in range(eff - 1)]
-    n_rows = max(len(ps), len(pt), *(len(p) for p in prev_pts))
-    target = "x0" if plus else "eps"
-    rows = np.zeros((n_rows, L.NCOEF), dtype=np.float64)
-    for i in range(n_rows):
-        pick = [p[i] if len(p) > 1 else p[0] for p in prev_pts]
-        p_next = pt[i] if len(pt) > 1 else pt[0]
-        if sde:
-            upd = C.sde_multistep(algorithm_type, solver_type, eff, pick, p_next, eta, s_noise, multistep3)
-        else:
-            upd = C.multistep(algorithm_type, solver_type, eff, pick, p_next, multistep3)
-        p0 = pick[0]
-        rows[i, L.GUIDE] = guidance_scale
-        if thresholding is not None:
-            rows[i, L.PX], rows[i, L.PM] = C.conversion(model_type, "x0", p0.alpha, p0.sigma)
-            rows[i, L.QX], rows[i, L.QM] = C.conversion("x_start", target, p0.alpha, p0.sigma)
-        else:
-            rows[i, L.PX], rows[i, L.PM] = C.conversion(model_type, target, p0.alpha, p0.sigma)
-            rows[i, L.QM] = 1.0
-        rows[i, L.A] = upd.a
-        rows[i, L.C0:L.C0 + len(upd.c)] = upd.c
-        rows[i, L.CN] = upd.noise
-    if not np.all(np.isfinite(rows)):
-        raise ValueError("t_next: the step has non-finite coefficients (check t and t_next)")
-    if sde and np.any(rows[:, L.CN] != 0) and noise is None:
+    key_s, ps = _times(noise_schedule, t, b, "t")
+    key_t, pt = _times(noise_schedule, t_next, b, "t_next")
+    zero = C.is_zero_step(pt.lam - ps.lam)
+    all_zero = bool(np.all(zero))
+    entries = history._entries
+    eff = 1 if all_zero else min(order, len(entries) + 1)
+    used = entries[:eff - 1]
+    keys = (key_s, key_t) + tuple(k for _, _, k in used)
+    thr = thresholding is not None
+    cache_key = None
+    if None not in keys:
+        cache_key = (noise_schedule, keys, eff, algorithm_type, solver_type, model_type, float(guidance_scale), thr,
+                     float(eta), float(s_noise), multistep3, x.device)
+    coef = _row_cache.get(cache_key) if cache_key is not None else None
+    if coef is None:
+        rows = _row(ps, pt, [ps] + [p for _, p, _ in used], eff, algorithm_type, solver_type,
+                    model_type, guidance_scale, thr, eta, s_noise, multistep3)
+        if rows.ndim == 2 and rows.shape[0] != b:
+            rows = np.broadcast_to(rows, (b, rows.shape[1]))
+        coef = P.DeviceTable(rows, x.device).device_rows
+        if cache_key is not None:
+            _row_cache[cache_key] = coef
+            if len(_row_cache) > _CACHE_SIZE:
+                _row_cache.popitem(last=False)
+    noisy = sde and not all_zero and (eta != 0 and s_noise != 0)
+    if noisy and noise is None:
         raise ValueError("noise: SDE algorithms need standard normal noise of x's shape")
-    coef = torch.from_numpy(rows[0] if n_rows == 1 else rows)
-    coef = coef.pin_memory().to(x.device, non_blocking=True) if x.device.type == "cuda" else coef.to(x.device)
-    write = history.count % history.order
-    hist = [history.buffer[history.slot(k)] for k in range(eff - 1)]
-    res = fused_step(x, model_output, coef, out=out, hist_out=history.buffer[write], hist=hist, model_cond=model_cond,
-                     noise=noise if sde else None, cfg=cfg, threshold=thresholding, backend=backend)
-    history._advance(ps)
+    write = None if all_zero else history._free_slot()
+    slots = history._slots
+    h = [slots[s] for s, _, _ in used] + [None, None]
+    if out is None:
+        out = torch.empty_like(x, memory_format=torch.contiguous_format)
+    step = bind(backend, x.device, cfg, thresholding, threshold_name="thresholding")
+    step(x, model_output, coef, out, None if write is None else slots[write], h[0], h[1], None,
+         noise if noisy else None, model_cond)
+    if write is not None:
+        history._push(write, ps, key_s)
     history.last_order = eff
-    return res
+    return out

@@ -25,16 +25,20 @@ def devices() -> list[str]:
 
 
 def backends_for(device: str) -> list[str]:
-    """Backends that must work for tensors on `device` here (a compiled backend that fails to build fails
-    the tests that use it instead of being skipped, unless explicitly disabled)."""
-    names = ["torch"]
-    if device == "cpu":
-        if os.environ.get("DPM_KERNELS_NO_EXT") != "1":
-            names.append("cpu")
-        if os.environ.get("TRITON_INTERPRET") == "1" and registry._why_not("triton", torch.device("cpu")) is None:
-            names.append("triton")
-    else:
-        names += ["cuda", "triton"]
+    """Backends that must work for tensors on `device` here, from the registry's one list (a compiled backend
+    that fails to build fails the tests that use it instead of being skipped, unless explicitly disabled; Triton
+    serves CPU tensors only under its interpreter)."""
+    dev = torch.device(device)
+    names = []
+    for b in registry.BACKENDS:
+        if b.devices is not None and dev.type not in b.devices:
+            continue
+        if b in (registry.CPU, registry.CUDA) and os.environ.get("DPM_KERNELS_NO_EXT") == "1":
+            continue
+        if b is registry.TRITON and dev.type == "cpu" and not (
+                os.environ.get("TRITON_INTERPRET") == "1" and b.why_not(dev) is None):
+            continue
+        names.append(b.name)
     return names
 
 

@@ -22,7 +22,7 @@ pytestmark = pytest.mark.skipif(os.environ.get("DPM_KERNELS_NO_EXT") == "1", rea
 
 @pytest.fixture(autouse=True, scope="module")
 def _cpu_kernel_loaded():
-    registry.prepare("cpu", "cpu")  # builds or loads the extension (direct torch.ops calls need it); raises if not
+    registry.prepare("cpu", "cpu")  # builds or loads the extension; raises if it cannot
 
 
 OP = torch.ops.dpm_kernels.fused_step.default

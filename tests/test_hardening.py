@@ -115,8 +115,8 @@ def test_half_precision_close_to_float32(device, backend, dtype, bound):
 
 def test_coefficients_are_float64_on_the_host():
     s = dk.DPMSolver(model_fn(NS_DISC), NS_DISC, backend="torch")
-    rows, _ = s._coef_rows(s.plan(steps=10, order=3))
-    assert rows.dtype == np.float64
+    rows = s.plan(steps=10, order=3).table(s.conversion())
+    assert rows.dtype == np.float64 and rows.shape == (10, 10)
 
 
 @pytest.mark.parametrize("device,backend", ALL_BACKEND_CASES, ids=IDS)

@@ -84,7 +84,7 @@ def fused_step(
 
     Shapes: x, x_eval, hist1, hist2, noise, model_cond: [B, ...]; model_out: [B, ...] or [2B, ...] with
     cfg=CFG_STACKED; coef: [NCOEF] or [B, NCOEF] float64. Inputs are assumed validated
-    (`dpm_kernels.ops.check_step_args`).
+    (`dpm_kernels.opdef.check_step_args`).
     """
     dt = acc_dtype(x.dtype)
     k = _rows(coef, x.dim(), dt)
@@ -112,3 +112,13 @@ def fused_step(
     if noise is not None:
         out = out + k[L.CN] * noise.to(dt)
     return out.to(x.dtype), m.to(x.dtype if m_dtype is None else m_dtype)
+
+
+def op_impl(x, model_out, model_cond, x_eval, hist1, hist2, noise, coef, cfg, thr, ratio, lo, hi, out,
+            hist_out) -> None:
+    """The reference with the op's calling convention (schema order; writes out and hist_out)."""
+    m_dtype = hist_out.dtype if hist_out is not None else x.dtype
+    res, m = fused_step(x, model_out, coef, model_cond, x_eval, hist1, hist2, noise, cfg, thr, ratio, lo, hi, m_dtype)
+    if hist_out is not None:
+        hist_out.copy_(m)
+    out.copy_(res)

@@ -1,152 +1,226 @@
-"""Backend selection: which implementation serves a fused step for given tensors.
+"""The backends of the fused step as one list of objects, and the choice among them.
 
-Each backend says whether it can serve a device and, if not, why; an explicit backend that cannot serve
-raises with that reason, and "auto" walks a priority list (xformers-style) and reports every reason when
-nothing fits. "auto" never fails for CPU tensors: the reference always serves, and the first fallback from
-a missing compiled backend is logged once.
+Each `Backend` knows its name, the device types it serves, why it cannot serve a device (loading or building its
+kernels the first time it is asked), whether it checks its own arguments, and its implementation (a callable
+taking the op schema's positional arguments). `BACKENDS` is in priority order. A backend is chosen by name:
+
+- ``"auto"``: deterministic -- the first backend of `BACKENDS` that takes part in "auto" for the device type and
+  can serve the device (CUDA: cuda, triton, torch; CPU: cpu, torch). Same inputs, same machine: same backend and
+  the same bits in every run. Falling back to the reference is logged once per device type, with the reasons.
+- ``"fastest"``: an explicit opt-in that times the compiled backends on the device once (`tuning.fastest`).
+- a backend's own name: that backend, or a ValueError saying why it cannot serve the device.
+
+Decisions are cached per (name, device) -- device index included, so two GPUs of one process decide alone.
+
+The public op ``torch.ops.dpm_kernels.fused_step`` is "auto" itself, usable as soon as dpm_kernels is imported:
+its CompositeExplicitAutograd kernel, which the dispatcher uses for any device whose C++ kernel is not
+registered, loads (or builds) the C++ kernels at the first call; once loaded they are registered for their
+dispatch key (CPU, CUDA) and serve every later call directly. Where they cannot load, that kernel serves the
+device with the next backend of the "auto" order, checking the arguments by the same rules.
 """
 
 from __future__ import annotations
 
 import logging
-import os
+import threading
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
+from .. import opdef
 from . import reference
 
 log = logging.getLogger("dpm_kernels")
 
-BACKENDS = ("torch", "cpu", "cuda", "triton")
-_warned: set[str] = set()
-_chosen: dict[tuple[str, str], str] = {}  # (requested backend, device type) -> backend name
+
+@dataclass(frozen=True, eq=False)
+class Backend:
+    """One implementation of the fused-step op."""
+
+    name: str
+    summary: str
+    devices: tuple[str, ...] | None  # device types it can ever serve (None: any)
+    auto_for: tuple[str, ...] | None  # device types for which "auto" considers it (None: any)
+    self_checking: bool  # refuses bad arguments itself, by opdef's rules (so callers need not check first)
+    _why: Callable[[torch.device], str | None]  # None when it can serve the device (may load its kernels)
+    _impl: Callable[[], Callable[..., None]]
+
+    def why_not(self, device: torch.device) -> str | None:
+        """None when this backend can serve tensors on `device`, else the reason (loads kernels on first use)."""
+        if self.devices is not None and device.type not in self.devices:
+            return f"{self.name}: serves {' or '.join(self.devices)} tensors, got {device.type}"
+        return self._why(device)
+
+    @property
+    def impl(self) -> Callable[..., None]:
+        """The implementation: op-schema positional arguments, writes out and hist_out."""
+        return self._impl()
+
+    def takes_part_in_auto(self, device: torch.device) -> bool:
+        return self.auto_for is None or device.type in self.auto_for
 
 
-def _torch_impl(x, model_out, model_cond, x_eval, hist1, hist2, noise, coef, cfg, thr, ratio, lo, hi, out, hist_out):
-    m_dtype = hist_out.dtype if hist_out is not None else x.dtype
-    res, m = reference.fused_step(x, model_out, coef, model_cond, x_eval, hist1, hist2, noise, cfg, thr, ratio, lo, hi,
-                                  m_dtype)
-    if hist_out is not None:
-        hist_out.copy_(m)
-    out.copy_(res)
+def _cpu_why(device: torch.device) -> str | None:
+    from . import cpu
+
+    return cpu.why_unavailable()
 
 
-def _why_not(name: str, device: torch.device) -> str | None:
-    """None when backend `name` can serve tensors on `device`, else the reason."""
-    if name == "torch":
-        return None
-    if name == "cpu":
-        if device.type != "cpu":
-            return f"cpu: serves CPU tensors, got {device.type}"
-        from . import cpu
+def _cuda_why(device: torch.device) -> str | None:
+    from . import cuda
 
-        return cpu.why_unavailable()
-    if name == "cuda":
-        if device.type != "cuda":
-            return f"cuda: serves CUDA tensors, got {device.type}"
-        from . import cuda
-
-        return cuda.why_unavailable()
-    if name == "triton":
-        from . import triton_backend
-
-        return triton_backend.why_unavailable(device)
-    return f"{name}: unknown backend; expected one of {('auto',) + BACKENDS}"
+    return cuda.why_unavailable()
 
 
-def _impl(name: str) -> Callable[..., None]:
-    if name == "torch":
-        return _torch_impl
-    if name == "triton":
-        return torch.ops.dpm_kernels.fused_step_triton.default
+def _triton_why(device: torch.device) -> str | None:
+    from . import triton_backend
+
+    return triton_backend.why_unavailable(device)
+
+
+def _public_op():
     return torch.ops.dpm_kernels.fused_step.default
 
 
-def _auto_order(device: torch.device) -> list[str]:
-    forced = os.environ.get("DPM_KERNELS_BACKEND")
-    if forced:
-        return [forced]
-    if device.type == "cpu":
-        return ["cpu", "torch"]
-    if device.type == "cuda":
+def _triton_op():
+    return torch.ops.dpm_kernels.fused_step_triton.default
+
+
+CUDA = Backend("cuda", "CUDA C++ kernels (csrc/cuda), built on first use", ("cuda",), ("cuda",), True, _cuda_why,
+               _public_op)
+TRITON = Backend("triton", "Triton kernels (CUDA; CPU tensors under TRITON_INTERPRET=1)", ("cuda", "cpu"), ("cuda",),
+                 False, _triton_why, _triton_op)
+CPU = Backend("cpu", "C++ kernels (csrc/cpu), built on first use", ("cpu",), ("cpu",), True, _cpu_why, _public_op)
+TORCH = Backend("torch", "the PyTorch reference (plain tensor code, torch.compile can fuse it)", None, None, False,
+                lambda device: None, lambda: reference.op_impl)
+BACKENDS: tuple[Backend, ...] = (CUDA, TRITON, CPU, TORCH)  # the priority order of "auto"
+NAMES: tuple[str, ...] = tuple(b.name for b in BACKENDS)
+CHOICES: tuple[str, ...] = ("auto", "fastest") + NAMES  # what a `backend=` argument accepts
+
+# What the traced code of torch.compile calls for "auto" before an eager decision exists: the public op, which
+# chooses (and loads) at run time, and whose every kernel checks its arguments.
+AUTO_OP = Backend("auto", "the public op (chooses its kernel at run time)", None, None, True, lambda device: None,
+                  _public_op)
+
+_by_name = {b.name: b for b in BACKENDS}
+_resolved: dict[tuple[str, torch.device], Backend] = {}
+_warned: set[str] = set()
+_lock = threading.Lock()
+
+
+def by_name(name: str) -> Backend:
+    if name not in _by_name:
+        raise ValueError(f"backend: unknown backend {name!r}; expected one of {CHOICES}")
+    return _by_name[name]
+
+
+def validate(name: str) -> str:
+    """`name` if it is a valid ``backend=`` value, else a ValueError listing the valid ones."""
+    if name not in CHOICES:
+        raise ValueError(f"backend: expected one of {CHOICES}, got {name!r}")
+    return name
+
+
+def auto_order(device: torch.device) -> list[Backend]:
+    return [b for b in BACKENDS if b.takes_part_in_auto(device)]
+
+
+def choose(name: str, device: torch.device | str) -> Backend:
+    """The backend that serves `name` on `device` (not cached); ValueError with every reason when none can."""
+    device = torch.device(device)
+    validate(name)
+    if name == "fastest":
         from . import tuning
 
-        return tuning.cuda_preference(device) + ["torch"]
-    return ["triton", "torch"]
-
-
-def choose(backend: str, device: torch.device) -> str:
-    """The backend name that serves `device`; raises ValueError with every reason when none can."""
-    if backend != "auto":
-        why = _why_not(backend, device)
+        return by_name(tuning.fastest(device))
+    if name != "auto":
+        b = by_name(name)
+        why = b.why_not(device)
         if why is not None:
             raise ValueError(f"backend: {why}")
-        return backend
+        return b
     reasons = []
-    order = _auto_order(device)
-    for name in order:
-        why = _why_not(name, device)
+    for b in auto_order(device):
+        why = b.why_not(device)
         if why is None:
-            if reasons and name == "torch" and device.type not in _warned:
+            if reasons and b is TORCH and device.type not in _warned:
                 _warned.add(device.type)
                 log.warning("dpm_kernels: using the PyTorch reference for %s tensors (%s)", device.type,
                             "; ".join(reasons))
-            return name
+            return b
         reasons.append(why)
     raise ValueError("backend: no backend can serve these tensors: " + "; ".join(reasons))
 
 
-# The C++ bindings check every argument themselves, with the same rules and messages as
-# `ops.check_step_args` (TORCH_CHECK_VALUE / TORCH_CHECK_TYPE raise ValueError / TypeError), before writing.
-SELF_CHECKING = ("cpu", "cuda")
+def resolve(name: str, device: torch.device) -> Backend:
+    """`choose`, decided once per (name, device). Inside code traced by torch.compile, where kernels cannot be
+    loaded, an undecided "auto" is the public op (it decides at run time); another name must be decided eagerly
+    first (any eager step, or `prepare`)."""
+    key = (name, device)
+    b = _resolved.get(key)
+    if b is not None:
+        return b
+    if torch.compiler.is_compiling():
+        if name == "auto":
+            return AUTO_OP
+        raise RuntimeError(f"backend: {name!r} for {device} was not chosen before tracing; call "
+                           f"dpm_kernels.backends.registry.prepare({name!r}, {str(device)!r}) (or run one step "
+                           "eagerly) first")
+    b = _resolved[key] = choose(name, device)
+    return b
 
 
-def resolve_name(backend: str, x: torch.Tensor) -> str:
-    """The backend that serves `backend` for x's device (decided once per device type)."""
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"x: expected a torch.Tensor, got {type(x).__name__}")
-    key = (backend, x.device.type)
-    name = _chosen.get(key)
-    if name is None:  # the first call per (backend, device type) decides (and may build an extension)
-        name = _chosen[key] = choose(backend, x.device)
-    return name
-
-
-def resolve(backend: str, x: torch.Tensor) -> Callable[..., None]:
-    """The implementation (op-schema positional arguments) for `backend` and x's device."""
-    return _impl(resolve_name(backend, x))
-
-
-def resolve_cached(backend: str, x: torch.Tensor) -> Callable[..., None]:
-    """`resolve` for code being traced by torch.compile: uses the decision made eagerly before.
-
-    Loading an extension (locks, a compiler run) cannot be traced; `prepare` (or any eager call) makes
-    the decision first.
-    """
-    key = (backend, x.device.type)
-    if key not in _chosen:
-        raise RuntimeError(
-            f"backend: {backend!r} for {x.device.type} tensors was not resolved before tracing; call "
-            "dpm_kernels.backends.registry.prepare(backend, device) (or run one step eagerly) first"
-        )
-    return _impl(_chosen[key])
-
-
-def prepare(backend: str, device: torch.device | str) -> str:
-    """Resolve (and load) `backend` for `device` eagerly; returns the backend name that will serve it."""
+def prepare(name: str, device: torch.device | str) -> str:
+    """Decide (and load) backend `name` for `device` eagerly; returns the name of the backend that serves it."""
     device = torch.device(device)
-    name = choose(backend, device)
-    _chosen[(backend, device.type)] = name
-    return name
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return resolve(name, device).name
 
 
 def available() -> dict[str, str | None]:
-    """Each backend's availability on this machine: None when usable, else why not."""
-    devs = {"torch": torch.device("cpu"), "cpu": torch.device("cpu"), "cuda": torch.device("cuda"), "triton": None}
+    """Each backend's availability on this machine (CUDA tensors where a GPU is visible): None or why not."""
+    devices = ([torch.device("cuda", torch.cuda.current_device())] if torch.cuda.is_available() else []) + [
+        torch.device("cpu")]
     res = {}
-    for name, dev in devs.items():
-        if dev is None:
-            dev = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-        res[name] = _why_not(name, dev)
+    for b in BACKENDS:
+        cands = [d for d in devices if b.devices is None or d.type in b.devices]
+        reasons = [b.why_not(d) for d in cands] or [f"{b.name}: no CUDA device visible to PyTorch"]
+        res[b.name] = None if None in reasons else reasons[0]
     return res
+
+
+def checked(b: Backend) -> Callable[..., None]:
+    """b's implementation preceded by the argument rules, unless it checks them itself."""
+    impl = b.impl
+    if b.self_checking:
+        return impl
+
+    def run(*args) -> None:
+        opdef.check_step_args(*args)
+        impl(*args)
+
+    return run
+
+
+# ---- the public op's first-use kernel ----
+_serving: dict[str, Callable[..., None]] = {}  # device type -> what serves the public op there (not C++)
+
+
+def _serve(device: torch.device) -> Callable[..., None]:
+    with _lock:
+        impl = _serving.get(device.type)
+        if impl is None:
+            b = choose("auto", device)  # loads the C++ kernels when they can serve: they register themselves
+            impl = _serving[device.type] = b.impl if b in (CPU, CUDA) else checked(b)
+        return impl
+
+
+def _first_use_kernel(x, *rest) -> None:
+    impl = _serving.get(x.device.type) or _serve(x.device)
+    impl(x, *rest)
+
+
+_lazy_lib = torch.library.Library(opdef.NAMESPACE, "IMPL")
+_lazy_lib.impl(opdef.OP, _first_use_kernel, "CompositeExplicitAutograd")

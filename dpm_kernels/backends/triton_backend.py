@@ -1,7 +1,7 @@
 """The Triton backend: ``torch.ops.dpm_kernels.fused_step_triton``, registered on first use.
 
 The op is a `torch.library.triton_op` (torch.compile traces into it and sees the kernels) with the
-schema of `ops.SCHEMA` and the shared fake implementation (`ops.fake_impl()`, the same validation as every
+schema of `opdef.SCHEMA` and the shared fake implementation (`opdef.fake_impl()`, the same validation as every
 backend). It serves CUDA tensors, and CPU tensors when the kernels were defined under the Triton interpreter
 (TRITON_INTERPRET=1 set before this backend was first used), which is how CI without a GPU runs it.
 
@@ -11,28 +11,36 @@ a contiguous temporary and copied back; out may be x or x_eval itself (the updat
 
 import contextlib
 import os
+import threading
 
 import torch
 
 OP_NAME = "fused_step_triton"
 _state: dict[str, str | None] = {}  # "load" -> None once registered, else why it failed
+_lock = threading.Lock()
 
 
 def _load() -> str | None:
-    """Import Triton and the kernels and register the op (once); None on success, else the reason."""
+    """Import Triton and the kernels and register the op (once, whichever thread asks first); None on success,
+    else the reason."""
     if "load" in _state:
         return _state["load"]
+    with _lock:
+        if "load" not in _state:
+            _state["load"] = _load_locked()
+    return _state["load"]
+
+
+def _load_locked() -> str | None:
     try:
         import triton  # noqa: F401
     except Exception as e:  # ImportError, or a broken install failing its own import
-        _state["load"] = f"triton: cannot import triton ({type(e).__name__}: {e})"
-        return _state["load"]
+        return f"triton: cannot import triton ({type(e).__name__}: {e})"
     try:
         _register()
-        _state["load"] = None
     except Exception as e:
-        _state["load"] = f"triton: could not register the Triton op ({type(e).__name__}: {e})"
-    return _state["load"]
+        return f"triton: could not register the Triton op ({type(e).__name__}: {e})"
+    return None
 
 
 def interpreted() -> bool:
@@ -85,7 +93,7 @@ def fused_step_triton(
     out: torch.Tensor,
     hist_out: torch.Tensor | None,
 ) -> None:
-    """The op's implementation (arguments as in `ops.SCHEMA`; `ops.fused_step` documents them)."""
+    """The op's implementation (arguments as in `opdef.SCHEMA`; `ops.fused_step` documents them)."""
     from . import triton_kernels
 
     def c(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -106,14 +114,14 @@ def fused_step_triton(
 
 
 def _register() -> None:
-    from .. import ops
+    from .. import opdef
 
-    name = f"{ops.NAMESPACE}::{OP_NAME}"
+    name = f"{opdef.NAMESPACE}::{OP_NAME}"
     # `schema` documents intent; the torch versions we support infer the identical schema from the annotations
     # (tests compare the two).
-    torch.library.triton_op(name, fused_step_triton, mutates_args={"out", "hist_out"}, schema=ops.SCHEMA)
+    torch.library.triton_op(name, fused_step_triton, mutates_args={"out", "hist_out"}, schema=opdef.SCHEMA)
     _record_kernels(name)
-    torch.library.register_fake(name, ops.fake_impl())
+    torch.library.register_fake(name, opdef.fake_impl())
 
 
 def _record_kernels(name: str) -> None:

@@ -5,7 +5,7 @@ threshold with the sample's s, store m, combine, store out. One memory pass: rea
 (x2 with guidance), x_eval (only when it is not x), hist1, hist2, noise; writes hist_out and out. Bytes
 for n elements of size e: (tensors read + written) * n * e, e.g. a multistep-2 step storing m moves
 5 n e (x, model_out, hist1 in; out, hist_out out); with float32 history for float16/bfloat16 samples
-(`ops.history_dtype`) the history tensors count 4 bytes an element: 2 n * 3 + 4 n * 2 = 14 n there.
+(`opdef.history_dtype`) the history tensors count 4 bytes an element: 2 n * 3 + 4 n * 2 = 14 n there.
 Thresholding adds the select's sweeps, each re-reading the 2-3 tensors y comes from (x_eval or x,
 model_out, model_cond; never the history): at most NPASS sweeps (4 for float32 arithmetic, 8 for
 float64), served from L2 after the first when a sample fits there.
@@ -34,17 +34,7 @@ import triton
 import triton.language as tl
 
 from . import triton_select as sel
-from .triton_math import (
-    CFG_PAIR,
-    CFG_STACKED,
-    add_term,
-    combine,
-    convert,
-    guided,
-    load_coef,
-    threshold,
-    to_storage,
-)
+from .triton_math import NCOEF, add_term, combine, convert_loaded, load_coef, threshold, to_storage
 
 STEP_WARPS = 4
 
@@ -59,7 +49,7 @@ def _step_kernel(x_ptr, mo_ptr, mc_ptr, xe_ptr, h1_ptr, h2_ptr, z_ptr, coef_ptr,
     pid = tl.program_id(0)
     b = pid // nchunks
     c = pid - b * nchunks
-    g, px, pm, qx, qm, a, c0, c1, c2, cn = load_coef(coef_ptr + b * PER_SAMPLE * 10, F64)
+    g, px, pm, qx, qm, a, c0, c1, c2, cn = load_coef(coef_ptr + b * PER_SAMPLE * NCOEF, F64)
     offs = c.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     idx = b.to(tl.int64) * n + offs
@@ -68,15 +58,10 @@ def _step_kernel(x_ptr, mo_ptr, mc_ptr, xe_ptr, h1_ptr, h2_ptr, z_ptr, coef_ptr,
     xe = xv
     if HAS_XE:
         xe = tl.load(xe_ptr + idx, mask=mask, other=0.0).to(ACC)
-    raw = tl.load(mo_ptr + idx, mask=mask, other=0.0).to(ACC)
-    if CFG == CFG_PAIR:
-        raw = guided(raw, tl.load(mc_ptr + idx, mask=mask, other=0.0).to(ACC), g)
-    elif CFG == CFG_STACKED:
-        raw = guided(raw, tl.load(mo_ptr + cond_off + idx, mask=mask, other=0.0).to(ACC), g)
-    y = convert(xe, raw, px, pm)
+    y = convert_loaded(xe, mo_ptr, mc_ptr, idx, mask, cond_off, g, px, pm, CFG, ACC)
     if THRESH:
         y = threshold(xe, y, tl.load(scale_ptr + b), qx, qm)
-    # History may be float32 while x is float16/bfloat16 (`ops.history_dtype`): every load converts from its
+    # History may be float32 while x is float16/bfloat16 (`opdef.history_dtype`): every load converts from its
     # own pointer's element type, and m is stored in hist_out's, rounded once from the arithmetic type.
     if HAS_HO:
         tl.store(ho_ptr + idx, to_storage(y, ho_ptr.dtype.element_ty), mask=mask)

@@ -20,8 +20,8 @@ the header gets from C++ that Triton spells differently:
 - radix-select keys are signed integers with the sign bit cleared (int32 for float, int64 for double):
   non-negative, so arithmetic shifts equal the header's logical ones and no unsigned types are needed.
 
-`load_converted` is the one place the select kernels and the update kernel compute y, so both see the same
-bits (the select recomputes y from the inputs in every pass instead of storing it).
+`convert_loaded` is the one place the select kernels (through `load_converted`) and the update kernel compute y,
+so both see the same bits (the select recomputes y from the inputs in every pass instead of storing it).
 
 `to_storage` (no C++ twin: nvcc's __float2bfloat16_rn and Triton's compiled `.to` both round to nearest
 even) stores through the Triton interpreter rounded the way a GPU rounds: the interpreter of Triton 3.9
@@ -46,6 +46,7 @@ C0: tl.constexpr = tl.constexpr(L.C0)
 C1: tl.constexpr = tl.constexpr(L.C1)
 C2: tl.constexpr = tl.constexpr(L.C2)
 CN: tl.constexpr = tl.constexpr(L.CN)
+NCOEF: tl.constexpr = tl.constexpr(L.NCOEF)
 CFG_PAIR: tl.constexpr = tl.constexpr(L.CFG_PAIR)
 CFG_STACKED: tl.constexpr = tl.constexpr(L.CFG_STACKED)
 
@@ -167,6 +168,17 @@ def key_value(k):
 
 
 @triton.jit
+def convert_loaded(xe, mo_ptr, mc_ptr, idx, mask, cond_off, g, px, pm, CFG: tl.constexpr, ACC: tl.constexpr):
+    """y at flat offsets idx from an already loaded x_eval: the raw output loaded, guided, then converted."""
+    raw = tl.load(mo_ptr + idx, mask=mask, other=0.0).to(ACC)
+    if CFG == CFG_PAIR:
+        raw = guided(raw, tl.load(mc_ptr + idx, mask=mask, other=0.0).to(ACC), g)
+    elif CFG == CFG_STACKED:
+        raw = guided(raw, tl.load(mo_ptr + cond_off + idx, mask=mask, other=0.0).to(ACC), g)
+    return convert(xe, raw, px, pm)
+
+
+@triton.jit
 def load_converted(mo_ptr, mc_ptr, xe_ptr, idx, mask, cond_off, g, px, pm, CFG: tl.constexpr, F64: tl.constexpr):
     """(x_eval, y) at flat offsets idx: guidance then conversion, in the arithmetic type.
 
@@ -174,9 +186,4 @@ def load_converted(mo_ptr, mc_ptr, xe_ptr, idx, mask, cond_off, g, px, pm, CFG: 
     """
     ACC: tl.constexpr = tl.float64 if F64 else tl.float32
     xe = tl.load(xe_ptr + idx, mask=mask, other=0.0).to(ACC)
-    raw = tl.load(mo_ptr + idx, mask=mask, other=0.0).to(ACC)
-    if CFG == CFG_PAIR:
-        raw = guided(raw, tl.load(mc_ptr + idx, mask=mask, other=0.0).to(ACC), g)
-    elif CFG == CFG_STACKED:
-        raw = guided(raw, tl.load(mo_ptr + cond_off + idx, mask=mask, other=0.0).to(ACC), g)
-    return xe, convert(xe, raw, px, pm)
+    return xe, convert_loaded(xe, mo_ptr, mc_ptr, idx, mask, cond_off, g, px, pm, CFG, ACC)

@@ -21,7 +21,7 @@ Two regimes, same math (`_digit_step`):
   times), keeps the histogram in registers and writes s: the whole thresholded step is 2 launches.
 - huge n: per pass one launch of `_hist_pass` over (sample, chunk) programs folded into grid axis 0 (no
   65535 limit); each program takes the state its pass starts from out of a small int64 workspace
-  [B, NPASS, 265] (one digit step from the previous pass's histogram, mins and starting state, which the
+  [B, NPASS, WS_ROW_LEN] (one digit step from the previous pass's histogram, mins and starting state, which the
   previous pass's first chunk recorded), then adds its chunk's histogram with relaxed atomics (ordering
   between passes comes from the launches themselves, on one stream); once the keys are known, later passes
   return at once without reading data. `_finalize` applies the last pass and writes s.
@@ -38,16 +38,19 @@ import triton.language as tl
 from torch.library import wrap_triton
 from triton.runtime.interpreter import InterpretedFunction
 
+from .. import layout as L
 from . import reference
-from .triton_math import abs_key, from_bits, key_value, lerp_torch, load_coef, load_converted, threshold_scale
+from .triton_math import NCOEF, abs_key, from_bits, key_value, lerp_torch, load_coef, load_converted, threshold_scale
 
-NBINS: tl.constexpr = tl.constexpr(256)
 # One pass p in the int64 workspace: the pass's 256 counts, two min slots (KEY_MAX - min key, so that a zeroed
 # slot reads "none yet" and atomic_max finds the min) and the state the pass started from (7 values).
-LMIN: tl.constexpr = tl.constexpr(256)  # min key under k's prefix (k pending)
-HMIN: tl.constexpr = tl.constexpr(257)  # min key under kh's prefix (kh pending)
-STATE: tl.constexpr = tl.constexpr(258)
-WS_ROW: tl.constexpr = tl.constexpr(265)
+_NBINS, _NSTATE = 256, 7
+WS_ROW_LEN = _NBINS + 2 + _NSTATE  # int64 entries of one pass's workspace row
+NBINS: tl.constexpr = tl.constexpr(_NBINS)
+LMIN: tl.constexpr = tl.constexpr(_NBINS)  # min key under k's prefix (k pending)
+HMIN: tl.constexpr = tl.constexpr(_NBINS + 1)  # min key under kh's prefix (kh pending)
+STATE: tl.constexpr = tl.constexpr(_NBINS + 2)  # pre, r, ls, lkey, hs, hpre, hkey
+WS_ROW: tl.constexpr = tl.constexpr(WS_ROW_LEN)
 
 # Small path: one program per sample. 16 warps x 8 elements a thread keeps ~64 KB of loads in flight per
 # SM (bf16: one 16-byte vector per thread per tensor), the most one program can do for bandwidth.
@@ -204,7 +207,7 @@ def _select_small(mo_ptr, mc_ptr, xe_ptr, coef_ptr, scale_ptr, n, cond_off, k, d
                   CFG: tl.constexpr, PER_SAMPLE: tl.constexpr, F64: tl.constexpr, NPASS: tl.constexpr,
                   KEY_BITS: tl.constexpr, BLOCK: tl.constexpr):
     b = tl.program_id(0)
-    g, px, pm, _, _, _, _, _, _, _ = load_coef(coef_ptr + b * PER_SAMPLE * 10, F64)
+    g, px, pm, _, _, _, _, _, _, _ = load_coef(coef_ptr + b * PER_SAMPLE * NCOEF, F64)
     base = b.to(tl.int64) * n
     pre, r, ls, lkey, hs, hpre, hkey = _init_state(k, F64)
     for p in range(NPASS):
@@ -240,7 +243,7 @@ def _hist_pass(mo_ptr, mc_ptr, xe_ptr, coef_ptr, ws_ptr, n, nchunks, cond_off, k
     if c == 0:
         _store_state(row, pre, r, ls, lkey, hs, hpre, hkey)
     if (ls != 2) | (hs == 1):  # else this pass has nothing left to do: the launch ends at once
-        g, px, pm, _, _, _, _, _, _, _ = load_coef(coef_ptr + b * PER_SAMPLE * 10, F64)
+        g, px, pm, _, _, _, _, _, _, _ = load_coef(coef_ptr + b * PER_SAMPLE * NCOEF, F64)
         sh = (NPASS - 1 - p) * 8
         lo = c.to(tl.int64) * CHUNK
         hi = tl.minimum(lo + CHUNK, n)
@@ -304,7 +307,7 @@ def select_scale(model_out: torch.Tensor, model_cond: torch.Tensor | None, xe: t
     block = block or PASS_BLOCK
     chunk = block * (iters or PASS_ITERS)
     nchunks = triton.cdiv(n, chunk)
-    ws = torch.zeros((nb, npass, 265), dtype=torch.int64, device=xe.device)
+    ws = torch.zeros((nb, npass, WS_ROW_LEN), dtype=torch.int64, device=xe.device)
     for p in range(npass):
         launch(_hist_pass, (nb * nchunks,), model_out, mc, xe, coef, ws, n, nchunks, nb * n, k, dlt, p, **common,
                BLOCK=block, CHUNK=chunk, num_warps=_warps(block, PASS_WARPS))
@@ -315,16 +318,17 @@ def select_scale(model_out: torch.Tensor, model_cond: torch.Tensor | None, xe: t
 def quantile_abs(v: torch.Tensor, ratio: float, **force) -> torch.Tensor:
     """Per-row torch.quantile(|v|, ratio, dim=1) of v [B, n] by the radix select (float32 for half inputs).
 
-    Runs the select with y = 1 * v + 0 * 0 and unbounded clamping, so the result is the quantile itself.
+    Runs the select with v as an output that is already x0 (the planner's identity row: y = v) and unbounded
+    clamping, so the result is the quantile itself.
     """
-    from .. import layout as L
+    from .. import coefficients as C
+    from .. import planner as P
 
     v = v.contiguous()
-    coef = torch.zeros(L.NCOEF, dtype=torch.float64, device=v.device)
-    coef[L.PX] = 1.0
+    coef = torch.from_numpy(P.coefficient_rows(C.Point(1.0, 1.0, 0.0), P.IDENTITY_X0)).to(v.device)
     acc = torch.float64 if v.dtype == torch.float64 else torch.float32
     scale = torch.empty(v.shape[0], dtype=acc, device=v.device)
     if v.numel():
-        select_scale(torch.zeros_like(v), None, v, coef, L.CFG_NONE, ratio, -float("inf"), float("inf"), scale,
+        select_scale(v, None, torch.zeros_like(v), coef, L.CFG_NONE, ratio, -float("inf"), float("inf"), scale,
                      **force)
     return scale

@@ -1,34 +1,38 @@
-"""Which compiled backend "auto" prefers on a CUDA device: the one measured faster there.
+"""``backend="fastest"``: the compiled backend measured fastest on a device -- an explicit opt-in.
 
-When both the CUDA C++ and the Triton kernels can serve a device, the first "auto" decision for it times
-one representative step (2^22 float32 elements, order 2, in place; a plain and a thresholded one) with
-each, a few times after a warm-up, and keeps the faster for the rest of the process. The measurement runs
-once per device (~0.1 s) and never inside a captured graph or a traced region (the registry decides
-eagerly). `DPM_KERNELS_BACKEND` overrides it.
+"auto" is deterministic (the registry's priority order); "fastest" instead times one representative step
+(2^22 float32 elements, order 2, in place; a plain and a thresholded one) with each compiled backend that can
+serve the device, a few times after a warm-up, and keeps the faster for the rest of the process (per device
+index). Only CUDA devices have two compiled backends (CUDA C++ and Triton); elsewhere "fastest" is "auto". The
+measurement never runs inside a captured graph or traced code (the registry decides eagerly); a measurement that
+fails keeps the priority order.
 """
 
 from __future__ import annotations
 
 import logging
 
+import numpy as np
 import torch
 
 log = logging.getLogger("dpm_kernels")
 
-_decided: dict[int, list[str]] = {}
-STATIC_ORDER = ["cuda", "triton"]
+_decided: dict[torch.device, str] = {}
 
 
 def _time_backend(name: str, device: torch.device, reps: int = 10) -> float:
     """Median milliseconds of a plain plus a thresholded step with backend `name`."""
-    from .. import layout as L
+    from .. import coefficients as C
+    from .. import planner as P
     from ..ops import fused_step
+    from ..schedule import NoiseScheduleVP
 
+    pts = P.point(NoiseScheduleVP("linear"), np.array([0.55, 0.5, 0.45]))
+    upd = C.multistep("dpmsolver++", "dpmsolver", 2, [pts[1], pts[0]], pts[2])
+    coef = torch.from_numpy(P.coefficient_rows(pts[1], P.Conversion("noise", "x0"), upd)).to(device)
     n = 1 << 22
     x = torch.randn(4, n // 4, device=device)
     eps, h1, ho = torch.randn_like(x), torch.randn_like(x), torch.empty_like(x)
-    coef = torch.zeros(L.NCOEF, dtype=torch.float64, device=device)
-    coef[L.PX], coef[L.PM], coef[L.QM], coef[L.A], coef[L.C0], coef[L.C1] = 1.0, -0.5, 1.0, 0.9, 0.1, -0.05
 
     def step():
         fused_step(x, eps, coef, out=x, hist_out=ho, hist=[h1], backend=name)
@@ -47,24 +51,26 @@ def _time_backend(name: str, device: torch.device, reps: int = 10) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def cuda_preference(device: torch.device) -> list[str]:
-    """Compiled backends for `device`, fastest first (measured once when both are available)."""
+def fastest(device: torch.device) -> str:
+    """The name of the backend measured fastest for `device` (measured once per device)."""
     from . import registry
 
-    idx = device.index if device.index is not None else torch.cuda.current_device()
-    if idx in _decided:
-        return _decided[idx]
-    usable = [b for b in STATIC_ORDER if registry._why_not(b, device) is None]
-    order = usable + [b for b in STATIC_ORDER if b not in usable]
-    if len(usable) == 2 and not torch.cuda.is_current_stream_capturing():
-        try:
-            dev = torch.device("cuda", idx)
-            with torch.cuda.device(dev):
-                ms = {b: _time_backend(b, dev) for b in usable}
-            order = sorted(usable, key=ms.get) + [b for b in STATIC_ORDER if b not in usable]
-            log.info("dpm_kernels: backend timings on %s: %s ms -> prefer %s", torch.cuda.get_device_name(dev),
-                     {k: round(v, 3) for k, v in ms.items()}, order[0])
-        except Exception as e:  # a failed measurement must not break sampling: keep the static order
-            log.warning("dpm_kernels: could not time the CUDA backends (%s); preferring %s", e, order[0])
-    _decided[idx] = order
-    return order
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    if device in _decided:
+        return _decided[device]
+    usable = [b for b in registry.auto_order(device) if b is not registry.TORCH and b.why_not(device) is None]
+    if device.type != "cuda" or len(usable) < 2 or torch.cuda.is_current_stream_capturing():
+        return registry.choose("auto", device).name
+    name = usable[0].name
+    try:
+        with torch.cuda.device(device):
+            ms = {b.name: _time_backend(b.name, device) for b in usable}
+        name = min(ms, key=ms.get)
+        log.info("dpm_kernels: backend timings on %s: %s ms -> %s", torch.cuda.get_device_name(device),
+                 {k: round(v, 3) for k, v in ms.items()}, name)
+    except Exception as e:  # a failed measurement must not break sampling: keep the priority order
+        log.warning("dpm_kernels: could not time the CUDA backends (%s); using %s", e, name)
+    _decided[device] = name
+    return name

@@ -1,8 +1,8 @@
-"""diffusers' DPM-Solver schedulers with a fused `step()`: one `dpm_kernels.ops.fused_step` call per step.
+"""diffusers' DPM-Solver schedulers with a fused `step()`: one fused-step op call per step.
 
     from dpm_kernels.integrations.diffusers import FusedDPMSolverMultistepScheduler
     pipe.scheduler = FusedDPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
-    pipe.scheduler.fused_backend = "auto"        # or "torch" | "cpu" | "cuda" | "triton" (an attribute, not config)
+    pipe.scheduler.fused_backend = "auto"        # or any of backends.registry.CHOICES (an attribute, not config)
 
 `FusedDPMSolverMultistepScheduler` and `FusedDPMSolverSinglestepScheduler` subclass diffusers'
 `DPMSolverMultistepScheduler` / `DPMSolverSinglestepScheduler` and leave `__init__` alone (ConfigMixin derives the
@@ -13,13 +13,14 @@ output (epsilon / sample / v_prediction to x0 or eps), dynamic thresholding (dif
 clamp(quantile(|x0|, ratio), 1, sample_max_value); noise-prediction solvers go via x0 and back), storing the result
 in a ring buffer owned by the scheduler, the multistep / singlestep combination and the SDE noise run in ONE pass.
 
-Coefficients are float64, computed on the host from the scheduler's sigmas (CPU tensors in diffusers) for every
-remaining step at the first `step()` after `set_timesteps` -- when the starting index is known -- and uploaded once
-(pinned + non_blocking on CUDA; a later trajectory with the same table reuses the device copy); each step then uses
-a row view. No step reads a device tensor on the host, so a loop of steps can be captured in a CUDA graph: call
-`set_begin_index(0)` first (else diffusers' `_init_step_index` searches the timesteps: one sync at the first step),
-give SDE noise through a CUDA generator or `variance_noise` (a CPU generator's noise is copied from pageable
-memory), and keep the scheduler (its row table and ring) alive and on that trajectory while replaying.
+Coefficients are float64, planned on the host (`planner`) from the scheduler's sigmas (CPU tensors in diffusers) for
+every remaining step at the first `step()` after `set_timesteps` -- when the starting index is known -- and uploaded
+once (pinned + non_blocking on CUDA); each step then uses a row view. The scheduler keeps its last few plans: the
+same trajectory run again (the next image) plans nothing and reuses the device table. No step reads a device tensor
+on the host, so a loop of steps can be captured in a CUDA graph: call `set_begin_index(0)` first (else diffusers'
+`_init_step_index` searches the timesteps: one sync at the first step), give SDE noise through a CUDA generator or
+`variance_noise` (a CPU generator's noise is copied from pageable memory), and keep the scheduler (its row table and
+ring) alive and on that trajectory while replaying.
 
 Tolerance: diffusers forms its coefficients in float32 (lambda = log(alpha) - log(sigma), exp(h) - 1 without
 expm1) and the multistep scheduler rounds the sample to float32 in every step; ours are float64. Float32 samples
@@ -36,7 +37,9 @@ Fallback: options not fused run diffusers' own `step()` for the whole trajectory
 "learned"/"learned_range", solver_order outside 1..3, multistep "sde-dpmsolver" with solver_order 3 and singlestep
 "dpmsolver" with thresholding (diffusers' own code fails there and still does), options unknown to this module set
 to non-default values, and, decided at the first step: unsupported dtypes, model outputs shaped unlike the sample,
-inputs requiring grad (the op has no autograd), sigma grids with h <= 0.
+inputs requiring grad (the op has no autograd), SDE sigma grids that go backwards. A zero-length step (a repeated
+sigma) is the identity and stores nothing, and later orders are capped so that no update spans it: finite where
+diffusers' own multistep update at order >= 2 divides by h = 0.
 
 State: `step_index`, `lower_order_nums` and (singlestep) `sample` evolve as in diffusers. The parent's
 `model_outputs` list is not maintained during a fused trajectory: reading it gives a tuple of views into the ring
@@ -57,7 +60,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from .. import coefficients as C
 from .. import planner as P
-from ..ops import FLOAT_DTYPES, default_history_dtype, fused_step
+from ..ops import FLOAT_DTYPES, BoundStep, bind, default_history_dtype
 
 __all__ = ["FusedDPMSolverMultistepScheduler", "FusedDPMSolverSinglestepScheduler"]
 
@@ -78,16 +81,17 @@ class _Trajectory:
     """The plan of the steps from `start` to the end of the grid, made at the first step after set_timesteps."""
 
     start: int  # step_index of the first fused step
-    rows: torch.Tensor  # [n, NCOEF] float64 on the sample's device: step k uses rows[k]
-    host_rows: torch.Tensor  # kept alive: the (pinned) source of the asynchronous upload
-    orders: list[int]
-    store: list[bool]  # does a later step read this step's converted output (ring write needed)?
-    noisy: list[bool]  # non-zero noise coefficient
-    ring: torch.Tensor | None  # [solver_order, *shape] converted outputs; output k lives in slot k % solver_order
+    plan: P.Plan  # one evaluation per step: orders, ring slots, noise flags
+    table: P.DeviceTable  # its coefficient rows on the sample's device: step k uses table.rows[k]
+    step: BoundStep
+    slots: tuple[torch.Tensor, ...]  # ring slots of converted outputs (views of the scheduler's ring)
     shape: torch.Size
     dtype: torch.dtype  # working dtype: promote(sample, model_output), as diffusers' arithmetic
     device: torch.device
     calls: int = 0
+
+
+_PLAN_CACHE = 8  # plans kept per scheduler: the same trajectory run again (the next image) plans and uploads nothing
 
 
 class _FusedStep:
@@ -96,7 +100,7 @@ class _FusedStep:
     fused_backend: str = "auto"
     _fz_traj: _Trajectory | None = None
     _fz_ring: torch.Tensor | None = None  # reused by the next trajectory when shape, dtype and device match
-    _fz_rows: tuple[torch.Tensor, torch.Tensor] | None = None  # (host, device) row table of the last plan
+    _fz_plans: dict | None = None  # plan key -> (plan, device table)
     _fz_data_reason: str | None = None
     _fz_outputs: list | None = None
 
@@ -112,8 +116,9 @@ class _FusedStep:
         traj = self._fz_traj
         if traj is None:
             return self._fz_outputs
-        k = self.config.solver_order
-        return tuple(traj.ring[j % k] if j >= 0 and traj.store[j] else None for j in range(traj.calls - k, traj.calls))
+        k, evals = self.config.solver_order, traj.plan.evals
+        return tuple(traj.slots[evals[j].write_slot] if j >= 0 and evals[j].write_slot is not None else None
+                     for j in range(traj.calls - k, traj.calls))
 
     @model_outputs.setter
     def model_outputs(self, value) -> None:
@@ -166,41 +171,26 @@ class _FusedStep:
     def _plan(self, model_output: torch.Tensor, sample: torch.Tensor) -> _Trajectory:
         cfg = self.config
         start, n = self.step_index, len(self.timesteps)
-        pts = [C.Point.from_vp_of_ve_sigma(s) for s in self.sigmas.tolist()]  # CPU tensor: no device sync
-        orders = self._orders(start, n)
-        updates = [self._update(start + k, o, pts) for k, o in enumerate(orders)]
-        evals = [P.Eval(t=0.0, point=pts[start + k], source="x", update=u, write_slot=None, read_slots=(), dest="x",
-                        order=o, step=k + 1, t_next=0.0) for k, (o, u) in enumerate(zip(orders, updates, strict=True))]
-        plan = P.Plan(evals, cfg.solver_order, np.zeros(0), orders)
-        rows = P.coefficient_table(plan, _MODEL_TYPE[cfg.prediction_type], cfg.algorithm_type,
-                                   thresholding=bool(cfg.thresholding))
-        store = [any(orders[j] > j - k for j in range(k + 1, len(orders))) for k in range(len(orders))]
+        sigmas = self.sigmas[start:n + 1].numpy().astype(np.float64)  # a CPU tensor in diffusers: no device sync
         dev, w = sample.device, torch.promote_types(sample.dtype, model_output.dtype)
-        host, rows_dev = self._upload(rows, dev)
-        ring = None
-        if any(store):
-            shape = (cfg.solver_order, *sample.shape)
-            ring = self._fz_ring
-            hd = default_history_dtype(w)  # float32 history for half samples: more accurate than diffusers'
-            if ring is None or ring.shape != shape or ring.dtype != hd or ring.device != dev:
-                ring = self._fz_ring = torch.empty(shape, dtype=hd, device=dev)
-        return _Trajectory(start, rows_dev, host, orders, store, [u.noise != 0.0 for u in updates], ring,
+        key = (start, sigmas.tobytes(), dev, tuple((k, cfg[k]) for k in sorted(_STEP_KEYS) if k in cfg))
+        plans = self._fz_plans = self._fz_plans if self._fz_plans is not None else {}
+        if key not in plans:
+            plan = self._plan_steps(C.Point.from_vp_of_ve_sigma(sigmas), self._orders(start, n))
+            conv = P.Conversion.for_algorithm(_MODEL_TYPE[cfg.prediction_type], cfg.algorithm_type,
+                                              bool(cfg.thresholding))
+            plans[key] = (plan, P.DeviceTable(plan.table(conv, what="sigmas"), dev))
+            if len(plans) > _PLAN_CACHE:
+                del plans[next(iter(plans))]
+        plan, table = plans[key]
+        shape = (plan.n_slots, *sample.shape)
+        ring = self._fz_ring
+        hd = default_history_dtype(w)  # float32 history for half samples: more accurate than diffusers'
+        if ring is None or ring.shape != shape or ring.dtype != hd or ring.device != dev:
+            ring = self._fz_ring = torch.empty(shape, dtype=hd, device=dev)
+        thr = (cfg.dynamic_thresholding_ratio, 1.0, cfg.sample_max_value) if cfg.thresholding else None
+        return _Trajectory(start, plan, table, bind(self.fused_backend, dev, "none", thr), ring.unbind(0),
                            sample.shape, w, dev)
-
-    def _upload(self, rows: np.ndarray, dev: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """(host, device) copies of the row table. The same table as the previous trajectory's (the same image
-        generated again) reuses its device copy: no upload and no allocation, also when a graph is being captured."""
-        last = self._fz_rows
-        if last is not None and last[1].device == dev and last[0].shape == rows.shape and np.array_equal(
-                last[0].numpy(), rows):
-            return last
-        host = torch.from_numpy(np.ascontiguousarray(rows))
-        if dev.type == "cuda":
-            host = host.pin_memory()  # the asynchronous copy reads it later: the trajectory keeps it alive
-            self._fz_rows = (host, host.to(dev, non_blocking=True))
-        else:
-            self._fz_rows = (host, host.to(dev))
-        return self._fz_rows
 
     # ----- the step -----
     def _fused(self, model_output, timestep, sample, generator, variance_noise) -> torch.Tensor | None:
@@ -215,38 +205,33 @@ class _FusedStep:
             if why is None:
                 try:
                     traj = self._plan(model_output, sample)
-                except (ValueError, ArithmeticError) as exc:  # e.g. repeated sigmas (h = 0): diffusers' result
+                except (ValueError, ArithmeticError) as exc:  # e.g. a sigma grid going backwards for an SDE
                     why = f"planning failed ({exc})"
             if why is not None:
                 self._fz_data_reason = why
                 return None
             self._fz_traj = traj
-        if self.step_index is None or self.step_index - traj.start != traj.calls:
-            raise RuntimeError("step: step_index changed outside step() in a fused trajectory; call set_timesteps()")
         k = traj.calls
-        if k >= len(traj.orders):
-            raise IndexError(f"step: all {len(traj.orders)} steps of this trajectory were taken; call set_timesteps()")
+        if self._step_index is None or self._step_index - traj.start != k:
+            raise RuntimeError("step: step_index changed outside step() in a fused trajectory; call set_timesteps()")
+        evals = traj.plan.evals
+        if k >= len(evals):
+            raise IndexError(f"step: all {len(evals)} steps of this trajectory were taken; call set_timesteps()")
         if sample.shape != traj.shape or model_output.shape != traj.shape or sample.device != traj.device:
             raise ValueError(f"step: sample/model_output {tuple(sample.shape)}/{tuple(model_output.shape)} on "
                              f"{sample.device} changed within a trajectory ({tuple(traj.shape)} on {traj.device})")
         if torch.is_grad_enabled() and (sample.requires_grad or model_output.requires_grad):
             raise RuntimeError("step: inputs require grad, but this fused trajectory has no autograd")
-        w, o = traj.dtype, traj.orders[k]
+        w, ev = traj.dtype, evals[k]
         z = self._noise(model_output, generator, variance_noise)  # drawn every step, as diffusers does
         x_now = sample.to(w)
-        x, x_eval = self._start_point(o, sample, x_now)
-        ring, so = traj.ring, self.config.solver_order
+        x, x_eval = self._start_point(ev.order, sample, x_now)
+        slots = traj.slots
+        h = [slots[s] for s in ev.read_slots] + [None, None]
         out = torch.empty(traj.shape, dtype=w, device=traj.device)
-        cfg = self.config
-        fused_step(
-            x, model_output.to(w), traj.rows[k], out=out,
-            hist_out=ring[k % so] if traj.store[k] else None,
-            hist=[ring[(k - j) % so] for j in range(1, o)],
-            x_eval=x_eval,
-            noise=z.to(w) if z is not None and traj.noisy[k] else None,
-            threshold=(cfg.dynamic_thresholding_ratio, 1.0, cfg.sample_max_value) if cfg.thresholding else None,
-            backend=self.fused_backend,
-        )
+        traj.step(x, model_output.to(w), traj.table.rows[k], out,
+                  None if ev.write_slot is None else slots[ev.write_slot], h[0], h[1], x_eval,
+                  z.to(w) if z is not None and ev.noisy else None)
         traj.calls += 1
         self._step_index += 1
         self._advanced()
@@ -256,7 +241,7 @@ class _FusedStep:
 class FusedDPMSolverMultistepScheduler(_FusedStep, DPMSolverMultistepScheduler):
     """`DPMSolverMultistepScheduler` with a fused `step()`; same config, same results (module doc).
 
-    Attributes: ``fused_backend`` ("auto" | "torch" | "cpu" | "cuda" | "triton"), ``fused_reason`` (read-only).
+    Attributes: ``fused_backend`` (a `backends.registry.CHOICES` name), ``fused_reason`` (read-only).
     """
 
     _ALGORITHMS = ("dpmsolver++", "dpmsolver", "sde-dpmsolver++", "sde-dpmsolver")
@@ -293,12 +278,11 @@ class FusedDPMSolverMultistepScheduler(_FusedStep, DPMSolverMultistepScheduler):
             orders.append(1 if so == 1 or warm < 1 or final else 2 if so == 2 or warm < 2 or second else 3)
         return orders
 
-    def _update(self, i: int, o: int, pts: list[C.Point]) -> C.Update:
+    def _plan_steps(self, points: C.Point, orders: list[int]) -> P.Plan:
         cfg = self.config
-        prev = [pts[i - j] for j in range(o)]
-        if cfg.algorithm_type.startswith("sde"):
-            return C.sde_multistep(cfg.algorithm_type, cfg.solver_type, o, prev, pts[i + 1], 1.0, 1.0, "diffusers")
-        return C.multistep(cfg.algorithm_type, cfg.solver_type, o, prev, pts[i + 1])
+        sde = cfg.algorithm_type.startswith("sde")
+        return P.plan_multistep(None, cfg.algorithm_type, cfg.solver_type, np.zeros(len(orders) + 1), orders,
+                                eta=1.0, s_noise=1.0, multistep3="diffusers" if sde else "standard", points=points)
 
     def _noise(self, model_output, generator, variance_noise) -> torch.Tensor | None:
         if not self.config.algorithm_type.startswith("sde"):
@@ -327,7 +311,7 @@ class FusedDPMSolverSinglestepScheduler(_FusedStep, DPMSolverSinglestepScheduler
 
     A step of order k (the scheduler's ``order_list``) starts from ``self.sample``, the sample of the block's first
     step (held by reference, as diffusers does), and evaluates its output at the current sample (``x_eval``).
-    Attributes: ``fused_backend`` ("auto" | "torch" | "cpu" | "cuda" | "triton"), ``fused_reason`` (read-only).
+    Attributes: ``fused_backend`` (a `backends.registry.CHOICES` name), ``fused_reason`` (read-only).
     """
 
     _ALGORITHMS = ("dpmsolver++", "dpmsolver", "sde-dpmsolver++")
@@ -354,12 +338,8 @@ class FusedDPMSolverSinglestepScheduler(_FusedStep, DPMSolverSinglestepScheduler
         # diffusers lowers order_list[i] while fewer outputs than that exist since set_timesteps
         return [min(self.order_list[i], k + 1) for k, i in enumerate(range(start, n))]
 
-    def _update(self, i: int, o: int, pts: list[C.Point]) -> C.Update:
-        cfg = self.config
-        ps, inner, pt = pts[i - o + 1], pts[i - o + 2: i + 1], pts[i + 1]
-        if cfg.algorithm_type == "sde-dpmsolver++":
-            return C.singlestep_sde_diffusers(cfg.solver_type, o, ps, inner, pt)[-1]
-        return C.singlestep(cfg.algorithm_type, cfg.solver_type, o, ps, inner, pt, u2_form="solver_type")[-1]
+    def _plan_steps(self, points: C.Point, orders: list[int]) -> P.Plan:
+        return P.plan_singlestep_steps(self.config.algorithm_type, self.config.solver_type, points, orders)
 
     def _noise(self, model_output, generator, variance_noise) -> torch.Tensor | None:
         if self.config.algorithm_type != "sde-dpmsolver++":
