@@ -25,6 +25,8 @@ from . import coefficients as C
 from . import planner as P
 from .ops import bind, default_history_dtype
 
+_plans = P.Cache(64)  # the same sigmas and options again (the next image): planned and uploaded once
+
 
 def _sigmas(sigmas: torch.Tensor) -> list[float]:
     if not isinstance(sigmas, torch.Tensor) or sigmas.dim() != 1 or sigmas.numel() < 2:
@@ -45,9 +47,10 @@ def _run(model, x, sigmas, extra_args, callback, disable, algorithm, solver_type
     sig = _sigmas(sigmas)
     n = len(sig) - 1
     orders = [1 if sig[i + 1] == 0 else min(max_order, i + 1) for i in range(n)]
-    plan = P.plan_multistep(None, algorithm, solver_type, sig, orders, eta, s_noise, multistep3,
-                            points=C.Point.from_ve_sigma(sig))
-    rows = P.DeviceTable(plan.table(P.IDENTITY_X0, what="sigmas"), x.device).rows
+    plan = _plans.get((tuple(sig), algorithm, solver_type, max_order, eta, s_noise, multistep3),
+                      lambda: P.plan_multistep(None, algorithm, solver_type, sig, orders, eta, s_noise, multistep3,
+                                               points=C.Point.from_ve_sigma(sig)))
+    rows = plan.device_table(P.IDENTITY_X0, x.device, what="sigmas").rows
     step = bind(backend, x.device)
     if noise_sampler is None:
         noise_sampler = lambda sigma, sigma_next: torch.randn_like(x)  # noqa: E731

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 from torch._subclasses.fake_tensor import is_fake
 
@@ -53,21 +54,25 @@ def history_dtype(x_dtype: torch.dtype, *hist: torch.Tensor | None) -> torch.dty
 
 def _has_storage(t: torch.Tensor) -> bool:
     """False for fake/meta tensors (tracing, opcheck): they have no addresses to compare."""
+    if type(t) is torch.Tensor:  # the common case, without is_fake's unwrapping
+        return t.device.type != "meta"
     return t.device.type != "meta" and not is_fake(t)
 
 
 def _span(t: torch.Tensor) -> tuple[int, int] | None:
-    """[first byte, one past the last byte] a tensor can touch (conservative for strided views)."""
-    if t.numel() == 0:
+    """[first byte, one past the last byte] a tensor can touch (conservative for strided views; PyTorch strides
+    are never negative, so the data pointer is the lowest address)."""
+    n = t.numel()
+    if n == 0:
         return None
     lo = t.data_ptr()
-    extent = sum((n - 1) * abs(st) for n, st in zip(t.shape, t.stride(), strict=True))
+    if t.is_contiguous():
+        return lo, lo + n * t.element_size()
+    extent = sum((d - 1) * st for d, st in zip(t.shape, t.stride(), strict=True))
     return lo, lo + (extent + 1) * t.element_size()  # its own element size: history may be float32 beside half x
 
 
-def _overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """True when the memory ranges of two real tensors intersect."""
-    sa, sb = _span(a), _span(b)
+def _intersect(sa, sb) -> bool:
     return sa is not None and sb is not None and sa[0] < sb[1] and sb[0] < sa[1]
 
 
@@ -77,7 +82,7 @@ def _same_view(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 def _self_overlapping(t: torch.Tensor) -> bool:
     """True when some elements of t share memory (an expanded view): writing it would race with itself."""
-    return torch._debug_has_internal_overlap(t) == 1  # at::MemOverlap::Yes
+    return not t.is_contiguous() and torch._debug_has_internal_overlap(t) == 1  # at::MemOverlap::Yes
 
 
 def check_step_args(
@@ -152,27 +157,32 @@ def check_step_args(
             raise ValueError(f"thr_min: thresholding bounds must be > 0, got ({thr_min}, {thr_max})")
     if _has_storage(x):  # fake tensors (tracing) share one storage and have no addresses
         _check_overlaps(x, model_out, model_cond, x_eval, hist1, hist2, noise, coef, out, hist_out)
-    if check_values and coef.device.type == "cpu" and not bool(torch.isfinite(coef).all()):
-        bad = [L.NAMES[i % L.NCOEF] for i in torch.nonzero(~torch.isfinite(coef.reshape(-1))).flatten().tolist()]
-        raise ValueError(f"coef: non-finite coefficients ({', '.join(sorted(set(bad)))})")
+    if check_values and coef.device.type == "cpu" and type(coef) is torch.Tensor:
+        finite = np.isfinite(coef.detach().numpy())
+        if not finite.all():
+            bad = [L.NAMES[i % L.NCOEF] for i in np.flatnonzero(~finite).tolist()]
+            raise ValueError(f"coef: non-finite coefficients ({', '.join(sorted(set(bad)))})")
 
 
 def _check_overlaps(x, model_out, model_cond, x_eval, hist1, hist2, noise, coef, out, hist_out) -> None:
     if _self_overlapping(out):
         raise ValueError("out: has elements sharing memory (an expanded view); it must be writable element by element")
-    inputs = (("x", x), ("model_out", model_out), ("model_cond", model_cond), ("x_eval", x_eval),
-              ("hist1", hist1), ("hist2", hist2), ("noise", noise), ("coef", coef))
+    inputs = [(name, t, _span(t)) for name, t in (("x", x), ("model_out", model_out), ("model_cond", model_cond),
+                                                   ("x_eval", x_eval), ("hist1", hist1), ("hist2", hist2),
+                                                   ("noise", noise), ("coef", coef)) if t is not None]
+    so = _span(out)
     if hist_out is not None:
         if _self_overlapping(hist_out):
             raise ValueError("hist_out: has elements sharing memory (an expanded view); it must be writable element "
                              "by element")
-        if _overlap(hist_out, out):
+        sh = _span(hist_out)
+        if _intersect(sh, so):
             raise ValueError("hist_out: overlaps out")
-        for name, t in inputs:
-            if t is not None and _overlap(hist_out, t):
+        for name, _, st in inputs:
+            if _intersect(sh, st):
                 raise ValueError(f"hist_out: overlaps {name}; the history slot written must not be read")
-    for name, t in inputs:
-        if t is not None and _overlap(out, t) and not (name in ("x", "x_eval") and _same_view(out, t)):
+    for name, t, st in inputs:
+        if _intersect(so, st) and not (name in ("x", "x_eval") and _same_view(out, t)):
             raise ValueError(f"out: overlaps {name}; out may be x or x_eval itself, nothing else it reads")
 
 

@@ -17,7 +17,10 @@ update's order is capped by the number of distinct earlier times, so no divided 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -190,6 +193,31 @@ class DeviceTable:
         return len(self.rows)
 
 
+class Cache:
+    """A small least-recently-used map for plans and uploaded tables: a trajectory run again (the next image, the
+    same options) is planned and uploaded once. Thread-safe; `size` entries at most."""
+
+    def __init__(self, size: int):
+        self.size = size
+        self._d: OrderedDict = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: Hashable, make: Callable[[], object]):
+        with self._lock:
+            if key in self._d:
+                self._d.move_to_end(key)
+                return self._d[key]
+        value = make()
+        with self._lock:
+            self._d[key] = value
+            if len(self._d) > self.size:
+                self._d.popitem(last=False)
+        return value
+
+    def __len__(self) -> int:
+        return len(self._d)
+
+
 # ---- plans ----
 
 @dataclass(frozen=True)
@@ -217,6 +245,7 @@ class Plan:
     orders: list[int]  # order of each solver step (multistep: as run, after the caps of zero-length steps)
     needs_u: bool = False
     kind: str = "multistep"  # "multistep" | "singlestep"
+    _uploads: dict = field(default_factory=dict, repr=False, compare=False)  # (what, device, ...) -> device tensors
 
     @property
     def nfe(self) -> int:
@@ -225,6 +254,24 @@ class Plan:
     def table(self, conversion: Conversion, what: str = "t_end") -> np.ndarray:
         """[nfe, NCOEF] float64 rows for the fused op (`coefficient_rows`)."""
         return coefficient_rows(self.points, conversion, self.update, what)
+
+    def device_table(self, conversion: Conversion, device: torch.device, what: str = "t_end",
+                     combine: bool = True) -> DeviceTable:
+        """`table` uploaded to `device`, once per (conversion, device) for this plan. combine=False: rows of the
+        conversion alone (the step's output is the converted prediction)."""
+        key = ("rows", conversion, device, combine)
+        if key not in self._uploads:
+            rows = self.table(conversion, what) if combine else coefficient_rows(self.points, conversion, None, what)
+            self._uploads[key] = DeviceTable(rows, device)
+        return self._uploads[key]
+
+    def eval_times(self, device: torch.device, dtype: torch.dtype, batch: int) -> tuple[torch.Tensor, ...]:
+        """Each evaluation's time as a [batch] tensor of `dtype` on `device` (views of one upload)."""
+        key = ("times", device, dtype, batch)
+        if key not in self._uploads:
+            t = DeviceTable(np.array([ev.t for ev in self.evals]), device).device_rows.to(dtype)
+            self._uploads[key] = t[:, None].expand(len(self.evals), batch).unbind(0)
+        return self._uploads[key]
 
 
 def _update_arrays(n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

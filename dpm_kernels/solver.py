@@ -102,6 +102,7 @@ class DPMSolver(AuthorsUpdatesMixin):
         self.correcting_xt_fn = correcting_xt_fn
         self.backend = backend
         self._spec = _ModelSpec(model_fn)
+        self._plans = P.Cache(16)  # sample() called again with the same arguments plans (and uploads) nothing
 
     # ----- model output helpers (the authors' API; unfused) -----
     def threshold_bounds(self) -> tuple[float, float, float]:
@@ -189,6 +190,12 @@ class DPMSolver(AuthorsUpdatesMixin):
 
     def _plan(self, steps, t_T, t_0, order, skip_type, method, lower_order_final, solver_type, lof_threshold,
               eta, s_noise, multistep3="standard"):
+        key = (steps, t_T, t_0, order, skip_type, method, lower_order_final, solver_type, lof_threshold, eta, s_noise,
+               multistep3)
+        return self._plans.get(key, lambda: self._make_plan(*key))
+
+    def _make_plan(self, steps, t_T, t_0, order, skip_type, method, lower_order_final, solver_type, lof_threshold,
+                   eta, s_noise, multistep3):
         ns = self.noise_schedule
         if method == "multistep":
             times = P.time_steps(ns, skip_type, t_T, t_0, steps)
@@ -386,17 +393,14 @@ class DPMSolver(AuthorsUpdatesMixin):
         custom_x0 = conv.target == "x0" and callable(self.correcting_x0_fn) and not self._thresholding
         dev = x.device
         if custom_x0:  # user code sits between the conversion to x0 and the update: two fused steps an evaluation
-            x0_rows = P.DeviceTable(P.coefficient_rows(plan.points, P.Conversion(conv.model_type, "x0", False,
-                                                                                 conv.guidance_scale)), dev).rows
-            table = P.DeviceTable(plan.table(P.IDENTITY_X0), dev)
+            x0_rows = plan.device_table(P.Conversion(conv.model_type, "x0", False, conv.guidance_scale), dev,
+                                        combine=False).rows
+            rows = plan.device_table(P.IDENTITY_X0, dev).rows
             to_x0, step = self._bound(x), self._bound(x, cfg="none")
         else:
-            table = P.DeviceTable(plan.table(conv), dev)
+            rows = plan.device_table(conv, dev).rows
             step = self._bound(x, self.threshold_bounds() if conv.thresholding else None)
-        rows = table.rows
-        times = P.DeviceTable(np.array([ev.t for ev in plan.evals]), dev).device_rows
-        dt = torch.float64 if x.dtype == torch.float64 else torch.float32
-        t_in = times.to(dt)[:, None].expand(len(plan.evals), x.shape[0]).unbind(0)  # each evaluation's times [B]
+        t_in = plan.eval_times(dev, torch.float64 if x.dtype == torch.float64 else torch.float32, x.shape[0])
         xw = x.clone(memory_format=torch.contiguous_format)
         slots = torch.empty((plan.n_slots,) + tuple(x.shape), dtype=default_history_dtype(x.dtype),
                             device=dev).unbind(0)

@@ -14,8 +14,6 @@ times are kept per (schedule, times, options, device) in a small cache: a loop t
 
 from __future__ import annotations
 
-from collections import OrderedDict
-
 import numpy as np
 import torch
 
@@ -24,8 +22,7 @@ from . import planner as P
 from .ops import bind, default_history_dtype
 from .schedule import NoiseScheduleVP
 
-_CACHE_SIZE = 4096
-_row_cache: OrderedDict = OrderedDict()
+_steps = P.Cache(4096)  # (schedule, times, options, device) -> what a step with float times needs
 
 
 class History:
@@ -75,24 +72,21 @@ class History:
         self.count += 1
 
 
-def _times(ns: NoiseScheduleVP, t, b: int, name: str):
-    """(cache key, point(s)) of a float or a [B] tensor of times (key None: per-sample, not cached)."""
+def _time_key(t, b: int, name: str):
+    """A float time, or a [B] float64 numpy array of per-sample times (validated)."""
     if isinstance(t, torch.Tensor):
         if t.numel() not in (1, b):
             raise ValueError(f"{name}: expected a scalar or [{b}] times, got shape {tuple(t.shape)}")
         tv = t.detach().double().cpu().reshape(-1).numpy()
-        if tv.size == 1:
-            t = float(tv[0])
-    elif isinstance(t, (bool, str)) or not isinstance(t, (int, float, np.floating, np.integer)):
+        if not np.all(np.isfinite(tv)):
+            raise ValueError(f"{name}: times must be finite")
+        return float(tv[0]) if tv.size == 1 else tv
+    if isinstance(t, (bool, str)) or not isinstance(t, (int, float, np.floating, np.integer)):
         raise TypeError(f"{name}: expected a float or a [B] tensor of times, got {type(t).__name__}")
-    if not isinstance(t, torch.Tensor):
-        t = float(t)
-        if not np.isfinite(t):
-            raise ValueError(f"{name}: times must be finite, got {t}")
-        return t, P.point(ns, t)
-    if not np.all(np.isfinite(tv)):
-        raise ValueError(f"{name}: times must be finite")
-    return None, P.point(ns, tv)
+    t = float(t)
+    if not np.isfinite(t):
+        raise ValueError(f"{name}: times must be finite, got {t}")
+    return t
 
 
 def _distinct_orders(order: int, chain: list[C.Point]):
@@ -194,30 +188,29 @@ def multistep_update(
         model_output = model_output.to(x.dtype)
     sde = algorithm_type.startswith("sde")
     b = x.shape[0]
-    key_s, ps = _times(noise_schedule, t, b, "t")
-    key_t, pt = _times(noise_schedule, t_next, b, "t_next")
-    zero = C.is_zero_step(pt.lam - ps.lam)
-    all_zero = bool(np.all(zero))
+    ts, tn = _time_key(t, b, "t"), _time_key(t_next, b, "t_next")
     entries = history._entries
-    eff = 1 if all_zero else min(order, len(entries) + 1)
-    used = entries[:eff - 1]
-    keys = (key_s, key_t) + tuple(k for _, _, k in used)
+    k = min(order, len(entries) + 1)  # the order before a zero-length step or repeated times lower it
     thr = thresholding is not None
-    cache_key = None
-    if None not in keys:
-        cache_key = (noise_schedule, keys, eff, algorithm_type, solver_type, model_type, float(guidance_scale), thr,
-                     float(eta), float(s_noise), multistep3, x.device)
-    coef = _row_cache.get(cache_key) if cache_key is not None else None
-    if coef is None:
-        rows = _row(ps, pt, [ps] + [p for _, p, _ in used], eff, algorithm_type, solver_type,
+
+    def plan():
+        ps, pt = P.point(noise_schedule, ts), P.point(noise_schedule, tn)
+        zero = bool(np.all(C.is_zero_step(pt.lam - ps.lam)))
+        eff = 1 if zero else k
+        rows = _row(ps, pt, [ps] + [p for _, p, _ in entries[:eff - 1]], eff, algorithm_type, solver_type,
                     model_type, guidance_scale, thr, eta, s_noise, multistep3)
         if rows.ndim == 2 and rows.shape[0] != b:
             rows = np.broadcast_to(rows, (b, rows.shape[1]))
-        coef = P.DeviceTable(rows, x.device).device_rows
-        if cache_key is not None:
-            _row_cache[cache_key] = coef
-            if len(_row_cache) > _CACHE_SIZE:
-                _row_cache.popitem(last=False)
+        return P.DeviceTable(rows, x.device).device_rows, zero, eff, ps
+
+    keys = (ts, tn) + tuple(key for _, _, key in entries[:k - 1])
+    if all(isinstance(v, float) for v in keys):
+        coef, all_zero, eff, ps = _steps.get((noise_schedule, keys, k, algorithm_type, solver_type, model_type,
+                                              float(guidance_scale), thr, float(eta), float(s_noise), multistep3,
+                                              x.device), plan)
+    else:
+        coef, all_zero, eff, ps = plan()
+    used = entries[:eff - 1]
     noisy = sde and not all_zero and (eta != 0 and s_noise != 0)
     if noisy and noise is None:
         raise ValueError("noise: SDE algorithms need standard normal noise of x's shape")
@@ -230,6 +223,6 @@ def multistep_update(
     step(x, model_output, coef, out, None if write is None else slots[write], h[0], h[1], None,
          noise if noisy else None, model_cond)
     if write is not None:
-        history._push(write, ps, key_s)
+        history._push(write, ps, ts if isinstance(ts, float) else None)
     history.last_order = eff
     return out

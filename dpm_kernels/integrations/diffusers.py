@@ -86,9 +86,20 @@ class _Trajectory:
     step: BoundStep
     slots: tuple[torch.Tensor, ...]  # ring slots of converted outputs (views of the scheduler's ring)
     shape: torch.Size
-    dtype: torch.dtype  # working dtype: promote(sample, model_output), as diffusers' arithmetic
+    dtype: torch.dtype  # working dtype: promote(sample, model_output) at the first step, as diffusers' arithmetic
     device: torch.device
+    sde: bool
     calls: int = 0
+
+
+_STEP_KEY_ORDER = tuple(sorted(_STEP_KEYS | {"final_sigmas_type"}))
+
+
+@functools.cache
+def _other_options(cls) -> tuple[tuple[str, object], ...]:
+    """(name, default) of the scheduler options this module neither reproduces nor reads."""
+    return tuple((name, p.default) for name, p in inspect.signature(cls.__init__).parameters.items()
+                 if name not in _GRID_KEYS and name not in _STEP_KEYS and p.default is not inspect.Parameter.empty)
 
 
 _PLAN_CACHE = 8  # plans kept per scheduler: the same trajectory run again (the next image) plans and uploads nothing
@@ -99,8 +110,8 @@ class _FusedStep:
 
     fused_backend: str = "auto"
     _fz_traj: _Trajectory | None = None
-    _fz_ring: torch.Tensor | None = None  # reused by the next trajectory when shape, dtype and device match
-    _fz_plans: dict | None = None  # plan key -> (plan, device table)
+    _fz_ring: tuple | None = None  # (buffer, its slots): reused by the next trajectory of the same shape and dtype
+    _fz_plans: P.Cache | None = None  # plan key -> plan (which keeps its device tables)
     _fz_data_reason: str | None = None
     _fz_outputs: list | None = None
 
@@ -130,7 +141,14 @@ class _FusedStep:
 
     # ----- what is fused -----
     def _config_reason(self) -> str | None:
+        """Why this configuration is not fused (None: it is); computed once per config object."""
         cfg = self.config
+        known = self.__dict__.get("_fz_config_reason")
+        if known is None or known[0] is not cfg:
+            known = self._fz_config_reason = (cfg, self._reason_for(cfg))
+        return known[1]
+
+    def _reason_for(self, cfg) -> str | None:
         if cfg.prediction_type == "flow_prediction" or cfg.use_flow_sigmas:
             return "flow matching (flow_prediction / use_flow_sigmas) is not fused"
         if cfg.prediction_type not in _MODEL_TYPE:
@@ -148,10 +166,8 @@ class _FusedStep:
         why = self._class_reason()
         if why is not None:
             return why
-        for name, p in inspect.signature(type(self).__init__).parameters.items():
-            if name in _GRID_KEYS or name in _STEP_KEYS or p.default is inspect.Parameter.empty:
-                continue
-            if name in cfg and cfg[name] != p.default:
+        for name, default in _other_options(type(self)):
+            if name in cfg and cfg[name] != default:
                 return f"{name}={cfg[name]!r}: an option this module does not know (checked with diffusers 0.42)"
         return None
 
@@ -173,24 +189,29 @@ class _FusedStep:
         start, n = self.step_index, len(self.timesteps)
         sigmas = self.sigmas[start:n + 1].numpy().astype(np.float64)  # a CPU tensor in diffusers: no device sync
         dev, w = sample.device, torch.promote_types(sample.dtype, model_output.dtype)
-        key = (start, sigmas.tobytes(), dev, tuple((k, cfg[k]) for k in sorted(_STEP_KEYS) if k in cfg))
-        plans = self._fz_plans = self._fz_plans if self._fz_plans is not None else {}
-        if key not in plans:
-            plan = self._plan_steps(C.Point.from_vp_of_ve_sigma(sigmas), self._orders(start, n))
-            conv = P.Conversion.for_algorithm(_MODEL_TYPE[cfg.prediction_type], cfg.algorithm_type,
-                                              bool(cfg.thresholding))
-            plans[key] = (plan, P.DeviceTable(plan.table(conv, what="sigmas"), dev))
-            if len(plans) > _PLAN_CACHE:
-                del plans[next(iter(plans))]
-        plan, table = plans[key]
+        if self._fz_plans is None:
+            self._fz_plans = P.Cache(_PLAN_CACHE)
+        plan = self._fz_plans.get((start, sigmas.tobytes(), self._config_key()),
+                                  lambda: self._plan_steps(C.Point.from_vp_of_ve_sigma(sigmas), self._orders(start, n)))
+        conv = P.Conversion.for_algorithm(_MODEL_TYPE[cfg.prediction_type], cfg.algorithm_type, bool(cfg.thresholding))
+        table = plan.device_table(conv, dev, what="sigmas")
         shape = (plan.n_slots, *sample.shape)
-        ring = self._fz_ring
         hd = default_history_dtype(w)  # float32 history for half samples: more accurate than diffusers'
-        if ring is None or ring.shape != shape or ring.dtype != hd or ring.device != dev:
-            ring = self._fz_ring = torch.empty(shape, dtype=hd, device=dev)
+        ring = self._fz_ring
+        if ring is None or ring[0].shape != shape or ring[0].dtype != hd or ring[0].device != dev:
+            buf = torch.empty(shape, dtype=hd, device=dev)
+            ring = self._fz_ring = (buf, buf.unbind(0))
         thr = (cfg.dynamic_thresholding_ratio, 1.0, cfg.sample_max_value) if cfg.thresholding else None
-        return _Trajectory(start, plan, table, bind(self.fused_backend, dev, "none", thr), ring.unbind(0),
-                           sample.shape, w, dev)
+        return _Trajectory(start, plan, table, bind(self.fused_backend, dev, "none", thr), ring[1], sample.shape, w,
+                           dev, cfg.algorithm_type.startswith("sde"))
+
+    def _config_key(self) -> tuple:
+        """The options that shape a plan, as a hashable key (computed once per config object)."""
+        cfg = self.config
+        known = self.__dict__.get("_fz_config_key")
+        if known is None or known[0] is not cfg:
+            known = self._fz_config_key = (cfg, tuple((k, cfg[k]) for k in _STEP_KEY_ORDER if k in cfg))
+        return known[1]
 
     # ----- the step -----
     def _fused(self, model_output, timestep, sample, generator, variance_noise) -> torch.Tensor | None:
@@ -223,19 +244,20 @@ class _FusedStep:
         if torch.is_grad_enabled() and (sample.requires_grad or model_output.requires_grad):
             raise RuntimeError("step: inputs require grad, but this fused trajectory has no autograd")
         w, ev = traj.dtype, evals[k]
-        z = self._noise(model_output, generator, variance_noise)  # drawn every step, as diffusers does
-        x_now = sample.to(w)
+        z = self._noise(model_output, generator, variance_noise) if traj.sde else None  # every step, as diffusers
+        x_now = sample if sample.dtype == w else sample.to(w)
         x, x_eval = self._start_point(ev.order, sample, x_now)
         slots = traj.slots
         h = [slots[s] for s in ev.read_slots] + [None, None]
         out = torch.empty(traj.shape, dtype=w, device=traj.device)
-        traj.step(x, model_output.to(w), traj.table.rows[k], out,
+        traj.step(x, model_output if model_output.dtype == w else model_output.to(w), traj.table.rows[k], out,
                   None if ev.write_slot is None else slots[ev.write_slot], h[0], h[1], x_eval,
                   z.to(w) if z is not None and ev.noisy else None)
         traj.calls += 1
         self._step_index += 1
         self._advanced()
-        return out.to(self._out_dtype(model_output, sample, w))
+        od = self._out_dtype(model_output, sample, w)
+        return out if od == w else out.to(od)
 
 
 class FusedDPMSolverMultistepScheduler(_FusedStep, DPMSolverMultistepScheduler):
