@@ -43,6 +43,7 @@ def backends_for(device: str) -> list[str]:
 
 
 ALL_BACKEND_CASES = [(d, b) for d in devices() for b in backends_for(d)]
+IDS = [f"{d}-{b}" for d, b in ALL_BACKEND_CASES]
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ import threading
 import numpy as np
 import pytest
 import torch
-from conftest import ALL_BACKEND_CASES
+from conftest import ALL_BACKEND_CASES, IDS
 
 import dpm_kernels as dk
 from dpm_kernels import planner as P
@@ -19,7 +19,6 @@ from dpm_kernels.k_diffusion import sample_dpmpp_2m, sample_dpmpp_2m_sde, sample
 
 NS_DISC = dk.NoiseScheduleVP("discrete", betas=torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64))
 SCHEDULES = {"discrete": NS_DISC, "linear": dk.NoiseScheduleVP("linear"), "cosine": dk.NoiseScheduleVP("cosine")}
-IDS = [f"{d}-{b}" for d, b in ALL_BACKEND_CASES]
 
 
 def model_fn(ns, device="cpu", guidance=None):

@@ -12,7 +12,7 @@ import math
 
 import pytest
 import torch
-from conftest import ALL_BACKEND_CASES
+from conftest import ALL_BACKEND_CASES, IDS
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_fused_step import assert_close_to_reference, run_reference
@@ -20,7 +20,6 @@ from test_fused_step import assert_close_to_reference, run_reference
 from dpm_kernels import layout as L
 from dpm_kernels import ops
 
-IDS = [f"{d}-{b}" for d, b in ALL_BACKEND_CASES]
 DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
 
 

@@ -90,7 +90,7 @@ def _triton_op():
 CUDA = Backend("cuda", "CUDA C++ kernels (csrc/cuda), built on first use", ("cuda",), ("cuda",), True, _cuda_why,
                _public_op)
 TRITON = Backend("triton", "Triton kernels (CUDA; CPU tensors under TRITON_INTERPRET=1)", ("cuda", "cpu"), ("cuda",),
-                 False, _triton_why, _triton_op)
+                 True, _triton_why, _triton_op)
 CPU = Backend("cpu", "C++ kernels (csrc/cpu), built on first use", ("cpu",), ("cpu",), True, _cpu_why, _public_op)
 TORCH = Backend("torch", "the PyTorch reference (plain tensor code, torch.compile can fuse it)", None, None, False,
                 lambda device: None, lambda: reference.op_impl)

@@ -5,8 +5,9 @@ schema of `opdef.SCHEMA` and the shared fake implementation (`opdef.fake_impl()`
 backend). It serves CUDA tensors, and CPU tensors when the kernels were defined under the Triton interpreter
 (TRITON_INTERPRET=1 set before this backend was first used), which is how CI without a GPU runs it.
 
-The op takes any layout: inputs are made contiguous, and an output that is not contiguous is computed into
-a contiguous temporary and copied back; out may be x or x_eval itself (the update is elementwise).
+The op checks its arguments by the rules every backend shares (`opdef.check_step_args`). It takes any layout:
+inputs are made contiguous, and an output that is not contiguous is computed into a contiguous temporary and
+copied back; out may be x or x_eval itself (the update is elementwise).
 """
 
 import contextlib
@@ -93,8 +94,14 @@ def fused_step_triton(
     out: torch.Tensor,
     hist_out: torch.Tensor | None,
 ) -> None:
-    """The op's implementation (arguments as in `opdef.SCHEMA`; `ops.fused_step` documents them)."""
+    """The op's implementation (arguments as in `opdef.SCHEMA`; `ops.fused_step` documents them). It checks its
+    arguments by the op's rules before writing anything (when traced, the fake implementation does)."""
+    from .. import opdef
     from . import triton_kernels
+
+    if not torch.compiler.is_compiling():
+        opdef.check_step_args(x, model_out, model_cond, x_eval, hist1, hist2, noise, coef, cfg, threshold, thr_ratio,
+                              thr_min, thr_max, out, hist_out)
 
     def c(t: torch.Tensor | None) -> torch.Tensor | None:
         return None if t is None else t.contiguous()

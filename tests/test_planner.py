@@ -1,0 +1,137 @@
+"""The planner: the one row writer (vectorized over steps and samples), zero-length steps as the identity, and
+plans with repeated times that equal the plans without the repeats."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import dpm_kernels as dk
+from dpm_kernels import coefficients as C
+from dpm_kernels import layout as L
+from dpm_kernels import planner as P
+
+NS = dk.NoiseScheduleVP("linear")
+GM = dk.GaussianMixtureModel([[1.0, -0.5], [-1.0, 0.5]], [0.4, 0.6], noise_schedule=NS)
+FN = dk.model_wrapper(GM, NS)
+
+
+def x_T(b=6):
+    return torch.randn(b, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("order", [1, 2, 3])
+@pytest.mark.parametrize("alg", ["dpmsolver++", "dpmsolver", "sde-dpmsolver++"])
+def test_zero_length_step_is_the_identity(order, alg):
+    prev = [P.point(NS, t) for t in (0.5, 0.6, 0.7)[:order]]
+    if alg.startswith("sde"):
+        u = C.sde_multistep(alg, "dpmsolver", order, prev, prev[0], eta=1.0)
+    else:
+        u = C.multistep(alg, "taylor", order, prev, prev[0])
+    assert (u.a, tuple(u.c), u.noise) == (1.0, (0.0,) * order, 0.0)
+    ps = P.point(NS, 0.5)
+    for o in (2, 3):
+        ups = C.singlestep("dpmsolver++", "taylor", o, ps, [ps] * (o - 1), ps)
+        assert all((v.a, set(v.c)) == (1.0, {0.0}) for v in ups)
+
+
+def test_vectorized_rows_equal_rows_one_at_a_time():
+    """Per-sample arrays (a zero-length step among them) give, row by row, the scalar computation's rows."""
+    ts, tn = np.array([0.8, 0.5, 0.3, 0.5]), np.array([0.6, 0.45, 0.3, 0.2])
+    tp = np.array([0.9, 0.6, 0.35, 0.7])
+    conv = P.Conversion("v", "x0", thresholding=True, guidance_scale=3.0)
+    pts = [P.point(NS, v) for v in (ts, tp, tn)]
+    u = C.multistep("dpmsolver++", "taylor", 2, pts[:2], pts[2])
+    rows = P.coefficient_rows(pts[0], conv, u)
+    assert rows.shape == (4, L.NCOEF)
+    for i in range(4):
+        one = [P.point(NS, float(v[i])) for v in (ts, tp, tn)]
+        want = P.coefficient_rows(one[0], conv, C.multistep("dpmsolver++", "taylor", 2, one[:2], one[2]))
+        np.testing.assert_array_equal(rows[i], want)
+    np.testing.assert_array_equal(rows[2, [L.A, L.C0, L.C1, L.CN]], [1.0, 0.0, 0.0, 0.0])
+
+
+def test_non_finite_rows_name_the_argument():
+    bad = C.Update(float("nan"), (1.0,))
+    with pytest.raises(ValueError, match="^sigmas:"):
+        P.coefficient_rows(P.point(NS, 0.5), P.IDENTITY_X0, bad, what="sigmas")
+
+
+@pytest.mark.parametrize("order", [2, 3])
+@pytest.mark.parametrize("alg", ["dpmsolver++", "dpmsolver"])
+def test_repeated_time_equals_the_grid_without_it(order, alg):
+    """A repeated time is a zero-length step: identity, nothing stored, so the run equals the run without it."""
+    times = P.time_steps(NS, "logSNR", 1.0, 1e-3, 8)
+    rep = np.insert(times, 4, times[4])
+    solver = dk.DPMSolver(FN, NS, algorithm_type=alg, backend="torch")
+    base = P.plan_multistep(NS, alg, "dpmsolver", times, P.multistep_orders(8, order, False, 10))
+    plan = P.plan_multistep(NS, alg, "dpmsolver", rep, P.multistep_orders(9, order, False, 10))
+    assert plan.evals[4].write_slot is None and plan.orders[4] == 1
+    assert plan.orders[5] == min(order, 5)  # the step after it has its distinct history
+    x_rep, x_base = solver.execute(x_T(), plan), solver.execute(x_T(), base)
+    assert torch.isfinite(x_rep).all()
+    assert torch.equal(x_rep, x_base)
+
+
+def test_multistep_update_zero_length_step_changes_nothing():
+    x = x_T()
+    hist = dk.History(x, order=2)
+    ts = P.time_steps(NS, "logSNR", 1.0, 1e-3, 5).tolist()
+
+    def run(grid):
+        h = dk.History(x, order=2)
+        y = x.clone()
+        for s, t in zip(grid[:-1], grid[1:], strict=True):
+            y = dk.multistep_update(y, GM(y, torch.full((6,), s, dtype=torch.float64)), h, t=s, t_next=t,
+                                    noise_schedule=NS, order=2, backend="torch")
+        return y
+
+    y = dk.multistep_update(x, torch.ones_like(x), hist, t=0.5, t_next=0.5, noise_schedule=NS, order=2,
+                            backend="torch")
+    assert torch.equal(y, x) and hist.count == 0
+    assert torch.equal(run(ts[:3] + [ts[2]] + ts[3:]), run(ts))
+
+
+def test_multistep_update_per_sample_times_with_a_repeat_in_one_sample():
+    """Per-sample times where one sample's step is zero-length: that sample is unchanged, the others move as a
+    loop over samples does."""
+    x = x_T(3)
+    eps = GM(x, torch.full((3,), 0.6, dtype=torch.float64))
+    t = torch.tensor([0.6, 0.6, 0.6], dtype=torch.float64)
+    tn = torch.tensor([0.5, 0.6, 0.4], dtype=torch.float64)
+    y = dk.multistep_update(x, eps, dk.History(x, order=2), t=t, t_next=tn, noise_schedule=NS, backend="torch")
+    assert torch.equal(y[1], x[1])
+    for i in (0, 2):
+        yi = dk.multistep_update(x[i:i + 1], eps[i:i + 1], dk.History(x[i:i + 1], order=2), t=0.6,
+                                 t_next=float(tn[i]), noise_schedule=NS, backend="torch")
+        torch.testing.assert_close(y[i:i + 1], yi, rtol=1e-14, atol=1e-14)
+
+
+def test_multistep_update_rows_cached_per_schedule():
+    """Cached rows are keyed by the schedule too: two schedules, the same times, each its own result."""
+    x = x_T()
+    eps = torch.ones_like(x)
+    other = dk.NoiseScheduleVP("cosine")
+    a = dk.multistep_update(x, eps, dk.History(x), t=0.5, t_next=0.4, noise_schedule=NS, backend="torch")
+    b = dk.multistep_update(x, eps, dk.History(x), t=0.5, t_next=0.4, noise_schedule=other, backend="torch")
+    assert not torch.equal(a, b)
+    p, q = P.point(other, 0.5), P.point(other, 0.4)
+    u = C.multistep("dpmsolver++", "dpmsolver", 1, [p], q)
+    want = u.a * x + u.c[0] * (x - p.sigma * eps) / p.alpha
+    torch.testing.assert_close(b, want, rtol=1e-13, atol=1e-13)
+
+
+def test_one_row_writer():
+    """No module but the planner fills coefficient rows (the planner's docstring promise)."""
+    import pathlib
+    import re
+
+    pkg = pathlib.Path(dk.__file__).parent
+    writers = []
+    for f in pkg.rglob("*.py"):
+        text = f.read_text()
+        if re.search(r"\[\s*(\.\.\.,\s*)?L\.(A|C0|C1|C2|CN|PX|PM|QX|QM|GUIDE)\s*\]\s*=", text) or re.search(
+                r"\brow\[L\.\w+\]\s*=", text):
+            writers.append(f.relative_to(pkg).as_posix())
+    assert writers == ["planner.py"], writers
