@@ -37,8 +37,7 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 
 
 def providers(device: torch.device) -> list[str]:
-    order = ["cpu", "torch"] if device.type == "cpu" else ["cuda", "triton", "torch"]
-    return ["diffusers"] + [f"fused-{b}" for b in order if registry._why_not(b, device) is None]
+    return ["diffusers"] + [f"fused-{b.name}" for b in registry.auto_order(device) if b.why_not(device) is None]
 
 
 def time_trajectories(provider: str, shape, dtype, device, order: int, thresholding: bool, steps: int, reps: int):

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .backends import registry
+
 
 def _demo(args) -> int:
     from .demo import format_table, run_demo
@@ -76,7 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
                                     "solution and write a PNG")
     d.add_argument("--samples", type=int, default=2000, help="number of samples (default 2000)")
     d.add_argument("--seed", type=int, default=0, help="random seed of x_T")
-    d.add_argument("--backend", default="auto", help="auto | torch | cpu | cuda | triton")
+    d.add_argument("--backend", default="auto", choices=registry.CHOICES,
+                   help="which implementation runs the steps (auto: the first that can serve the device)")
     d.add_argument("--png", default="dpm_kernels_demo.png", help="output figure ('' to skip)")
     d.add_argument("--no-progress", action="store_true", help="no progress bar")
     d.set_defaults(fn=_demo)
@@ -98,7 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dtype of the samples")
     s.add_argument("--samples", type=int, default=1000, help="batch size")
     s.add_argument("--seed", type=int, default=0, help="random seed of x_T (and of the SDE noise)")
-    s.add_argument("--backend", default="auto", help="auto | torch | cpu | cuda | triton")
+    s.add_argument("--backend", default="auto", choices=registry.CHOICES,
+                   help="which implementation runs the steps (auto: the first that can serve the device)")
     s.set_defaults(fn=_sample)
     sub.add_parser("bench", help="op benchmarks: fused backends vs eager, torch.compile and diffusers "
                                  "(`python -m dpm_kernels bench --help` for its options)")

@@ -2,7 +2,7 @@
 
 Providers, all computing the same step (eps -> x0 conversion, optional dynamic thresholding, order 1-3
 combination, history write, in place):
-- each fused backend available for the device ("cpu"; "cuda", "triton" on a GPU);
+- each compiled backend of `backends.registry` available for the device (C++ on a CPU; CUDA C++ and Triton on a GPU);
 - "eager": the PyTorch reference step in eager mode (`backends/reference.py`);
 - "compile": `torch.compile` of that reference step;
 - "diffusers": `DPMSolverMultistepScheduler.step` of diffusers (same math), when diffusers is installed.
@@ -229,7 +229,7 @@ def markdown(rows) -> str:
     for r in rows:
         if r["provider"] not in provs:
             provs.append(r["provider"])
-    fused = [p for p in provs if p in ("cpu", "cuda", "triton")]
+    fused = [p for p in provs if p in registry.NAMES and p != registry.TORCH.name]
     head = ["dtype", "n", "order", "thr", "floor ms"] + [f"{p} ms" for p in provs]
     head += [f"{f} x floor" for f in fused]
     others = [p for p in provs if p not in fused]

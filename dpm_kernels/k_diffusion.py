@@ -56,13 +56,14 @@ def _run(model, x, sigmas, extra_args, callback, disable, algorithm, solver_type
         noise_sampler = lambda sigma, sigma_next: torch.randn_like(x)  # noqa: E731
     slots = torch.empty((plan.n_slots,) + tuple(x.shape), dtype=default_history_dtype(x.dtype),
                         device=x.device).unbind(0)
-    s_in = x.new_ones([x.shape[0]])
+    # k-diffusion's `sigmas[i] * s_in` for every i at once: the 0-d sigma takes s_in's (x's) dtype and device
+    sigma_in = sigmas.to(device=x.device, dtype=x.dtype)[:, None].expand(len(sig), x.shape[0]).contiguous().unbind(0)
     cur = x.clone(memory_format=torch.contiguous_format)
     spare = torch.empty_like(cur) if callback is not None else None
     from tqdm.auto import trange
 
     for i in trange(n, disable=disable):
-        denoised = model(cur, sigmas[i] * s_in, **extra_args)
+        denoised = model(cur, sigma_in[i], **extra_args)
         if callback is not None:
             callback({"x": cur, "i": i, "sigma": sigmas[i], "sigma_hat": sigmas[i], "denoised": denoised})
         ev = plan.evals[i]
@@ -70,8 +71,12 @@ def _run(model, x, sigmas, extra_args, callback, disable, algorithm, solver_type
         # a callback may keep `x`: then write into a second buffer instead of in place
         out = cur if spare is None else spare
         h = [slots[s] for s in ev.read_slots] + [None, None]
-        step(cur, denoised.to(cur.dtype), rows[i], out, None if ev.write_slot is None else slots[ev.write_slot],
-             h[0], h[1], None, z)
+        if not isinstance(denoised, torch.Tensor) or not denoised.is_floating_point():
+            raise TypeError(f"model: must return a floating-point tensor (the denoised x0), got "
+                            f"{denoised.dtype if isinstance(denoised, torch.Tensor) else type(denoised).__name__}")
+        if denoised.dtype != cur.dtype:
+            denoised = denoised.to(cur.dtype)
+        step(cur, denoised, rows[i], out, None if ev.write_slot is None else slots[ev.write_slot], h[0], h[1], None, z)
         if spare is not None:
             cur, spare = out, torch.empty_like(cur)
     return cur

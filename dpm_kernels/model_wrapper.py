@@ -58,8 +58,9 @@ class WrappedModel:
             return (t_continuous - 1.0 / self.noise_schedule.total_N) * 1000.0
         return t_continuous
 
-    def _call(self, x: torch.Tensor, t_continuous: torch.Tensor, cond=None) -> torch.Tensor:
-        t_input = self.model_input_time(t_continuous)
+    def _call(self, x: torch.Tensor, t_continuous: torch.Tensor, cond=None, t_input=None) -> torch.Tensor:
+        if t_input is None:
+            t_input = self.model_input_time(t_continuous)
         if cond is None:
             return self.model(x, t_input, **self.model_kwargs)
         return self.model(x, t_input, cond, **self.model_kwargs)
@@ -82,17 +83,20 @@ class WrappedModel:
             log_prob = self.classifier_fn(x_in, t_input, self.condition, **self.classifier_kwargs)
             return torch.autograd.grad(log_prob.sum(), x_in)[0]
 
-    def raw(self, x: torch.Tensor, t_continuous: torch.Tensor) -> torch.Tensor:
-        """The network output of type `raw_type` at (x, t); [2B, ...] (uncond first) when cfg == "stacked"."""
+    def raw(self, x: torch.Tensor, t_continuous: torch.Tensor, t_input: torch.Tensor | None = None) -> torch.Tensor:
+        """The network output of type `raw_type` at (x, t); [2B, ...] (uncond first) when cfg == "stacked".
+
+        t_input: `model_input_time(t_continuous)` when the caller has it already (the solver computes it once per
+        trajectory)."""
         if self.guidance_type == "uncond":
-            return self._call(x, t_continuous)
+            return self._call(x, t_continuous, t_input=t_input)
         if self.guidance_type == "classifier":
             noise = self._to_noise(self._call(x, t_continuous), x, t_continuous)
             grad = self._classifier_grad(x, self.model_input_time(t_continuous))
             sigma = _expand(self.noise_schedule.marginal_std(t_continuous).to(x.dtype), x.dim())
             return noise - self.guidance_scale * sigma * grad
         if self.cfg == "none":
-            return self._call(x, t_continuous, cond=self.condition)
+            return self._call(x, t_continuous, cond=self.condition, t_input=t_input)
         x_in = torch.cat([x] * 2)
         t_in = torch.cat([t_continuous] * 2)
         c_in = torch.cat([self.unconditional_condition, self.condition])

@@ -129,7 +129,7 @@ def fused_step(
         threshold: (ratio, lo, hi) to apply dynamic thresholding to the converted prediction:
             s = clamp(quantile(|y|, ratio), lo, hi) per sample, y = clamp(y, -s, s) / s.
         backend: one of `registry.CHOICES`: "auto" (deterministic: the first backend that can serve x's device),
-            "fastest" (measured once per device), or a backend's name ("torch", "cpu", "cuda", "triton").
+            "fastest" (measured once per device), or a backend's name (`registry.NAMES`).
 
     Returns:
         ``out``. Nothing is written when an argument is invalid.

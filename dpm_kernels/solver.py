@@ -42,6 +42,18 @@ class _ModelSpec:
             self.raw_type = "noise"
             self.cfg = "none"
             self.guidance_scale = 1.0
+        self._wrapped = isinstance(model_fn, WrappedModel)
+        self._model_fn = model_fn
+
+    def input_times(self, plan: P.Plan, t_in: tuple[torch.Tensor, ...]) -> list:
+        """Per evaluation, the time tensor the network is called with (None: let the model function convert)."""
+        if not self._wrapped:
+            return [None] * len(t_in)
+        key = ("model_times", self._model_fn.noise_schedule.schedule, self._model_fn.noise_schedule.total_N,
+               t_in[0].device, t_in[0].dtype, t_in[0].shape[0]) if t_in else None
+        if key not in plan._uploads:
+            plan._uploads[key] = self._model_fn.model_input_time(torch.stack(t_in)).unbind(0) if t_in else ()
+        return plan._uploads[key]
 
 
 class DPMSolver(AuthorsUpdatesMixin):
@@ -331,9 +343,9 @@ class DPMSolver(AuthorsUpdatesMixin):
         dt = torch.float64 if x.dtype == torch.float64 else torch.float32
         return torch.full((x.shape[0],), t, dtype=dt, device=x.device)
 
-    def _raw(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def _raw(self, x: torch.Tensor, t: torch.Tensor, t_input: torch.Tensor | None = None) -> torch.Tensor:
         """The model's raw output at (x, t [B]): a floating tensor, cast to x's dtype (any other output is an error)."""
-        out = self._spec.raw(x, t)
+        out = self._spec.raw(x, t) if t_input is None else self._spec.raw(x, t, t_input)
         if not isinstance(out, torch.Tensor) or not out.is_floating_point():
             what = type(out).__name__ if not isinstance(out, torch.Tensor) else f"a {out.dtype} tensor"
             raise TypeError(f"model_fn: must return a floating-point tensor, got {what}")
@@ -401,6 +413,7 @@ class DPMSolver(AuthorsUpdatesMixin):
             rows = plan.device_table(conv, dev).rows
             step = self._bound(x, self.threshold_bounds() if conv.thresholding else None)
         t_in = plan.eval_times(dev, torch.float64 if x.dtype == torch.float64 else torch.float32, x.shape[0])
+        t_model = self._spec.input_times(plan, t_in)  # what the network is given, once per trajectory
         xw = x.clone(memory_format=torch.contiguous_format)
         slots = torch.empty((plan.n_slots,) + tuple(x.shape), dtype=default_history_dtype(x.dtype),
                             device=dev).unbind(0)
@@ -419,7 +432,7 @@ class DPMSolver(AuthorsUpdatesMixin):
                 xe = x_first_eval if (i == 0 and x_first_eval is not None) else xw
             else:
                 xe = u
-            raw = self._raw(xe, t_in[i])
+            raw = self._raw(xe, t_in[i], t_model[i])
             if custom_x0:
                 raw = self.correcting_x0_fn(to_x0(xe, raw, x0_rows[i], torch.empty_like(xe)), t_in[i]).to(xe.dtype)
             z = None

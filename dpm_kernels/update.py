@@ -14,6 +14,8 @@ times are kept per (schedule, times, options, device) in a small cache: a loop t
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 
@@ -81,10 +83,11 @@ def _time_key(t, b: int, name: str):
         if not np.all(np.isfinite(tv)):
             raise ValueError(f"{name}: times must be finite")
         return float(tv[0]) if tv.size == 1 else tv
-    if isinstance(t, (bool, str)) or not isinstance(t, (int, float, np.floating, np.integer)):
+    if type(t) is not float and (isinstance(t, (bool, str)) or not isinstance(t, (int, float, np.floating,
+                                                                                      np.integer))):
         raise TypeError(f"{name}: expected a float or a [B] tensor of times, got {type(t).__name__}")
     t = float(t)
-    if not np.isfinite(t):
+    if not math.isfinite(t):
         raise ValueError(f"{name}: times must be finite, got {t}")
     return t
 

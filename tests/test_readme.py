@@ -7,6 +7,7 @@ here (tests/test_integration_diffusers.py drives the same scheduler in a pipelin
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 
@@ -17,12 +18,14 @@ import dpm_kernels as dk
 README = Path(__file__).resolve().parent.parent / "README.md"
 
 
-def _block(section: str) -> str:
+def _block(section: str, k: int = 0) -> str:
+    """The k-th Python block of a section."""
     text = README.read_text()
     start = text.index(f"## {section}\n")
-    m = re.compile(r"```python\n(.*?)```", re.S).search(text, start)
-    assert m is not None, section
-    return m.group(1)
+    end = text.find("\n## ", start + 1)
+    blocks = re.compile(r"```python\n(.*?)```", re.S).findall(text, start, end if end > 0 else len(text))
+    assert len(blocks) > k, section
+    return blocks[k]
 
 
 def test_sampling_in_ten_lines_converges():
@@ -70,3 +73,20 @@ def test_k_diffusion_block_samples_the_data_distribution():
     x0 = g["x0"]
     assert x0.shape == x.shape and bool(x0.isfinite().all())
     assert abs(float(x0.std()) - 1.0) < 0.05, float(x0.std())
+
+
+def test_one_level_down_block_is_one_step():
+    """The README's row-and-op example computes the second-order multistep update it describes."""
+    g0 = torch.Generator().manual_seed(3)
+    x, eps, x0_prev = (torch.randn(2, 8, generator=g0, dtype=torch.float64) for _ in range(3))
+    ns = dk.NoiseScheduleVP("linear")
+    g = {"torch": torch, "ns": ns, "x": x, "eps": eps, "x0_prev": x0_prev, "x0_slot": torch.empty_like(x)}
+    exec(_block("Your own loop: `multistep_update`", 1), g)  # noqa: S102
+    from dpm_kernels import planner as P
+
+    p_prev, p_s, p_t = (P.point(ns, t) for t in (0.6, 0.5, 0.4))
+    x0 = (x - p_s.sigma * eps) / p_s.alpha
+    h, h0 = p_t.lam - p_s.lam, p_s.lam - p_prev.lam
+    want = p_t.sigma / p_s.sigma * x - p_t.alpha * math.expm1(-h) * (x0 + 0.5 * (x0 - x0_prev) * h / h0)
+    torch.testing.assert_close(g["x_next"], want, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(g["x0_slot"], x0, rtol=1e-13, atol=1e-13)

@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import numpy as np
@@ -88,11 +89,35 @@ class _Trajectory:
     shape: torch.Size
     dtype: torch.dtype  # working dtype: promote(sample, model_output) at the first step, as diffusers' arithmetic
     device: torch.device
-    sde: bool
+    sde: bool  # noise is drawn every step (diffusers' RNG use)
+    model_dtype_result: bool  # the result has model_output's dtype (else the working dtype)
     calls: int = 0
 
 
 _STEP_KEY_ORDER = tuple(sorted(_STEP_KEYS | {"final_sigmas_type"}))
+
+
+def _output_fast(prev: torch.Tensor) -> SchedulerOutput:
+    """SchedulerOutput(prev_sample=prev) without BaseOutput's per-field __post_init__ (a few us a step)."""
+    out = SchedulerOutput.__new__(SchedulerOutput)
+    OrderedDict.__setitem__(out, "prev_sample", prev)
+    object.__setattr__(out, "prev_sample", prev)
+    return out
+
+
+def _output_maker():
+    """The fast construction where it gives what diffusers' constructor gives (checked once), else the constructor."""
+    probe = torch.zeros(1)
+    try:
+        a, b = SchedulerOutput(prev_sample=probe), _output_fast(probe)
+        same = (list(a.keys()) == list(b.keys()) and a.to_tuple()[0] is b.to_tuple()[0] is probe and b[0] is probe
+                and b.prev_sample is probe and vars(a) == vars(b))
+    except Exception:
+        same = False
+    return _output_fast if same else (lambda prev: SchedulerOutput(prev_sample=prev))
+
+
+_scheduler_output = _output_maker()
 
 
 @functools.cache
@@ -203,7 +228,7 @@ class _FusedStep:
             ring = self._fz_ring = (buf, buf.unbind(0))
         thr = (cfg.dynamic_thresholding_ratio, 1.0, cfg.sample_max_value) if cfg.thresholding else None
         return _Trajectory(start, plan, table, bind(self.fused_backend, dev, "none", thr), ring[1], sample.shape, w,
-                           dev, cfg.algorithm_type.startswith("sde"))
+                           dev, cfg.algorithm_type.startswith("sde"), self._result_in_model_dtype())
 
     def _config_key(self) -> tuple:
         """The options that shape a plan, as a hashable key (computed once per config object)."""
@@ -249,15 +274,14 @@ class _FusedStep:
         x, x_eval = self._start_point(ev.order, sample, x_now)
         slots = traj.slots
         h = [slots[s] for s in ev.read_slots] + [None, None]
-        out = torch.empty(traj.shape, dtype=w, device=traj.device)
+        out = torch.empty_like(x_now, memory_format=torch.contiguous_format)
         traj.step(x, model_output if model_output.dtype == w else model_output.to(w), traj.table.rows[k], out,
                   None if ev.write_slot is None else slots[ev.write_slot], h[0], h[1], x_eval,
                   z.to(w) if z is not None and ev.noisy else None)
         traj.calls += 1
         self._step_index += 1
         self._advanced()
-        od = self._out_dtype(model_output, sample, w)
-        return out if od == w else out.to(od)
+        return out.to(model_output.dtype) if traj.model_dtype_result and model_output.dtype != w else out
 
 
 class FusedDPMSolverMultistepScheduler(_FusedStep, DPMSolverMultistepScheduler):
@@ -281,7 +305,7 @@ class FusedDPMSolverMultistepScheduler(_FusedStep, DPMSolverMultistepScheduler):
         if prev is None:
             return super().step(model_output, timestep, sample, generator=generator, variance_noise=variance_noise,
                                 return_dict=return_dict)
-        return SchedulerOutput(prev_sample=prev) if return_dict else (prev,)
+        return _scheduler_output(prev) if return_dict else (prev,)
 
     def _class_reason(self) -> str | None:
         if self.config.algorithm_type == "sde-dpmsolver" and self.config.solver_order == 3:
@@ -320,12 +344,11 @@ class FusedDPMSolverMultistepScheduler(_FusedStep, DPMSolverMultistepScheduler):
         if self.lower_order_nums < self.config.solver_order:
             self.lower_order_nums += 1
 
-    def _out_dtype(self, model_output, sample, w) -> torch.dtype:
+    def _result_in_model_dtype(self) -> bool:
         # diffusers casts the result to the dtype of the converted output: the raw output's where no sample enters
         cfg = self.config
-        raw = (cfg.algorithm_type.endswith("++") and cfg.prediction_type == "sample") or (
+        return (cfg.algorithm_type.endswith("++") and cfg.prediction_type == "sample") or (
             not cfg.algorithm_type.endswith("++") and cfg.prediction_type == "epsilon" and not cfg.thresholding)
-        return model_output.dtype if raw else w
 
 
 class FusedDPMSolverSinglestepScheduler(_FusedStep, DPMSolverSinglestepScheduler):
@@ -349,7 +372,7 @@ class FusedDPMSolverSinglestepScheduler(_FusedStep, DPMSolverSinglestepScheduler
         prev = self._fused(model_output, timestep, sample, generator, None)
         if prev is None:
             return super().step(model_output, timestep, sample, generator=generator, return_dict=return_dict)
-        return SchedulerOutput(prev_sample=prev) if return_dict else (prev,)
+        return _scheduler_output(prev) if return_dict else (prev,)
 
     def _class_reason(self) -> str | None:
         if self.config.algorithm_type == "dpmsolver" and self.config.thresholding:
@@ -379,5 +402,5 @@ class FusedDPMSolverSinglestepScheduler(_FusedStep, DPMSolverSinglestepScheduler
     def _advanced(self) -> None:
         pass
 
-    def _out_dtype(self, model_output, sample, w) -> torch.dtype:
-        return w  # no final cast in diffusers' singlestep step: the promoted dtype
+    def _result_in_model_dtype(self) -> bool:
+        return False  # no final cast in diffusers' singlestep step: the promoted dtype
