@@ -1,4 +1,4 @@
-"""The analytic test model of MATH.md: a Gaussian mixture with an exact noise prediction.
+"""The analytic test model of docs/math.md: a Gaussian mixture with an exact noise prediction.
 
 For data ``sum_k w_k N(mu_k, s_k^2 I)`` under a VP schedule, ``q_t = sum_k w_k N(alpha_t mu_k, v_k I)`` with
 ``v_k = alpha_t^2 s_k^2 + sigma_t^2`` and the exact ``eps(x, t) = -sigma_t grad log q_t(x)``. For a single

@@ -11,7 +11,7 @@ Reported per configuration: median time and 20/80% quantiles, GB/s of the bytes 
 and the ratio to the floor. The floor is those bytes over the device's copy bandwidth measured in the same
 run with `dst.copy_(src)` (copy = 1 read + 1 write) whose src and dst together span as many bytes as the
 tensors the step touches, so that both run from the same level of the memory hierarchy. The bytes: (order + 3)
-tensors of n elements (MATH.md, "Bytes"), plus one more read of x0 with thresholding (the order statistic needs
+tensors of n elements (docs/math.md, "How fast a step can be"), plus one more read of x0 with thresholding (the order statistic needs
 a full pass before the step can write). Results go to `benchmarks/results/` as CSV rows and a markdown table with the
 device, torch version and date.
 """

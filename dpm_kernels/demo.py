@@ -1,6 +1,6 @@
 """The built-in demo: sample an analytic 2-D Gaussian mixture and measure each solver's error.
 
-The model is exact (MATH.md, "Analytic test model"), so every error is the solver's alone. For each
+The model is exact (docs/math.md, "Analytic test model"), so every error is the solver's alone. For each
 x_T the reference endpoint is the same ODE solved to high accuracy (third-order singlestep DPM-Solver
 with many steps, float64); errors are the mean L2 distance to it.
 """

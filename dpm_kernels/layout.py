@@ -1,6 +1,6 @@
 """The per-step coefficient row shared by every backend (mirrored by `csrc/dpm_math.h`, `enum CoefIndex`).
 
-A fused step is, per element (MATH.md; `csrc/dpm_math.h` has the formulas):
+A fused step is, per element (docs/math.md; `csrc/dpm_math.h` has the formulas):
 
     raw = model_out                                   (no guidance)
         | uncond + GUIDE * (cond - uncond)            (classifier-free guidance)

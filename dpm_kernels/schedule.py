@@ -1,4 +1,4 @@
-"""VP noise schedules: alpha_t, sigma_t, lambda_t and the inverse of lambda (MATH.md, "Notation").
+"""VP noise schedules: alpha_t, sigma_t, lambda_t and the inverse of lambda (docs/math.md, "Notation").
 
 `NoiseScheduleVP` keeps the names, arguments and semantics of the authors' `dpm_solver_pytorch.py` so that
 code written for it runs unchanged. Everything is computed in float64 internally; the public methods

@@ -1,6 +1,6 @@
-"""The planner's expanded coefficients equal the D-form formulas of MATH.md / the authors' code.
+"""The planner's expanded coefficients equal the D-form formulas of docs/math.md / the authors' code.
 
-The expected values are written here independently, literally in the D-difference form of MATH.md,
+The expected values are written here independently, literally in the D-difference form of docs/math.md,
 and evaluated on random scalars in float64.
 """
 
@@ -141,7 +141,7 @@ def test_singlestep(seed, alg, st):
 @pytest.mark.parametrize("seed", range(10))
 @pytest.mark.parametrize("st", ["dpmsolver", "taylor"])
 def test_sde_plus_plus(seed, st):
-    """MATH.md's SDE-DPM-Solver++ 2M (eta = 1) and k-diffusion's eta generalisation."""
+    """docs/math.md's SDE-DPM-Solver++ 2M (eta = 1) and k-diffusion's eta generalisation."""
     rng = random.Random(200 + seed)
     t2, t1, t0, t = times(rng, 4)
     s2, s1, s0, tt = pt(t2), pt(t1), pt(t0), pt(t)

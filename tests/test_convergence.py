@@ -1,4 +1,4 @@
-"""Empirical order of every solver on the analytic model (MATH.md, "Analytic test model").
+"""Empirical order of every solver on the analytic model (docs/math.md, "Analytic test model").
 
 Single Gaussian N(mu, 0.3^2 I) in 2-D under the smooth continuous `linear` schedule: the probability-flow
 ODE has a closed-form solution, so the error of each run is the solver's alone (float64 everywhere, so

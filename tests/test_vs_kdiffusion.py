@@ -2,7 +2,7 @@
 
 k-diffusion (0.1.1.post1) integrates in the VE variables of Karras et al.: x_ve = x_vp / alpha, a denoiser
 D(x_ve, sigma) = E[x0 | x] and sigmas sigma_ve = sigma_vp / alpha = exp(-lambda), ending at 0. We run our plans
-directly in those variables (MATH.md: the update formulas use only sigma ratios, alpha_t and lambda, so any
+directly in those variables (docs/math.md: the update formulas use only sigma ratios, alpha_t and lambda, so any
 (alpha, sigma) pair works): every point is ``Point.from_ve_sigma(sigma) = (alpha, sigma, lambda) = (1, sigma,
 -log sigma)``, the state is x_ve itself, the model type is "x_start" (our data prediction x0 = D) and the last
 point sigma = 0 is (1, 0, +inf), reached by a first-order step (k-diffusion's "denoising step" x = D(x, sigma)).
@@ -214,7 +214,7 @@ def test_kdiffusion_loaded_without_torchvision():
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Local truncation error of the third-order SDE update (MATH.md): eta = 1, noise = 0, and a denoiser whose
+# Local truncation error of the third-order SDE update (docs/math.md): eta = 1, noise = 0, and a denoiser whose
 # x0 prediction is the quadratic x0(lambda) = c0 + c1 v + c2 v^2 in v = lambda - lambda_s0 (independent of x).
 # Treating x0 as that known function of lambda, the deterministic part of the SDE step from s0 to t is exactly
 #   x_t = (sigma_t / sigma_s0) e^{-eta h} x + alpha_t (1 + eta) int_0^h e^{-(1 + eta)(h - v)} x0(v) dv,
