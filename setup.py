@@ -80,11 +80,20 @@ setup(
     description="Fused DPM-Solver / DPM-Solver++ sampling steps: PyTorch reference, C++ CPU, CUDA and Triton kernels",
     long_description=(ROOT / "README.md").read_text() if (ROOT / "README.md").exists() else "",
     long_description_content_type="text/markdown",
+    license="MIT",
+    license_files=["LICENSE"],
+    classifiers=[
+        "Programming Language :: Python :: 3",
+        "Programming Language :: C++",
+        "Topic :: Scientific/Engineering :: Artificial Intelligence",
+    ],
     python_requires=">=3.10",
     packages=find_packages(include=["dpm_kernels", "dpm_kernels.*"]),
-    install_requires=["torch>=2.4", "numpy", "ninja", "tqdm", "matplotlib"],
+    install_requires=["torch>=2.4", "numpy", "ninja", "tqdm"],
     extras_require={
+        "plot": ["matplotlib"],  # the demo's picture
         "test": [
+            "matplotlib",
             "pytest",
             "hypothesis",
             "diffusers",

@@ -31,6 +31,8 @@ from dpm_kernels.backends import registry
 from dpm_kernels.benchmark import device_name, quantiles, results_csv
 from dpm_kernels.integrations.diffusers import FusedDPMSolverMultistepScheduler
 
+RESULTS = Path(__file__).resolve().parent / "results"  # this checkout's record, wherever it is run from
+
 SHAPES = {"latent64": (1, 4, 64, 64), "latent128": (1, 4, 128, 128), "pixels256": (2, 3, 256, 256)}
 SMOKE_SHAPES = {"tiny": (1, 4, 8, 8)}
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -111,7 +113,7 @@ def main(argv=None) -> int:
     p.add_argument("--reps", type=int, default=5, help="timed trajectories per configuration")
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     p.add_argument("--smoke", action="store_true", help="one tiny shape, 6 steps, 1 trajectory")
-    p.add_argument("--out", default="benchmarks/results", help="results directory ('' to skip writing)")
+    p.add_argument("--out", default=str(RESULTS), help="results directory ('' to skip writing)")
     a = p.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)

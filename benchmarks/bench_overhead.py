@@ -43,6 +43,8 @@ from dpm_kernels.benchmark import device_name, results_csv
 from dpm_kernels.integrations.diffusers import FusedDPMSolverMultistepScheduler
 from dpm_kernels.k_diffusion import sample_dpmpp_2m
 
+RESULTS = Path(__file__).resolve().parent / "results"  # this checkout's record, wherever it is run from
+
 STEPS = 20
 SHAPES = {"latent64": (1, 4, 64, 64), "latent128": (2, 4, 128, 128)}
 SMOKE_SHAPES = {"tiny": (1, 4, 8, 8)}
@@ -196,7 +198,7 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=30, help="timed rounds (one trajectory of each provider each)")
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     p.add_argument("--smoke", action="store_true", help="one tiny shape, 3 rounds")
-    p.add_argument("--out", default="benchmarks/results", help="results directory ('' to skip writing)")
+    p.add_argument("--out", default=str(RESULTS), help="results directory ('' to skip writing)")
     a = p.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)

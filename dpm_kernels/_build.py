@@ -4,8 +4,10 @@ The kernels are optional at import (torchao-style): each extension is loaded laz
 backend needs it. Order of attempts for extension ``name`` ("cpu" or "cuda"):
 
 1. the module ``dpm_kernels._<name>`` built by ``setup.py`` (``DPM_KERNELS_BUILD_EXT=1``);
-2. a JIT build with ``torch.utils.cpp_extension.load`` from the C++ sources (cached in
-   ``TORCH_EXTENSIONS_DIR``, default ~/.cache/torch_extensions; rebuilt only when a source changes).
+2. a JIT build with ``torch.utils.cpp_extension.load`` from the C++ sources, into a directory keyed on what the
+   binary depends on (`build_dir`: sources, flags, torch/CUDA/Python versions, source location) under
+   ``TORCH_EXTENSIONS_DIR`` (default ~/.cache/torch_extensions); a line on stderr says when a one-time build runs
+   and where.
 
 ``DPM_KERNELS_NO_EXT=1`` disables both; ``DPM_KERNELS_NO_JIT=1`` disables only the JIT build.
 A failure is remembered with its reason, which the backend registry reports.
@@ -13,10 +15,13 @@ A failure is remembered with its reason, which the backend registry reports.
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import logging
 import os
+import sys
 import threading
+import time
 from pathlib import Path
 
 log = logging.getLogger("dpm_kernels")
@@ -59,35 +64,71 @@ def cuda_flags() -> list[str]:
     return ["-O3", "-lineinfo", "-fmad=false"]
 
 
+def _sources(name: str) -> list[Path]:
+    return cpu_sources() if name == "cpu" else cuda_sources()
+
+
+def _build_options(name: str) -> dict:
+    """What `torch.utils.cpp_extension.load` gets for extension `name` (the build directory aside)."""
+    common = dict(name=f"dpm_kernels_{name}", sources=[str(p) for p in _sources(name)],
+                  extra_include_paths=[str(csrc_dir())], is_python_module=False,
+                  verbose=os.environ.get("DPM_KERNELS_VERBOSE_BUILD") == "1")
+    if name == "cpu":
+        return dict(common, extra_cflags=cpu_cflags(), extra_ldflags=["-fopenmp"])
+    # the binding includes ATen: torch picks the C++ standard
+    return dict(common, extra_cflags=["-O3"], extra_cuda_cflags=cuda_flags())
+
+
+def build_key(name: str) -> str:
+    """A digest of everything the binary depends on: the sources and headers (their bytes and where they are:
+    the build files name absolute paths), the flags, the torch, CUDA and Python versions and the platform.
+    Two checkouts or environments of the same commit differ in it where their binaries would, and never
+    rebuild each other's extension."""
+    import platform
+    import sys
+
+    import torch
+
+    h = hashlib.sha256()
+    opts = _build_options(name)
+    for part in (name, torch.__version__, str(torch.version.cuda), sys.version.split()[0], platform.machine(),
+                 repr(opts.get("extra_cflags")), repr(opts.get("extra_cuda_cflags")), repr(opts.get("extra_ldflags")),
+                 os.environ.get("TORCH_CUDA_ARCH_LIST", "") if name == "cuda" else "", str(csrc_dir())):
+        h.update(part.encode() + b"\0")
+    for f in sorted(p for p in csrc_dir().rglob("*") if p.is_file() and p.suffix in (".h", ".cuh", ".cpp", ".cu")):
+        h.update(str(f.relative_to(csrc_dir())).encode() + b"\0" + f.read_bytes() + b"\0")
+    return h.hexdigest()[:16]
+
+
+def build_dir(name: str) -> Path:
+    """Where extension `name` is built: DPM_KERNELS_BUILD_DIR, else <torch extensions dir>/dpm_kernels/<name>-<key>
+    (TORCH_EXTENSIONS_DIR, default ~/.cache/torch_extensions)."""
+    if os.environ.get("DPM_KERNELS_BUILD_DIR"):
+        return Path(os.environ["DPM_KERNELS_BUILD_DIR"])
+    base = os.environ.get("TORCH_EXTENSIONS_DIR") or os.path.join(os.path.expanduser("~"), ".cache",
+                                                                   "torch_extensions")
+    return Path(base) / "dpm_kernels" / f"{name}-{build_key(name)}"
+
+
+# Seconds a first build takes on this project's 2-core CI machine (measured 2026-12-01), for the message.
+BUILD_SECONDS = {"cpu": 30, "cuda": 120}
+
+
 def _jit(name: str) -> None:
     from torch.utils import cpp_extension
 
-    build_dir = None
-    if os.environ.get("DPM_KERNELS_BUILD_DIR"):
-        build_dir = os.environ["DPM_KERNELS_BUILD_DIR"]
-        os.makedirs(build_dir, exist_ok=True)
-    if name == "cpu":
-        cpp_extension.load(
-            name="dpm_kernels_cpu",
-            sources=[str(p) for p in cpu_sources()],
-            extra_cflags=cpu_cflags(),
-            extra_ldflags=["-fopenmp"],
-            extra_include_paths=[str(csrc_dir())],
-            is_python_module=False,
-            build_directory=build_dir,
-            verbose=os.environ.get("DPM_KERNELS_VERBOSE_BUILD") == "1",
-        )
-    else:
-        cpp_extension.load(
-            name="dpm_kernels_cuda",
-            sources=[str(p) for p in cuda_sources()],
-            extra_cflags=["-O3"],  # the binding includes ATen: torch picks the C++ standard
-            extra_cuda_cflags=cuda_flags(),
-            extra_include_paths=[str(csrc_dir())],
-            is_python_module=False,
-            build_directory=build_dir,
-            verbose=os.environ.get("DPM_KERNELS_VERBOSE_BUILD") == "1",
-        )
+    opts = _build_options(name)
+    out = build_dir(name)
+    out.mkdir(parents=True, exist_ok=True)
+    fresh = not any(out.glob(f"{opts['name']}*.so"))
+    if fresh:
+        print(f"dpm_kernels: building the {name.upper()} kernels once for this environment (about "
+              f"{BUILD_SECONDS[name]} s on 2 cores) in {out}", file=sys.stderr, flush=True)
+    t0 = time.perf_counter()
+    cpp_extension.load(build_directory=str(out), **opts)
+    if fresh:
+        print(f"dpm_kernels: built the {name.upper()} kernels in {time.perf_counter() - t0:.0f} s", file=sys.stderr,
+              flush=True)
 
 
 def load(name: str) -> str | None:

@@ -11,19 +11,21 @@ Reported per configuration: median time and 20/80% quantiles, GB/s of the bytes 
 and the ratio to the floor. The floor is those bytes over the device's copy bandwidth measured in the same
 run with `dst.copy_(src)` (copy = 1 read + 1 write) whose src and dst together span as many bytes as the
 tensors the step touches, so that both run from the same level of the memory hierarchy. The bytes: (order + 3)
-tensors of n elements (docs/math.md, "How fast a step can be"), plus one more read of x0 with thresholding (the order statistic needs
-a full pass before the step can write). Results go to `benchmarks/results/` as CSV rows and a markdown table with the
-device, torch version and date.
+tensors of n elements (docs/math.md, "How fast a step can be"), plus one more read of x0 with thresholding (the
+order statistic needs a full pass before the step can write). Measurements whose spread is too wide for a ratio are
+marked, and a run with many of them is labelled noisy. Results go to a results directory (default
+~/.cache/dpm_kernels/benchmarks; `--out benchmarks/results` in a checkout) as CSV rows and a markdown table with
+the device, torch version and date.
 """
 
 from __future__ import annotations
 
-import argparse
 import csv
 import datetime as _dt
 import math
 import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -71,6 +73,16 @@ def measure(fn, device: torch.device, min_time: float = 0.3, min_reps: int = 5, 
             fn()
             times.append(time.perf_counter() - t0)
     return times
+
+
+NOISY_SPREAD = 0.5  # a measurement whose 20-80% range exceeds half its median says little about a ratio
+IMPLAUSIBLE_X_FLOOR = 0.25  # a step can beat copy_ (no write-allocate on out), but not by 4x: the floor was disturbed
+NOISY_RUN = 0.2  # the share of suspect measurements that labels a whole run noisy
+
+
+def is_noisy(median: float, lo: float, hi: float) -> bool:
+    """True when the spread (hi - lo) of a measurement is too wide for its median to support a ratio."""
+    return (hi - lo) > NOISY_SPREAD * median
 
 
 def quantiles(ts: list[float]) -> tuple[float, float, float]:
@@ -217,7 +229,8 @@ def run(sizes, orders, dtypes, thresholds, providers, device, out_dir: Path | No
                 "dtype": dname, "n": n, "order": order, "thresholding": int(thr), "provider": name,
                 "median_ms": med * 1e3, "p20_ms": q20 * 1e3, "p80_ms": q80 * 1e3,
                 "GBps": case.bytes_moved() / med / 1e9, "floor_ms": floor * 1e3, "x_floor": med / floor,
-                "copy_GBps": bw / 1e9,
+                "copy_GBps": bw / 1e9, "spread": (q80 - q20) / med,
+                "suspect": int(is_noisy(med, q20, q80) or (name in natives and med / floor < IMPLAUSIBLE_X_FLOOR)),
             })
     if out_dir is not None:
         write_results(rows, out_dir, device)
@@ -225,6 +238,8 @@ def run(sizes, orders, dtypes, thresholds, providers, device, out_dir: Path | No
 
 
 def markdown(rows) -> str:
+    """One line per configuration; a "?" marks a time or ratio resting on a suspect measurement (its 20-80% spread
+    over half its median, or a step that would beat the copy floor 4x)."""
     provs = []
     for r in rows:
         if r["provider"] not in provs:
@@ -242,14 +257,26 @@ def markdown(rows) -> str:
             keys.append(k)
     for k in keys:
         sel = {r["provider"]: r for r in rows if (r["dtype"], r["n"], r["order"], r["thresholding"]) == k}
+        q = lambda *ps, sel=sel: "?" if any(sel[p].get("suspect") for p in ps) else ""  # noqa: E731
         any_r = next(iter(sel.values()))
         cells = [k[0], f"2^{int(math.log2(k[1]))}", str(k[2]), "on" if k[3] else "off", f"{any_r['floor_ms']:.3f}"]
-        cells += [f"{sel[p]['median_ms']:.3f}" if p in sel else "-" for p in provs]
-        cells += [f"{sel[f]['x_floor']:.2f}" if f in sel else "-" for f in fused]
-        cells += [f"{sel[o]['median_ms'] / sel[f]['median_ms']:.1f}x" if f in sel and o in sel else "-"
+        cells += [f"{sel[p]['median_ms']:.3f}{q(p)}" if p in sel else "-" for p in provs]
+        cells += [f"{sel[f]['x_floor']:.2f}{q(f)}" if f in sel else "-" for f in fused]
+        cells += [f"{sel[o]['median_ms'] / sel[f]['median_ms']:.1f}x{q(f, o)}" if f in sel and o in sel else "-"
                   for f in fused for o in others]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def noise_summary(rows) -> tuple[bool, str]:
+    """(noisy, one line): whether too many measurements of the run were suspect to trust its ratios."""
+    bad = sum(1 for r in rows if r.get("suspect"))
+    noisy = bad > NOISY_RUN * max(1, len(rows))
+    line = (f"{bad} of {len(rows)} measurements suspect (\"?\": 20-80% spread over {NOISY_SPREAD:.0%} of the median,"
+            f" or x floor under {IMPLAUSIBLE_X_FLOOR})")
+    if noisy:
+        line = "NOISY RUN -- the ratios are unreliable, rerun on a quiet machine: " + line
+    return noisy, line
 
 
 def results_csv(rows: list[dict], out_dir: Path, kind: str, device: torch.device) -> Path:
@@ -270,33 +297,58 @@ def write_results(rows, out_dir: Path, device: torch.device) -> tuple[Path, Path
     csv_path = results_csv(rows, out_dir, "fused_step", device)
     stamp = _dt.date.today().isoformat()
     md_path = csv_path.with_suffix(".md")
-    header = (f"# Fused step benchmark\n\ndevice: {device_name(device)}; torch {torch.__version__}; date {stamp}\n\n"
+    noisy, summary = noise_summary(rows)
+    header = (f"# Fused step benchmark{' (NOISY RUN)' if noisy else ''}\n\ndevice: {device_name(device)}; torch "
+              f"{torch.__version__}; date {stamp}\n\n"
               "Times are medians of one step; `x floor` = time / (bytes the fused step must move / copy bandwidth "
-              "measured over the same footprint); `A vs B` = B's time / A's time.\n\n")
+              f"measured over the same footprint); `A vs B` = B's time / A's time. {summary}.\n\n")
     md_path.write_text(header + markdown(rows) + "\n")
     return csv_path, md_path
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m dpm_kernels bench", description=__doc__.split("\n\n")[0])
-    p.add_argument("--sizes", default="14,16,18,20,22,24", help="log2 of the element counts (default 14..24)")
-    p.add_argument("--orders", default="1,2,3")
-    p.add_argument("--dtypes", default="float32,bfloat16")
-    p.add_argument("--thresholding", default="both", choices=["both", "on", "off"])
+    from . import _cli
+
+    p = _cli.Parser(prog="python -m dpm_kernels bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("--sizes", type=_cli.int_list, default="14,16,18,20,22,24",
+                   help="log2 of the element counts, comma-separated")
+    p.add_argument("--orders", type=_cli.int_list, default="1,2,3", help="solver orders, comma-separated")
+    p.add_argument("--dtypes", default="float32,bfloat16", help=f"comma-separated, of {', '.join(DTYPES)}")
+    p.add_argument("--thresholding", default="both", choices=["both", "on", "off"],
+                   help="dynamic thresholding (ratio 0.995) off, on, or both")
     p.add_argument("--providers", default="fused,eager,compile,diffusers",
-                   help="comma list of fused (every native backend), cpu, cuda, triton, eager, compile, diffusers")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--out", default="benchmarks/results", help="results directory ('' to skip writing)")
+                   help="comma list of fused (every compiled backend), " + ", ".join(
+                       b.name for b in registry.BACKENDS if b is not registry.TORCH) + ", eager, compile, diffusers")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
+    p.add_argument("--out", default=str(_cli.cache_dir("benchmarks")),
+                   help="results directory ('' to skip writing; benchmarks/results records them in a checkout)")
     p.add_argument("--quick", action="store_true", help="2^20 and 2^22, orders 2 and 3, float32")
-    p.add_argument("--min-time", type=float, default=0.3, help="seconds of timing per provider and config")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--min-time", type=_cli.non_negative_float, default=0.3,
+                   help="seconds of timing per provider and config")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     a = p.parse_args(argv)
     if a.quick:
-        a.sizes, a.orders, a.dtypes = "20,22", "2,3", "float32"
+        a.sizes, a.orders, a.dtypes = [20, 22], [2, 3], "float32"
+    dtypes = a.dtypes.split(",")
+    for d in dtypes:
+        if d not in DTYPES:
+            p.error(f"argument --dtypes: {d!r} is not one of {', '.join(DTYPES)}")
+    if any(o not in (1, 2, 3) for o in a.orders):
+        p.error(f"argument --orders: orders are 1, 2 or 3, got {a.orders}")
+    if any(not 4 <= e <= 31 for e in a.sizes):
+        p.error(f"argument --sizes: log2 sizes between 4 and 31, got {a.sizes}")
     device = torch.device(a.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        p.error("argument --device: no CUDA device is visible to PyTorch")
     thr = {"both": [False, True], "on": [True], "off": [False]}[a.thresholding]
-    rows = run([int(s) for s in a.sizes.split(",")], [int(o) for o in a.orders.split(",")], a.dtypes.split(","),
-               thr, a.providers.split(","), device, Path(a.out) if a.out else None, not a.no_progress, a.min_time)
+    rows = run(a.sizes, a.orders, dtypes, thr, a.providers.split(","), device, Path(a.out) if a.out else None,
+               not a.no_progress, a.min_time)
     print(f"device: {device_name(device)}; torch {torch.__version__}; {_dt.date.today().isoformat()}")
     print(markdown(rows))
+    noisy, summary = noise_summary(rows)
+    print(summary)
+    if noisy:
+        print("warning: " + summary, file=sys.stderr)
+    if a.out:
+        print(f"results appended to {Path(a.out)}")
     return 0

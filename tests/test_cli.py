@@ -1,49 +1,151 @@
-"""The command line: demo, sample, bench and info run and say what they did."""
+"""The command line: demo, sample, bench and info run and say what they did; bad input is one line on stderr with
+exit status 2, decided before any work is done; every --help shows the defaults."""
 
 from __future__ import annotations
 
 import csv
 import os
+import re
+import sys
 
+import pytest
+
+from dpm_kernels import benchmark
 from dpm_kernels.__main__ import main
+
+
+def run(argv, capsys) -> tuple[int, str, str]:
+    try:
+        rc = main(argv)
+    except SystemExit as e:  # argparse's own exits (errors, --help)
+        rc = e.code
+    out = capsys.readouterr()
+    return rc, out.out, out.err
 
 
 def test_demo_prints_errors_and_writes_png(tmp_path, capsys):
     png = tmp_path / "demo.png"
-    assert main(["demo", "--samples", "200", "--png", str(png), "--no-progress", "--backend", "torch"]) == 0
-    out = capsys.readouterr().out
-    rows = [line for line in out.splitlines() if line.startswith("| DPM") or line.startswith("| DDIM")]
-    errors = {(r.split("|")[1].strip(), int(r.split("|")[2])): float(r.split("|")[3]) for r in rows}
-    assert len(errors) == 8
-    # the claim the demo prints: higher order at low NFE beats DDIM at the same and at 2.5x the NFE
-    assert errors[("DPM-Solver++(3M)", 10)] < errors[("DDIM", 10)]
-    assert errors[("DPM-Solver++(3M)", 20)] < errors[("DDIM", 50)]
-    assert png.stat().st_size > 10_000
+    rc, out, _ = run(["demo", "--samples", "200", "--png", str(png), "--no-progress", "--backend", "torch"], capsys)
+    assert rc == 0
+    head = next(line for line in out.splitlines() if line.startswith("| solver"))
+    nfes = [int(c.split()[0]) for c in head.strip("|").split("|")[1:]]
+    rows = {line.split("|")[1].strip(): [float(c) for c in line.strip("|").split("|")[1:]]
+            for line in out.splitlines() if line.startswith("| DPM") or line.startswith("| DDIM")}
+    err = {(name, n): e for name, es in rows.items() for n, e in zip(nfes, es, strict=True)}
+    assert len(rows) == 4 and 10 in nfes and 50 in nfes
+    # the claims the demo prints: higher order at low NFE beats DDIM at the same and at 2.5x the NFE
+    assert err[("DPM-Solver++(3M)", 10)] < err[("DDIM", 10)]
+    assert err[("DPM-Solver++(3M)", 20)] < err[("DDIM", 50)]
+    for name in rows:  # from 10 NFE on, every solver's error falls with NFE (the table shows no lucky dip)
+        es = [err[(name, n)] for n in nfes]
+        assert es == sorted(es, reverse=True), (name, es)
+    assert png.stat().st_size > 10_000 and f"wrote {png}" in out
 
 
 def test_sample_reports_what_ran(capsys):
-    assert main(["sample", "--order", "3", "--steps", "12", "--samples", "64", "--backend", "torch"]) == 0
-    out = capsys.readouterr().out
+    rc, out, _ = run(["sample", "--order", "3", "--steps", "12", "--samples", "64", "--backend", "torch"], capsys)
+    assert rc == 0
     assert "order=3 NFE=12" in out and "backend=torch" in out
     err = float(out.split("exact ODE solution:")[1].split()[0])
     assert err < 0.1
 
 
+def test_sample_explains_a_changed_nfe_and_eta_zero(capsys):
+    rc, out, _ = run(["sample", "--method", "singlestep_fixed", "--order", "3", "--steps", "7", "--samples", "16",
+                      "--backend", "torch"], capsys)
+    assert rc == 0 and "NFE=6 (singlestep_fixed runs whole blocks: 7 steps // order 3 = 2 block(s)" in out
+    rc, out, _ = run(["sample", "--algorithm", "sde-dpmsolver++", "--eta", "0", "--samples", "16", "--backend",
+                      "torch"], capsys)
+    assert rc == 0 and "eta = 0: the SDE solver is the ODE" in out
+    rc, out, _ = run(["sample", "--algorithm", "sde-dpmsolver++", "--samples", "16", "--backend", "torch"], capsys)
+    assert rc == 0 and "no exact per-sample endpoint" in out
+
+
+BAD = {
+    "backend-not-here": (["demo", "--backend", "cuda"], "--backend"),
+    "steps-zero": (["sample", "--steps", "0"], "--steps"),
+    "skip-type": (["sample", "--skip-type", "bogus"], "--skip-type"),
+    "png-dir-missing": (["demo", "--png", "missing/dir/x.png"], "--png"),
+    "eta-negative": (["sample", "--eta", "-1"], "--eta"),
+    "sde-singlestep": (["sample", "--method", "singlestep", "--algorithm", "sde-dpmsolver++"], "--method"),
+    "bench-sizes": (["bench", "--sizes", "x"], "--sizes"),
+    "bench-dtype": (["bench", "--dtypes", "float8"], "--dtypes"),
+    "bench-order": (["bench", "--orders", "4"], "--orders"),
+    "unknown-command": (["frobnicate"], "invalid choice"),
+}
+
+
+@pytest.mark.parametrize("which", list(BAD))
+def test_bad_input_is_one_line_and_status_2(which, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    argv, name = BAD[which]
+    if "cuda" in argv and __import__("torch").cuda.is_available():
+        pytest.skip("a CUDA device is present: --backend cuda is no error here")
+    rc, out, err = run(argv, capsys)
+    assert rc == 2, (out, err)
+    assert len(err.strip().splitlines()) == 1 and name in err and "Traceback" not in err, err
+    assert out == ""  # refused before any work
+
+
+def test_demo_without_matplotlib_says_what_to_install(capsys, monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    rc, out, err = run(["demo", "--png", str(tmp_path / "x.png")], capsys)
+    assert rc == 2 and "dpm_kernels[plot]" in err and out == ""
+
+
+@pytest.mark.parametrize("cmd", [["demo"], ["sample"], ["bench"], ["info"]])
+def test_help_shows_defaults(cmd, capsys):
+    rc, out, _ = run(cmd + ["--help"], capsys)
+    assert rc == 0
+    options = re.findall(r"^  +(--[a-z-]+)", out, re.M)
+    assert out.count("(default:") >= len([o for o in options if o != "--help"]), out
+    if cmd == ["sample"]:
+        assert "uniform_lambda" in out
+    if cmd == ["bench"]:
+        assert "(default: 14,16,18,20,22,24)" in " ".join(out.split())
+
+
 def test_bench_writes_csv_and_table(tmp_path, capsys):
-    assert main(["bench", "--sizes", "12", "--orders", "2", "--dtypes", "float32", "--providers", "fused,eager",
-                 "--out", str(tmp_path), "--min-time", "0.01", "--no-progress"]) == 0
-    out = capsys.readouterr().out
-    assert "x floor" in out
+    rc, out, _ = run(["bench", "--sizes", "12", "--orders", "2", "--dtypes", "float32", "--providers", "fused,eager",
+                      "--out", str(tmp_path), "--min-time", "0.01", "--no-progress"], capsys)
+    assert rc == 0
+    assert "x floor" in out and "measurements suspect" in out
     files = list(tmp_path.glob("fused_step-*.csv"))
     assert len(files) == 1
     rows = list(csv.DictReader(files[0].open()))
     expect = {"eager"} if os.environ.get("DPM_KERNELS_NO_EXT") == "1" else {"eager", "cpu"}
     assert {r["provider"] for r in rows} >= expect and all(float(r["median_ms"]) > 0 for r in rows)
-    assert all(r["torch"] and r["device"] and r["date"] for r in rows)
+    assert all(r["torch"] and r["device"] and r["date"] and r["spread"] for r in rows)
+
+
+def test_bench_default_output_leaves_the_working_directory_clean(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    rc, out, _ = run(["bench", "--sizes", "10", "--orders", "1", "--dtypes", "float32", "--providers", "eager",
+                      "--min-time", "0.01", "--no-progress", "--thresholding", "off"], capsys)
+    assert rc == 0
+    assert [p.name for p in tmp_path.iterdir()] == ["cache"]
+    assert list((tmp_path / "cache" / "dpm_kernels" / "benchmarks").glob("fused_step-*.csv"))
+
+
+def test_noisy_measurements_are_marked_and_a_noisy_run_labelled():
+    def row(provider, med, lo, hi, x_floor=1.0):
+        return {"dtype": "float32", "n": 1 << 20, "order": 2, "thresholding": 0, "provider": provider,
+                "median_ms": med, "floor_ms": 1.0, "x_floor": x_floor,
+                "suspect": int(benchmark.is_noisy(med, lo, hi) or x_floor < benchmark.IMPLAUSIBLE_X_FLOOR)}
+
+    quiet = [row("cpu", 1.0, 0.95, 1.05), row("eager", 5.0, 4.9, 5.2)]
+    assert "?" not in benchmark.markdown(quiet) and not benchmark.noise_summary(quiet)[0]
+    loud = [row("cpu", 1.0, 0.2, 3.0), row("eager", 5.0, 4.9, 5.2)]
+    table = benchmark.markdown(loud)
+    assert "1.000?" in table and "5.0x?" in table
+    noisy, line = benchmark.noise_summary(loud)
+    assert noisy and line.startswith("NOISY RUN")
+    assert benchmark.markdown([row("cpu", 0.01, 0.01, 0.011, x_floor=0.01)]).count("?") >= 1  # 100x faster than copy
 
 
 def test_info_lists_backends(capsys):
-    assert main(["info"]) == 0
-    out = capsys.readouterr().out
+    rc, out, _ = run(["info"], capsys)
+    assert rc == 0
     for name in ("torch", "cpu", "cuda", "triton"):
         assert name in out
