@@ -50,10 +50,19 @@ def cuda_sources() -> list[Path]:
     return sorted(d.glob("*.cu")) + [d / "fused_step_binding.cpp"]
 
 
+SANITIZE_FLAGS = ["-fsanitize=address,undefined", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer", "-g"]
+
+
+def sanitized() -> bool:
+    """DPM_KERNELS_SANITIZE=1: the CPU kernels built with AddressSanitizer and UndefinedBehaviorSanitizer (for
+    tests/sanitize.sh, which preloads the sanitizer runtimes into Python); the prebuilt module is then skipped."""
+    return os.environ.get("DPM_KERNELS_SANITIZE") == "1"
+
+
 def cpu_cflags() -> list[str]:
     # OpenMP so that at::parallel_for (OpenMP backend in the official wheels) really runs in parallel.
     # No -std: torch adds the standard its headers need (C++20 from torch 2.14; a later -std=c++17 breaks it).
-    return ["-O3", "-fopenmp"]
+    return ["-O1", "-fopenmp"] + SANITIZE_FLAGS if sanitized() else ["-O3", "-fopenmp"]
 
 
 def cuda_flags() -> list[str]:
@@ -74,7 +83,8 @@ def _build_options(name: str) -> dict:
                   extra_include_paths=[str(csrc_dir())], is_python_module=False,
                   verbose=os.environ.get("DPM_KERNELS_VERBOSE_BUILD") == "1")
     if name == "cpu":
-        return dict(common, extra_cflags=cpu_cflags(), extra_ldflags=["-fopenmp"])
+        return dict(common, extra_cflags=cpu_cflags(),
+                    extra_ldflags=["-fopenmp"] + (SANITIZE_FLAGS[:1] if sanitized() else []))
     # the binding includes ATen: torch picks the C++ standard
     return dict(common, extra_cflags=["-O3"], extra_cuda_cflags=cuda_flags())
 
@@ -151,6 +161,8 @@ def _load_locked(name: str) -> str | None:
     from . import opdef  # noqa: F401
 
     try:
+        if sanitized():
+            raise ImportError("skipped: DPM_KERNELS_SANITIZE=1 builds instrumented kernels")
         importlib.import_module(f"dpm_kernels._{name}")
         return None
     except ImportError as e:
