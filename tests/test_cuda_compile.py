@@ -122,6 +122,49 @@ def test_cu_compiles_without_warnings_or_spills(src, cu_builds):
             assert r.get("spill_stores") == 0 and r.get("spill_loads") == 0, f"{what}: register spill in {r}"
 
 
+def find_cuobjdump() -> str | None:
+    """cuobjdump from the CUDA toolkit, else the one Triton ships (a minimal nvcc install may lack it)."""
+    found = shutil.which("cuobjdump")
+    if found:
+        return found
+    try:
+        import triton
+
+        bundled = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+        return str(bundled) if bundled.is_file() else None
+    except ImportError:
+        return None
+
+
+def sass_functions(obj: Path) -> dict[str, str]:
+    """Demangled kernel name -> its SASS, from an object file."""
+    out = subprocess.run([find_cuobjdump(), "-sass", str(obj)], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    parts = re.split(r"\s+Function : (\S+)", out.stdout)
+    names, bodies = parts[1::2], parts[2::2]
+    return dict(zip(demangle(names), bodies, strict=True))
+
+
+# Where the sources claim 16-byte accesses (fused_step_kernels.cu, step_device.cuh): every update kernel loads and
+# stores 128 bits at a time on its vector path; the selection kernels (threshold_select.cu) load 128 bits at a time.
+VECTOR_CLAIMS = {"fused_step_kernels.cu": ("fused_update_kernel", True), "threshold_select.cu": ("select_", False)}
+
+
+@needs_nvcc
+@pytest.mark.skipif(find_cuobjdump() is None, reason="no cuobjdump (CUDA toolkit or Triton)")
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("src_name", sorted(VECTOR_CLAIMS))
+def test_sass_has_the_claimed_128_bit_accesses(src_name, arch, cu_builds):
+    prefix, stores = VECTOR_CLAIMS[src_name]
+    funcs = sass_functions(obj_path(cu_builds[0], CSRC / "cuda" / src_name, arch, True))
+    claimed = {name: body for name, body in funcs.items() if prefix in name and "finalize" not in name}
+    assert len(claimed) >= 4, list(funcs)
+    for name, body in claimed.items():
+        assert "LDG.E.128" in body, f"sm_{arch} {name}: no 128-bit global load"
+        if stores:
+            assert "STG.E.128" in body, f"sm_{arch} {name}: no 128-bit global store"
+
+
 ABI_CHECK = r"""
 /* The C ABI from plain C: workspace sizes, and arguments refused before anything is enqueued. */
 #include <math.h>
