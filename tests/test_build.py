@@ -55,14 +55,40 @@ def test_build_key_follows_sources_location_and_torch(tmp_path, monkeypatch):
     assert _build.build_dir("cpu").name == f"cpu-{_build.build_key('cpu')}"
 
 
+EIGHT_THREADS = """
+    import threading, torch, dpm_kernels
+    from dpm_kernels.backends import registry
+    start, results, errors = threading.Barrier(8), [None] * 8, []
+
+    def first_step(i):
+        x = torch.full((2, 64), float(i))
+        c = torch.zeros(10, dtype=torch.float64)
+        c[5] = 2.0
+        start.wait()  # all eight at the same moment, before anything is built or loaded
+        try:
+            results[i] = dpm_kernels.ops.fused_step(x, x.clone(), c, backend=BACKEND)
+        except Exception as e:
+            errors.append(repr(e))
+
+    threads = [threading.Thread(target=first_step, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    assert all(torch.equal(r, torch.full((2, 64), 2.0 * i)) for i, r in enumerate(results))
+    print("backend:", registry.choose(BACKEND, torch.device("cpu")).name)
+"""
+
+
 def test_first_build_is_announced_and_reused(tmp_path):
-    """A fresh extensions directory: one build, announced on stderr with its directory; the next process loads
-    it silently."""
+    """A fresh extensions directory and eight threads making their first step at once: one build, announced on
+    stderr with its directory, every thread served; the next process loads it silently."""
     ext = tmp_path / "ext"
-    first = _python(CPU_STEP, ROOT, TORCH_EXTENSIONS_DIR=str(ext))
-    assert "building the CPU kernels once" in first.stderr and str(ext) in first.stderr, first.stderr
-    assert "built the CPU kernels in" in first.stderr
-    again = _python(CPU_STEP, ROOT, TORCH_EXTENSIONS_DIR=str(ext))
+    first = _python("    BACKEND = 'auto'" + EIGHT_THREADS, ROOT, TORCH_EXTENSIONS_DIR=str(ext))
+    assert first.stderr.count("building the CPU kernels once") == 1 and str(ext) in first.stderr, first.stderr
+    assert "built the CPU kernels in" in first.stderr and first.stdout.split()[-1] == "cpu"
+    again = _python(CPU_STEP, ROOT, TORCH_EXTENSIONS_DIR=str(ext))  # another process: loads, builds nothing
     assert "building" not in again.stderr, again.stderr
     assert len(list((ext / "dpm_kernels").iterdir())) == 1
 
@@ -83,3 +109,10 @@ def test_platform_wheel_runs_a_cpu_step_without_building(tmp_path):
     out = _python(CPU_STEP, tmp_path, PYTHONPATH=str(site), DPM_KERNELS_NO_JIT="1", TORCH_EXTENSIONS_DIR=str(empty))
     assert out.stdout.split()[1] == "True" and out.stdout.split()[2].startswith(str(site)), out.stdout
     assert "building" not in out.stderr and not empty.exists()
+
+
+def test_eight_threads_make_their_first_triton_step_at_once():
+    """Under the interpreter (CPU tensors): the op is registered once, no thread sees a half-registered op."""
+    pytest.importorskip("triton")
+    out = _python("    BACKEND = 'triton'" + EIGHT_THREADS, ROOT, TRITON_INTERPRET="1")
+    assert out.stdout.split()[-1] == "triton"
