@@ -15,10 +15,6 @@ import pytest  # noqa: E402
 
 from dpm_kernels.backends import registry  # noqa: E402
 
-# Relative error bounds against the float64 reference, per dtype: float64 and float32 are judged against
-# rounding of the arithmetic type; half types by the "2x eager PyTorch at the same precision" rule instead.
-RTOL = {torch.float64: 1e-12, torch.float32: 2e-6}
-
 
 def devices() -> list[str]:
     return ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -53,11 +49,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
-
-
-@pytest.fixture(params=ALL_BACKEND_CASES, ids=[f"{d}-{b}" for d, b in ALL_BACKEND_CASES])
-def device_backend(request):
-    return request.param
 
 
 def poison(t: torch.Tensor | None) -> None:

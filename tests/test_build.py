@@ -16,7 +16,8 @@ import torch
 from dpm_kernels import _build
 
 ROOT = Path(__file__).resolve().parent.parent
-pytestmark = pytest.mark.skipif(os.environ.get("DPM_KERNELS_NO_EXT") == "1", reason="DPM_KERNELS_NO_EXT=1")
+pytestmark = [pytest.mark.slow,  # compiler runs: two builds and a wheel
+              pytest.mark.skipif(os.environ.get("DPM_KERNELS_NO_EXT") == "1", reason="DPM_KERNELS_NO_EXT=1")]
 
 CPU_STEP = """
     import sys, torch, dpm_kernels

@@ -109,6 +109,7 @@ def test_opcheck_without_history_slot():
     torch.library.opcheck(OP, tuple(args))
 
 
+@pytest.mark.slow
 def test_torch_compile_fullgraph_loop_equals_eager():
     registry.prepare("cpu", "cpu")
     b, n, steps = 2, 257, 5

@@ -22,7 +22,7 @@ from dpm_kernels import layout as L
 from dpm_kernels import ops
 from dpm_kernels.backends import reference
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
 SMALL = (1, 4, 128, 128)  # n = 65536: one block per sample selects
 HUGE = (1, 4, 256, 256)  # n = 262144 > 2^17 with one sample: multi-block passes

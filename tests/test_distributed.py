@@ -19,16 +19,23 @@ import distributed_worker as W  # noqa: E402
 
 
 def _torchrun(out: Path, device: str = "cpu", nproc: int = 2) -> None:
+    """The job under torchrun. A launch that fails before any rank ran the job (the rendezvous on a loaded machine)
+    is tried once more; a failure inside the job is not."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = str(ROOT)
     env["OMP_NUM_THREADS"] = "1"
-    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-                          str(ROOT / "tests" / "distributed_worker.py"), str(out), device], capture_output=True,
-                         text=True,
-                         env=env, timeout=600, cwd=ROOT)
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           str(ROOT / "tests" / "distributed_worker.py"), str(out), device]
+    for attempt in range(2):
+        res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, cwd=ROOT)
+        if res.returncode == 0:
+            return
+        if "distributed_worker.py" in res.stderr or attempt == 1:  # a traceback from the job itself: a real failure
+            break
+    raise AssertionError(f"torchrun exited {res.returncode}\n{res.stdout[-3000:]}\n{res.stderr[-5000:]}")
 
 
+@pytest.mark.slow
 def test_two_ranks_gather_to_the_single_process_result(tmp_path):
     out = tmp_path / "gathered.pt"
     _torchrun(out)
@@ -41,6 +48,8 @@ def test_two_ranks_gather_to_the_single_process_result(tmp_path):
     assert not torch.allclose(whole["DPMSolver-sde-dpmsolver++"], whole["DPMSolver-dpmsolver++"])
 
 
+@pytest.mark.slow
+@pytest.mark.gpu
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
 def test_two_gpus_on_nccl_gather_to_the_single_gpu_result(tmp_path):
     out = tmp_path / "gathered.pt"

@@ -14,7 +14,7 @@ import math
 
 import pytest
 import torch
-from conftest import ALL_BACKEND_CASES, poison
+from conftest import ALL_BACKEND_CASES, IDS, poison
 
 from dpm_kernels import layout as L
 from dpm_kernels import ops
@@ -213,24 +213,32 @@ def _matrix():
 
 
 MATRIX = _matrix()
+THR_NAMES = {None: "nothr", AUTHORS_THR: "authors", DIFFUSERS_THR: "diffusers", LOW_THR: "lowthr"}
 
 
-@pytest.mark.parametrize("device,backend", ALL_BACKEND_CASES, ids=[f"{d}-{b}" for d, b in ALL_BACKEND_CASES])
-def test_matrix_against_float64_reference(device, backend):
-    for shape, dtype, nhist, cfg, thr, noise, x_eval, per_sample, seed in MATRIX:
-        if backend == "triton" and device == "cpu" and seed % 3:
-            continue  # the interpreter is slow: every third case (still covers every flag value)
-        case = make_case(shape, dtype, device, nhist=nhist, cfg=cfg, thr=thr, noise=noise, x_eval=x_eval,
-                         per_sample=per_sample, seed=seed)
-        out, m = run_backend(case, backend)
-        try:
-            assert_close_to_reference(case, out, m)
-        except AssertionError as e:
-            raise AssertionError(f"case shape={shape} dtype={dtype} nhist={nhist} cfg={cfg} thr={thr} "
-                                 f"noise={noise} x_eval={x_eval} per_sample={per_sample}: {e}") from e
+def _case_id(c) -> str:
+    shape, dtype, nhist, cfg, thr, noise, x_eval, per_sample, seed = c
+    flags = "".join(f for f, on in (("-noise", noise), ("-xeval", x_eval), ("-rows", per_sample)) if on)
+    return (f"{seed}-{'x'.join(map(str, shape))}-{str(dtype).removeprefix('torch.')}-h{nhist}-{cfg}-"
+            f"{THR_NAMES[thr]}{flags}")
 
 
-@pytest.mark.parametrize("device,backend", ALL_BACKEND_CASES, ids=[f"{d}-{b}" for d, b in ALL_BACKEND_CASES])
+# One test per (backend, case): a failure names its case and hides none of the others. The Triton interpreter is
+# slow: it takes every third case (which still covers every flag value).
+MATRIX_PARAMS = [pytest.param(d, b, c, id=f"{d}-{b}-{_case_id(c)}") for d, b in ALL_BACKEND_CASES
+                 for c in MATRIX if not (b == "triton" and d == "cpu" and c[-1] % 3)]
+
+
+@pytest.mark.parametrize("device,backend,case_spec", MATRIX_PARAMS)
+def test_matrix_against_float64_reference(device, backend, case_spec):
+    shape, dtype, nhist, cfg, thr, noise, x_eval, per_sample, seed = case_spec
+    case = make_case(shape, dtype, device, nhist=nhist, cfg=cfg, thr=thr, noise=noise, x_eval=x_eval,
+                     per_sample=per_sample, seed=seed)
+    out, m = run_backend(case, backend)
+    assert_close_to_reference(case, out, m)
+
+
+@pytest.mark.parametrize("device,backend", ALL_BACKEND_CASES, ids=IDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_every_dtype_with_thresholding_and_guidance(device, backend, dtype):
     for shape in SHAPES:
@@ -239,7 +247,7 @@ def test_every_dtype_with_thresholding_and_guidance(device, backend, dtype):
         assert_close_to_reference(case, out, m)
 
 
-@pytest.mark.parametrize("device,backend", ALL_BACKEND_CASES, ids=[f"{d}-{b}" for d, b in ALL_BACKEND_CASES])
+@pytest.mark.parametrize("device,backend", ALL_BACKEND_CASES, ids=IDS)
 @pytest.mark.parametrize("thr", [None, LOW_THR], ids=["plain", "thresholded"])
 def test_out_aliases_x(device, backend, thr):
     case = make_case((3, 5, 7, 11), torch.float32, device, nhist=2, thr=thr, noise=True, seed=3)
@@ -254,7 +262,7 @@ def test_out_aliases_x(device, backend, thr):
     assert float((m.double() - ref_m).abs().max()) < 1e-4
 
 
-@pytest.mark.parametrize("device,backend", ALL_BACKEND_CASES, ids=[f"{d}-{b}" for d, b in ALL_BACKEND_CASES])
+@pytest.mark.parametrize("device,backend", ALL_BACKEND_CASES, ids=IDS)
 def test_non_contiguous_inputs_and_outputs(device, backend):
     case = make_case((4, 6, 10), torch.float32, device, nhist=2, thr=LOW_THR, noise=True, x_eval=True, seed=5)
     ref_out, ref_m = run_reference(case)
@@ -274,7 +282,7 @@ def test_non_contiguous_inputs_and_outputs(device, backend):
     assert bool(torch.isnan(hist_big[0]).all()), "wrote outside the history slot"
 
 
-@pytest.mark.parametrize("device,backend", ALL_BACKEND_CASES, ids=[f"{d}-{b}" for d, b in ALL_BACKEND_CASES])
+@pytest.mark.parametrize("device,backend", ALL_BACKEND_CASES, ids=IDS)
 def test_without_history_write(device, backend):
     case = make_case((2, 33), torch.float32, device, nhist=1, seed=11)
     out, _ = run_backend(case, backend, write_hist=False)
@@ -282,14 +290,14 @@ def test_without_history_write(device, backend):
     assert float((out.double() - ref_out).abs().max()) < 1e-5
 
 
-@pytest.mark.parametrize("device,backend", ALL_BACKEND_CASES, ids=[f"{d}-{b}" for d, b in ALL_BACKEND_CASES])
+@pytest.mark.parametrize("device,backend", ALL_BACKEND_CASES, ids=IDS)
 def test_zero_size_batch_is_a_no_op(device, backend):
     case = make_case((0, 5), torch.float32, device, nhist=1, thr=AUTHORS_THR, seed=1)
     out, m = run_backend(case, backend)
     assert out.shape == (0, 5) and m.shape == (0, 5)
 
 
-@pytest.mark.parametrize("device,backend", ALL_BACKEND_CASES, ids=[f"{d}-{b}" for d, b in ALL_BACKEND_CASES])
+@pytest.mark.parametrize("device,backend", ALL_BACKEND_CASES, ids=IDS)
 def test_quantile_equals_torch_quantile(device, backend):
     """With px = 1, pm = 0, a = 0, c0 = 1 and a huge lo, the step returns clamp(x, -s, s)/s with s from the
     kernel's own quantile; recover s and compare with torch.quantile."""
@@ -306,7 +314,7 @@ def test_quantile_equals_torch_quantile(device, backend):
             assert torch.allclose(out.double(), expect, rtol=1e-5, atol=1e-6), f"n={n} ratio={ratio}"
 
 
-@pytest.mark.parametrize("device,backend", ALL_BACKEND_CASES, ids=[f"{d}-{b}" for d, b in ALL_BACKEND_CASES])
+@pytest.mark.parametrize("device,backend", ALL_BACKEND_CASES, ids=IDS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 def test_float32_history_with_half_inputs(device, backend, dtype):
     """Mixed precision: x, model output, noise in float16/bfloat16; history read and written in float32."""

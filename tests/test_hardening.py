@@ -66,9 +66,12 @@ def test_denoising_to_sigma_zero_is_finite(device, backend):
         sig = torch.cat([torch.exp(torch.linspace(np.log(14.0), np.log(0.03), n)), torch.zeros(1)]).double()
         x = x_T(device=device) * 14
         for f in (sample_dpmpp_2m, sample_dpmpp_2m_sde, sample_dpmpp_3m_sde):
-            y = f(denoiser, x, sig.to(device), disable=True, backend=backend)
+            seen = []
+            y = f(denoiser, x, sig.to(device), disable=True, backend=backend,
+                  callback=lambda d, seen=seen: seen.append(d["denoised"].clone()))
             assert bool(torch.isfinite(y).all()), (f.__name__, n)
-            # the last step returns the denoiser output at the last nonzero sigma exactly (to rounding)
+            # the last step returns the denoiser output at the last nonzero sigma, exactly (a = 0, c0 = 1)
+            assert len(seen) == n and torch.equal(y, seen[-1]), (f.__name__, n)
 
 
 @pytest.mark.parametrize("schedule", list(SCHEDULES))

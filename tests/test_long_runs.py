@@ -16,7 +16,7 @@ from dpm_kernels.integrations.diffusers import FusedDPMSolverMultistepScheduler
 
 TRAJECTORIES, STEPS = 500, 20  # 10,000 steps each
 # pytest keeps every warning a test emits (diffusers' set_timesteps warns each call): that list would grow
-pytestmark = pytest.mark.filterwarnings("ignore")
+pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore")]
 X = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
 NS = dk.NoiseScheduleVP("linear")
 

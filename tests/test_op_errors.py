@@ -184,6 +184,7 @@ def test_explicit_backend_that_cannot_serve_says_why():
         ops.fused_step(x, x.clone(), coef, backend="cuda")
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_inputs_on_two_devices_are_refused():
     x = torch.randn(2, 4, device="cuda")

@@ -13,7 +13,7 @@ import math
 import pytest
 import torch
 from conftest import ALL_BACKEND_CASES, IDS
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from test_fused_step import assert_close_to_reference, run_reference
 
@@ -88,7 +88,7 @@ def build(p, device):
 @pytest.mark.parametrize("device,backend", ALL_BACKEND_CASES, ids=IDS)
 def test_random_cases_match_reference(device, backend):
     @settings(max_examples=n_examples(device, backend), deadline=None, derandomize=True,
-              suppress_health_check=list(HealthCheck))
+              suppress_health_check=[HealthCheck.too_slow])
     @given(step_cases())
     def check(p):
         case = build(p, device)
@@ -99,10 +99,9 @@ def test_random_cases_match_reference(device, backend):
                        model_cond=case["model_cond"], x_eval=case["x_eval"], noise=case["noise"], cfg=case["cfg"],
                        threshold=case["threshold"], backend=backend)
         ref_out, ref_m = run_reference(case)
-        # thresholding divides by s = clamp(q, lo, hi); with q near 0 both sides may produce inf/nan alike
-        finite = torch.isfinite(ref_out).all() and torch.isfinite(ref_m).all()
-        if not finite:
-            return
+        # finite inputs and coefficients, and s = clamp(q, lo, hi) >= lo > 0: the float64 reference is finite, so a
+        # non-finite value anywhere is a bug (no case is skipped)
+        assert torch.isfinite(ref_out).all() and torch.isfinite(ref_m).all()
         assert_close_to_reference(case, out, hist_out)
 
     check()
@@ -114,11 +113,10 @@ MALFORMED = ["shape", "dtype", "device-coef", "coef-shape", "alias", "cfg", "his
 @pytest.mark.parametrize("device,backend", ALL_BACKEND_CASES, ids=IDS)
 def test_malformed_inputs_raise_and_write_nothing(device, backend):
     @settings(max_examples=n_examples(device, backend) // 4, deadline=None, derandomize=True,
-              suppress_health_check=list(HealthCheck))
+              suppress_health_check=[HealthCheck.too_slow])
     @given(step_cases(), st.sampled_from(MALFORMED))
     def check(p, kind):
-        if p["shape"][0] == 0 or len(p["shape"]) < 2:
-            return
+        assume(p["shape"][0] > 0 and len(p["shape"]) >= 2)
         case = build(p, device)
         x = case["x"]
         out = torch.full(x.shape, 7.0, dtype=x.dtype, device=device)
@@ -142,13 +140,12 @@ def test_malformed_inputs_raise_and_write_nothing(device, backend):
             if kw["cfg"] == "none":
                 kw["model_cond"] = torch.zeros_like(x)
         elif kind == "hist-dtype":
-            if not hist:
-                return
+            assume(hist)
             hist[0] = hist[0].to(torch.float64 if x.dtype != torch.float64 else torch.float16)
         before = [t.clone() for t in [out, hist_out] + hist]
         with pytest.raises((ValueError, TypeError)):
             ops.fused_step(x, mo, coef, **kw)
         for t, b in zip([out, hist_out] + hist, before, strict=True):
-            assert torch.equal(t, b) or (torch.isnan(t) & torch.isnan(b)).any()
+            assert torch.equal(t, b), "written despite the error"
 
     check()

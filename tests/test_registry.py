@@ -43,6 +43,7 @@ STEP = """
 """
 
 
+@pytest.mark.slow
 def test_public_op_under_torch_compile_before_any_eager_call():
     out = _run_fresh(STEP + """
     compiled = torch.compile(step, fullgraph=True)

@@ -22,6 +22,7 @@ import pytest
 import torch
 
 triton = pytest.importorskip("triton")
+pytestmark = pytest.mark.slow  # a compiler process per architecture
 
 from dpm_kernels import layout as L  # noqa: E402
 from dpm_kernels.backends import triton_kernels, triton_select  # noqa: E402
