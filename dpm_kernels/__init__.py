@@ -9,7 +9,7 @@
 from . import layout, ops
 from .analytic import GaussianMixtureModel, exact_ode_solution
 from .model_wrapper import model_wrapper
-from .schedule import NoiseScheduleVP
+from .schedule import NoiseSchedule, NoiseScheduleFlow, NoiseScheduleVP
 from .solver import DPM_Solver, DPMSolver
 from .update import History, multistep_update
 
@@ -18,6 +18,8 @@ __all__ = [
     "DPM_Solver",
     "GaussianMixtureModel",
     "History",
+    "NoiseSchedule",
+    "NoiseScheduleFlow",
     "NoiseScheduleVP",
     "exact_ode_solution",
     "layout",

@@ -62,12 +62,12 @@ def _sample(args) -> int:
     from .model_wrapper import model_wrapper
     from .solver import DPMSolver
 
-    _check_backend(args.backend)
     sde = args.algorithm.startswith("sde")
     if sde and args.method != "multistep":
         raise ValueError(f"--method: SDE algorithms run multistep only, got {args.method!r}")
     if args.method == "adaptive" and args.order == 1:
         raise ValueError("--order: the adaptive method needs order 2 or 3")
+    _check_backend(args.backend)  # after the checks that need no work: this one may build the kernels
     ns = ddpm_schedule()
     gm = ring_mixture(ns)
     fn = model_wrapper(gm, ns, model_type="noise")

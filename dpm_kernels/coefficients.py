@@ -83,6 +83,13 @@ class Point:
 
     @staticmethod
     @np.errstate(divide="ignore")
+    def from_flow_sigma(sigma) -> Point:
+        """A flow-matching point: alpha = 1 - sigma (diffusers' flow sigmas, NoiseScheduleFlow's t)."""
+        s = np.asarray(sigma, dtype=np.float64)
+        return Point((1.0 - s)[()], s[()], np.log1p(-s) - np.log(s))
+
+    @staticmethod
+    @np.errstate(divide="ignore")
     def from_vp_of_ve_sigma(sigma) -> Point:
         """diffusers' conversion of a VE sigma to VP: alpha = 1/sqrt(1 + s^2), sigma_vp = s * alpha."""
         s = np.asarray(sigma, dtype=np.float64)
@@ -433,14 +440,16 @@ def singlestep_sde_diffusers(solver_type: str, order: int, ps: Point, inner: lis
     return [_identity_where(zero, u) for u in out]
 
 
-MODEL_TYPES = ("noise", "x_start", "v", "score")
+MODEL_TYPES = ("noise", "x_start", "v", "score", "flow", "flow_ve")
 
 
 @np.errstate(divide="ignore", invalid="ignore")
 def conversion(model_type: str, target: str, alpha, sigma) -> tuple:
     """(px, pm) with ``target = px * x + pm * model_output`` (docs/math.md, "Notation").
 
-    model_type: "noise" | "x_start" | "v" | "score"; target: "x0" | "eps".
+    model_type: "noise" | "x_start" | "v" | "score" | "flow" (a flow-matching velocity v = eps - x0 on a path with
+    alpha + sigma = 1: x0 = x - sigma v) | "flow_ve" (diffusers' flow_prediction on a VP path from VE sigmas:
+    x0 = x - (sigma / alpha) v); target: "x0" | "eps".
     """
     if target not in ("x0", "eps"):
         raise ValueError(f"target: expected 'x0' or 'eps', got {target!r}")
@@ -453,8 +462,12 @@ def conversion(model_type: str, target: str, alpha, sigma) -> tuple:
             return 0.0, 1.0
         if model_type == "v":
             return alpha, -sigma
+        if model_type == "flow":
+            return 1.0, -sigma
+        if model_type == "flow_ve":
+            return 1.0, -sigma / alpha
         return 1.0 / alpha, sigma * sigma / alpha  # score
-    if model_type in ("x_start", "v") and _fast_any(sigma == 0.0):
+    if model_type in ("x_start", "v", "flow_ve") and _fast_any(sigma == 0.0):
         raise ValueError("t: cannot convert to a noise prediction at sigma = 0")
     if model_type == "noise":
         return 0.0, 1.0
@@ -462,4 +475,8 @@ def conversion(model_type: str, target: str, alpha, sigma) -> tuple:
         return 1.0 / sigma, -alpha / sigma
     if model_type == "v":
         return sigma, alpha
+    if model_type == "flow":
+        return 1.0, alpha  # eps = x + alpha v
+    if model_type == "flow_ve":
+        return (1.0 - alpha) / sigma, 1.0  # eps = (x - alpha x0) / sigma with x0 = x - (sigma / alpha) v
     return 0.0, -sigma  # score

@@ -6,7 +6,7 @@ tells the solver the network's raw output type and guidance layout (`raw`), so t
 and guides inside its single pass instead of in separate tensor operations.
 
 Model input time: for a discrete schedule with N steps, ``1000 * (t - 1/N)`` (the labels 0..999 for
-N = 1000); for continuous schedules, t itself.
+N = 1000); for continuous schedules (and flow matching's t = sigma), t itself.
 """
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ from collections.abc import Callable
 
 import torch
 
-from .schedule import NoiseScheduleVP
+from .schedule import NoiseSchedule
 
-MODEL_TYPES = ("noise", "x_start", "v", "score")
+MODEL_TYPES = ("noise", "x_start", "v", "score", "flow")
 GUIDANCE_TYPES = ("uncond", "classifier", "classifier-free")
 
 
@@ -75,6 +75,8 @@ class WrappedModel:
             return (x - alpha * output) / sigma
         if self.model_type == "v":
             return alpha * output + sigma * x
+        if self.model_type == "flow":
+            return x + alpha * output  # v = eps - x0 on a path with alpha = 1 - t
         return -sigma * output  # score
 
     def _classifier_grad(self, x: torch.Tensor, t_input: torch.Tensor) -> torch.Tensor:
@@ -119,7 +121,7 @@ class WrappedModel:
 
 def model_wrapper(
     model: Callable,
-    noise_schedule: NoiseScheduleVP,
+    noise_schedule: NoiseSchedule,
     model_type: str = "noise",
     model_kwargs: dict | None = None,
     guidance_type: str = "uncond",
@@ -134,8 +136,9 @@ def model_wrapper(
     Args:
         model: ``model(x, t_input, **model_kwargs)`` (or ``model(x, t_input, cond, **model_kwargs)`` for
             classifier-free guidance) returning a prediction of type `model_type`, shape of x.
-        noise_schedule: a `NoiseScheduleVP`.
-        model_type: "noise" | "x_start" | "v" | "score".
+        noise_schedule: a `NoiseScheduleVP` or `NoiseScheduleFlow`.
+        model_type: "noise" | "x_start" | "v" | "score" | "flow" (flow matching's velocity v = eps - x0, with a
+            `NoiseScheduleFlow`).
         guidance_type: "uncond" | "classifier" (needs classifier_fn and condition) |
             "classifier-free" (needs condition; unconditional_condition for scale != 1).
         guidance_scale: classifier(-free) guidance scale.
@@ -146,8 +149,11 @@ def model_wrapper(
         raise ValueError(f"guidance_type: expected one of {GUIDANCE_TYPES}, got {guidance_type!r}")
     if not callable(model):
         raise TypeError(f"model: expected a callable, got {type(model).__name__}")
-    if not isinstance(noise_schedule, NoiseScheduleVP):
-        raise TypeError(f"noise_schedule: expected a NoiseScheduleVP, got {type(noise_schedule).__name__}")
+    if not isinstance(noise_schedule, NoiseSchedule):
+        raise TypeError(f"noise_schedule: expected a NoiseScheduleVP or NoiseScheduleFlow, got "
+                        f"{type(noise_schedule).__name__}")
+    if model_type == "flow" and noise_schedule.schedule != "flow":
+        raise ValueError("model_type: 'flow' (a velocity v = eps - x0) needs a NoiseScheduleFlow (alpha = 1 - t)")
     if guidance_type == "classifier":
         if classifier_fn is None:
             raise ValueError("classifier_fn: guidance_type='classifier' needs a classifier_fn")

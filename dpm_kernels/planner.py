@@ -27,15 +27,15 @@ import torch
 
 from . import coefficients as C
 from . import layout as L
-from .schedule import NoiseScheduleVP
+from .schedule import NoiseSchedule
 
 SKIP_TYPES = ("time_uniform", "logSNR", "time_quadratic", "karras", "exponential", "uniform_lambda")
 METHODS = ("multistep", "singlestep", "singlestep_fixed", "adaptive")
 
 
-def point(ns: NoiseScheduleVP, t) -> C.Point:
+def point(ns: NoiseSchedule, t) -> C.Point:
     """The schedule's point(s) at continuous time(s) t (a float or an array)."""
-    return C.Point.from_log_alpha(ns.log_alpha64(t))
+    return ns.point64(t)
 
 
 def stack_points(points) -> C.Point:
@@ -46,7 +46,7 @@ def stack_points(points) -> C.Point:
     return C.Point(*(np.array([getattr(p, f) for p in pts], dtype=np.float64) for f in ("alpha", "sigma", "lam")))
 
 
-def time_steps(ns: NoiseScheduleVP, skip_type: str, t_T: float, t_0: float, n: int,
+def time_steps(ns: NoiseSchedule, skip_type: str, t_T: float, t_0: float, n: int,
                karras_rho: float = 7.0) -> np.ndarray:
     """n + 1 times from t_T to t_0 (float64), spaced by `skip_type`.
 
@@ -60,6 +60,11 @@ def time_steps(ns: NoiseScheduleVP, skip_type: str, t_T: float, t_0: float, n: i
         raise ValueError(f"skip_type: expected one of {SKIP_TYPES}, got {skip_type!r}")
     if n < 1:
         raise ValueError(f"steps: need at least 1 step, got {n}")
+    if skip_type not in ("time_uniform", "time_quadratic") and not np.isfinite(
+            [float(ns.lambda64(t_T)), float(ns.lambda64(t_0))]).all():
+        raise ValueError(f"skip_type: {skip_type!r} spaces the steps in lambda, which is infinite at the ends "
+                         f"t = {t_T}, {t_0} (pure noise or clean data); use time_uniform or time_quadratic, or move "
+                         "the ends inside")
     if skip_type == "time_uniform":
         ts = np.linspace(t_T, t_0, n + 1)
     elif skip_type == "time_quadratic":

@@ -1,9 +1,10 @@
-"""VP noise schedules: alpha_t, sigma_t, lambda_t and the inverse of lambda (docs/math.md, "Notation").
+"""Noise schedules: alpha_t, sigma_t, lambda_t and the inverse of lambda (docs/math.md, "Notation").
 
 `NoiseScheduleVP` keeps the names, arguments and semantics of the authors' `dpm_solver_pytorch.py` so that
-code written for it runs unchanged. Everything is computed in float64 internally; the public methods
-return tensors in the dtype of their input (float32 for Python floats), like the authors' code. The
-planner uses the float64 helpers (`log_alpha64`, `lambda64`, `inverse_lambda64`) directly.
+code written for it runs unchanged; `NoiseScheduleFlow` is the flow-matching path x_t = (1 - t) x0 + t eps.
+Both are `NoiseSchedule`s: everything is computed in float64 internally; the public methods return tensors in
+the dtype of their input (float32 for Python floats), like the authors' code. The planner uses the float64
+helpers (`point64`, `lambda64`, `inverse_lambda64`) directly.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ import math
 
 import numpy as np
 import torch
+
+from .coefficients import Point
 
 _SCHEDULES = ("discrete", "linear", "cosine")
 
@@ -32,7 +35,63 @@ def _interp_extrapolate(x: np.ndarray, xp: np.ndarray, fp: np.ndarray) -> np.nda
     return y0 + (x - x0) * (y1 - y0) / (x1 - x0)
 
 
-class NoiseScheduleVP:
+class NoiseSchedule:
+    """A Gaussian path x_t = alpha_t x0 + sigma_t eps, t in (0, T]: what the solvers need of a schedule.
+
+    Subclasses give `log_alpha64`, `alpha_sigma64`, `lambda64`, `inverse_lambda64` and `point64` (float64, numpy)
+    and the attributes `schedule` (a name), `T` and `total_N` (the default end time is 1 / total_N); the authors'
+    tensor API below is built on them.
+    """
+
+    schedule: str
+    T: float
+    total_N: int
+
+    def log_alpha64(self, t):
+        raise NotImplementedError
+
+    def alpha_sigma64(self, t):
+        raise NotImplementedError
+
+    def lambda64(self, t):
+        raise NotImplementedError
+
+    def inverse_lambda64(self, lamb):
+        raise NotImplementedError
+
+    def point64(self, t) -> Point:
+        """The solver's point(s) (alpha, sigma, lambda) at time(s) t."""
+        raise NotImplementedError
+
+    # ----- the authors' tensor API -----
+    def _wrap(self, fn, t):
+        tt = torch.as_tensor(t)
+        out_dtype = tt.dtype if tt.is_floating_point() else torch.get_default_dtype()
+        val = fn(tt.detach().cpu().double().numpy())
+        return torch.as_tensor(np.asarray(val), dtype=torch.float64).to(device=tt.device, dtype=out_dtype)
+
+    def marginal_log_mean_coeff(self, t):
+        """log(alpha_t) for a time tensor t (same shape and dtype)."""
+        return self._wrap(self.log_alpha64, t)
+
+    def marginal_alpha(self, t):
+        """alpha_t."""
+        return self._wrap(lambda v: self.alpha_sigma64(v)[0], t)
+
+    def marginal_std(self, t):
+        """sigma_t."""
+        return self._wrap(lambda v: self.alpha_sigma64(v)[1], t)
+
+    def marginal_lambda(self, t):
+        """lambda_t = log(alpha_t) - log(sigma_t), the half log-SNR."""
+        return self._wrap(self.lambda64, t)
+
+    def inverse_lambda(self, lamb):
+        """The time t whose half log-SNR is lamb."""
+        return self._wrap(self.inverse_lambda64, lamb)
+
+
+class NoiseScheduleVP(NoiseSchedule):
     """The forward process q(x_t | x_0) = N(alpha_t x_0, sigma_t^2 I) of a VP diffusion model.
 
     Args:
@@ -138,35 +197,59 @@ class NoiseScheduleVP:
             return np.arccos(np.exp(log_alpha + self.cosine_log_alpha_0)) * 2.0 * (1.0 + s) / math.pi - s
         return _interp_extrapolate(log_alpha, self._log_alpha_np[::-1], self._t_np[::-1])
 
-    # ----- the authors' tensor API -----
-    def _wrap(self, fn, t):
-        tt = torch.as_tensor(t)
-        out_dtype = tt.dtype if tt.is_floating_point() else torch.get_default_dtype()
-        val = fn(tt.detach().cpu().double().numpy())
-        return torch.as_tensor(np.asarray(val), dtype=torch.float64).to(device=tt.device, dtype=out_dtype)
+    def alpha_sigma64(self, t):
+        """(alpha_t, sigma_t) in float64; sigma_t = sqrt(1 - alpha_t^2) without cancellation."""
+        la = self.log_alpha64(t)
+        return np.exp(la), np.exp(_log_sigma_from_log_alpha(la))
 
-    def marginal_log_mean_coeff(self, t):
-        """log(alpha_t) for a time tensor t (same shape and dtype)."""
-        return self._wrap(self.log_alpha64, t)
-
-    def marginal_alpha(self, t):
-        """alpha_t."""
-        return self._wrap(lambda v: np.exp(self.log_alpha64(v)), t)
-
-    def marginal_std(self, t):
-        """sigma_t = sqrt(1 - alpha_t^2)."""
-        return self._wrap(lambda v: np.exp(_log_sigma_from_log_alpha(self.log_alpha64(v))), t)
-
-    def marginal_lambda(self, t):
-        """lambda_t = log(alpha_t) - log(sigma_t), the half log-SNR."""
-        return self._wrap(self.lambda64, t)
-
-    def inverse_lambda(self, lamb):
-        """The time t whose half log-SNR is lamb."""
-        return self._wrap(self.inverse_lambda64, lamb)
+    def point64(self, t) -> Point:
+        return Point.from_log_alpha(self.log_alpha64(t))
 
     def __repr__(self) -> str:
         return f"NoiseScheduleVP(schedule={self.schedule!r}, T={self.T}, total_N={self.total_N})"
+
+
+class NoiseScheduleFlow(NoiseSchedule):
+    """Flow matching (rectified flow): x_t = (1 - t) x0 + t eps for t in (0, 1]; alpha_t = 1 - t, sigma_t = t.
+
+    The network predicts the velocity v = dx_t/dt = eps - x0 (`model_wrapper(..., model_type="flow")`), so
+    x0 = x_t - t v and eps = x_t + (1 - t) v. T = 1 is pure noise (alpha = 0, lambda = -inf): data-prediction
+    solvers (DPM-Solver++) start there exactly; noise-prediction solvers need t_start < 1. The network is called
+    with t itself; the default end time is 1e-3 (total_N = 1000). Shifted flows (SD3's flow_shift, SANA's dynamic
+    shifting) are time grids on this path: pass them as times (planner.plan_multistep), or use the diffusers
+    drop-ins, which read them from the scheduler's config.
+    """
+
+    schedule = "flow"
+
+    def __init__(self, t_max: float = 1.0) -> None:
+        if not 0.0 < t_max <= 1.0:
+            raise ValueError(f"t_max: expected 0 < t_max <= 1, got {t_max}")
+        self.T = float(t_max)
+        self.total_N = 1000
+
+    def log_alpha64(self, t):
+        return np.log1p(-np.asarray(t, dtype=np.float64))
+
+    def alpha_sigma64(self, t):
+        t = np.asarray(t, dtype=np.float64)
+        return 1.0 - t, t
+
+    @np.errstate(divide="ignore")
+    def lambda64(self, t):
+        t = np.asarray(t, dtype=np.float64)
+        return np.log1p(-t) - np.log(t)
+
+    def inverse_lambda64(self, lamb):
+        """t = 1 / (1 + e^lambda), the logistic sigmoid of -lambda (no overflow for either sign)."""
+        lamb = np.asarray(lamb, dtype=np.float64)
+        return np.exp(-np.logaddexp(0.0, lamb))
+
+    def point64(self, t) -> Point:
+        return Point.from_flow_sigma(t)
+
+    def __repr__(self) -> str:
+        return f"NoiseScheduleFlow(T={self.T})"
 
 
 def _check_array(name: str, a: np.ndarray) -> None:

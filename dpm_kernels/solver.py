@@ -23,7 +23,7 @@ from .compat import AuthorsUpdatesMixin
 from .model_wrapper import WrappedModel
 from .noise import NoiseSource
 from .ops import bind, default_history_dtype
-from .schedule import NoiseScheduleVP
+from .schedule import NoiseSchedule
 
 THRESHOLDING_SEMANTICS = ("authors", "diffusers")
 
@@ -62,7 +62,7 @@ class DPMSolver(AuthorsUpdatesMixin):
     Args:
         model_fn: ``model_fn(x, t_continuous) -> noise`` (from `model_wrapper`, which also enables fusing
             the output conversion and classifier-free guidance).
-        noise_schedule: a `NoiseScheduleVP`.
+        noise_schedule: a `NoiseScheduleVP` (or `NoiseScheduleFlow` for flow-matching models).
         algorithm_type: "dpmsolver++" (data prediction), "dpmsolver" (noise prediction),
             "sde-dpmsolver++" (SDE, multistep only; see ``eta``/``s_noise`` of `sample`) or "sde-dpmsolver".
         correcting_x0_fn: None, "dynamic_thresholding", or ``f(x0, t) -> x0`` applied to data predictions.
@@ -77,7 +77,7 @@ class DPMSolver(AuthorsUpdatesMixin):
     def __init__(
         self,
         model_fn: Callable,
-        noise_schedule: NoiseScheduleVP,
+        noise_schedule: NoiseSchedule,
         algorithm_type: str = "dpmsolver++",
         correcting_x0_fn=None,
         correcting_xt_fn: Callable | None = None,
@@ -88,8 +88,9 @@ class DPMSolver(AuthorsUpdatesMixin):
     ) -> None:
         if not callable(model_fn):
             raise TypeError(f"model_fn: expected a callable, got {type(model_fn).__name__}")
-        if not isinstance(noise_schedule, NoiseScheduleVP):
-            raise TypeError(f"noise_schedule: expected a NoiseScheduleVP, got {type(noise_schedule).__name__}")
+        if not isinstance(noise_schedule, NoiseSchedule):
+            raise TypeError(f"noise_schedule: expected a NoiseScheduleVP or NoiseScheduleFlow, got "
+                            f"{type(noise_schedule).__name__}")
         C.is_data_prediction(algorithm_type)  # validates the name
         if not (correcting_x0_fn is None or correcting_x0_fn == "dynamic_thresholding" or callable(correcting_x0_fn)):
             raise ValueError("correcting_x0_fn: expected None, 'dynamic_thresholding' or a callable")

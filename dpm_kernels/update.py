@@ -22,7 +22,7 @@ import torch
 from . import coefficients as C
 from . import planner as P
 from .ops import bind, default_history_dtype
-from .schedule import NoiseScheduleVP
+from .schedule import NoiseSchedule
 
 _steps = P.Cache(4096)  # (schedule, times, options, device) -> what a step with float times needs
 
@@ -131,7 +131,7 @@ def multistep_update(
     *,
     t,
     t_next,
-    noise_schedule: NoiseScheduleVP,
+    noise_schedule: NoiseSchedule,
     order: int = 2,
     algorithm_type: str = "dpmsolver++",
     solver_type: str = "dpmsolver",
@@ -157,11 +157,11 @@ def multistep_update(
         history: the `History` of this trajectory (updated in place).
         t, t_next: continuous times (floats, or [B] tensors for per-sample times; reading those is a host sync
             on a GPU), t_next towards the data. t_next == t is a zero-length step: x is returned unchanged.
-        noise_schedule: the `NoiseScheduleVP` the times refer to.
+        noise_schedule: the `NoiseScheduleVP` (or `NoiseScheduleFlow`) the times refer to.
         order: 1..3; lower while the history warms up (the first call is first order).
         algorithm_type: "dpmsolver++" | "dpmsolver" | "sde-dpmsolver++" | "sde-dpmsolver".
         solver_type: "dpmsolver" (midpoint) | "taylor" (heun).
-        model_type: "noise" | "x_start" | "v" | "score".
+        model_type: "noise" | "x_start" | "v" | "score" | "flow" (velocity, with a NoiseScheduleFlow).
         guidance_scale: classifier-free guidance scale (cfg != "none").
         thresholding: None or (ratio, lo, hi): s = clamp(quantile(|x0|, ratio), lo, hi) per sample; x0 is
             clamped to [-s, s] and divided by s (authors: (0.995, max_val, inf); diffusers: (0.995, 1, max)).
@@ -176,8 +176,9 @@ def multistep_update(
         raise TypeError(f"history: expected a dpm_kernels.History, got {type(history).__name__}")
     if not isinstance(x, torch.Tensor) or not x.is_floating_point():
         raise TypeError("x: expected a floating-point tensor")
-    if not isinstance(noise_schedule, NoiseScheduleVP):
-        raise TypeError(f"noise_schedule: expected a dpm_kernels.NoiseScheduleVP, got {type(noise_schedule).__name__}")
+    if not isinstance(noise_schedule, NoiseSchedule):
+        raise TypeError(f"noise_schedule: expected a dpm_kernels.NoiseScheduleVP or NoiseScheduleFlow, got "
+                        f"{type(noise_schedule).__name__}")
     if history.buffer.shape[1:] != x.shape or history.x_dtype != x.dtype or history.buffer.device != x.device:
         raise ValueError(f"history: built for {tuple(history.buffer.shape[1:])} {history.x_dtype} on "
                          f"{history.buffer.device}, got x {tuple(x.shape)} {x.dtype} on {x.device}")

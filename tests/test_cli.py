@@ -14,6 +14,15 @@ from dpm_kernels import benchmark
 from dpm_kernels.__main__ import main
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _kernels_built():
+    """Any one-time build happens here, not inside a command whose stderr a test reads line by line."""
+    if os.environ.get("DPM_KERNELS_NO_EXT") != "1":
+        from dpm_kernels.backends import registry
+
+        registry.prepare("cpu", "cpu")
+
+
 def run(argv, capsys) -> tuple[int, str, str]:
     try:
         rc = main(argv)

@@ -136,3 +136,47 @@ def test_fixed_order_plans_match_documentation():
     for n in range(1, 40):
         for o in (1, 2, 3):
             assert sum(P.singlestep_orders(n, o)) == n
+
+
+# ---- flow matching: x_t = (1 - t) x0 + t eps, a velocity model (the exact v = eps - x0 of the same Gaussian) ----
+FLOW = dk.NoiseScheduleFlow()
+
+
+@pytest.fixture(scope="module")
+def flow_setup():
+    gm = dk.GaussianMixtureModel([MU], [STD], noise_schedule=FLOW, model_type="flow")
+    return dk.model_wrapper(gm, FLOW, model_type="flow"), torch.randn(16, 2, dtype=torch.float64,
+                                                                         generator=torch.Generator().manual_seed(1))
+
+
+@pytest.mark.parametrize("alg", ["dpmsolver++", "dpmsolver"])
+@pytest.mark.parametrize("order", [1, 2, 3])
+def test_flow_matching_converges_at_its_order(flow_setup, alg, order):
+    """From t = 0.99 (lambda-uniform steps: finite lambda at both ends) every order converges at its rate on the
+    flow path, for the data- and the noise-prediction solver, with the velocity converted in the fused step."""
+    fn, x = flow_setup
+    exact = dk.exact_ode_solution(x, MU, STD, FLOW, 0.99, T_END)
+    errs = []
+    for steps in STEPS:
+        s = dk.DPMSolver(fn, FLOW, algorithm_type=alg, backend="torch")
+        y = s.sample(x, steps=steps, order=order, skip_type="logSNR", t_start=0.99, t_end=T_END,
+                     lower_order_final=False, multistep3="third_order")
+        errs.append(float((y - exact).abs().max()))
+    for sl in slopes(errs):  # third order: at least 3 (a single Gaussian's x0(lambda) lets it reach ~3.9, as on VP)
+        assert (sl > order - 0.35) if order == 3 else abs(sl - order) < 0.35, (errs, slopes(errs))
+
+
+@pytest.mark.parametrize("order", [1, 2])
+def test_flow_matching_from_pure_noise(flow_setup, order):
+    """DPM-Solver++ starts at t = 1 itself (alpha = 0, lambda = -inf: the first step is the finite limit), with
+    time-uniform steps, and converges at its order."""
+    fn, x = flow_setup
+    exact = dk.exact_ode_solution(x, MU, STD, FLOW, 1.0, T_END)
+    errs = []
+    for steps in STEPS:
+        s = dk.DPMSolver(fn, FLOW, algorithm_type="dpmsolver++", backend="torch")
+        y = s.sample(x, steps=steps, order=order, skip_type="time_uniform", t_end=T_END, lower_order_final=False)
+        assert torch.isfinite(y).all()
+        errs.append(float((y - exact).abs().max()))
+    for sl in slopes(errs):
+        assert abs(sl - order) < 0.35, (errs, slopes(errs))
