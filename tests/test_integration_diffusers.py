@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import types
 
 import pytest
 import torch
@@ -284,24 +285,45 @@ def test_from_config_round_trip(tmp_path):
     assert single.config.beta_schedule == "squaredcos_cap_v2" and single.fused_reason is None
 
 
-def test_fallbacks_equal_diffusers():
-    """Options not fused run diffusers' step for the whole trajectory, with identical results or errors."""
-    flow = dict(use_flow_sigmas=True, prediction_type="flow_prediction", final_sigmas_type="zero")
-    learned = dict(variance_type="learned_range")
-    for kind, cfg in (("multi", flow), ("single", flow), ("multi", learned)):
-        parent, fused = PAIRS[kind]
-        model = (lambda x, t: torch.cat([toy_model(x, t), x], 1)) if cfg is learned else toy_model
-        ref, _ = run(parent, cfg, 8, model=model, shape=(2, 3, 4, 4))
-        out, s = run(fused, cfg, 8, model=model, shape=(2, 3, 4, 4))
-        assert s.fused_reason is not None and all(torch.equal(a, b) for a, b in zip(out, ref, strict=True))
-    for kind, cfg, error in (("multi", dict(algorithm_type="sde-dpmsolver", solver_order=3,
-                                           final_sigmas_type="sigma_min"), UnboundLocalError),
-                             ("single", dict(algorithm_type="dpmsolver", thresholding=True,
-                                             final_sigmas_type="sigma_min"), RuntimeError)):
-        assert PAIRS[kind][1](**cfg).fused_reason is not None
-        for cls in PAIRS[kind]:
-            with pytest.raises(error):
-                run(cls, cfg, 10)
+FORMERLY_UNFUSED = [  # what fell back to diffusers' own step before, now fused: (kind, cfg, model)
+    ("multi", dict(use_flow_sigmas=True, prediction_type="flow_prediction", final_sigmas_type="zero"), None),
+    ("single", dict(use_flow_sigmas=True, prediction_type="flow_prediction", final_sigmas_type="zero"), None),
+    ("multi", dict(use_flow_sigmas=True, flow_shift=3.0, prediction_type="flow_prediction", solver_order=3,
+                   final_sigmas_type="zero"), None),
+    ("multi", dict(prediction_type="flow_prediction"), None),  # flow_prediction on VP sigmas: x0 = x - sigma_ve v
+    ("multi", dict(variance_type="learned_range"), "learned"),
+    ("single", dict(variance_type="learned", solver_order=3), "learned"),
+]
+
+
+@pytest.mark.parametrize("kind,cfg,model", FORMERLY_UNFUSED, ids=[f"{k}-{_ids([c])[0]}" for k, c, _ in
+                                                                  FORMERLY_UNFUSED])
+def test_flow_and_learned_variance_are_fused(kind, cfg, model):
+    kw = {}
+    if model == "learned":  # the network returns [prediction, variance] along channels; the solver uses the first
+        kw["model"] = lambda x, t: torch.cat([toy_model(x, t), 0.5 * x], 1)
+    check(kind, cfg, **kw)
+
+
+def test_where_diffusers_fails_the_drop_ins_do_better():
+    # sde-dpmsolver has no third-order update (diffusers: UnboundLocalError): second order at most
+    cfg = dict(algorithm_type="sde-dpmsolver", final_sigmas_type="sigma_min")
+    with pytest.raises(UnboundLocalError):
+        run(DPMSolverMultistepScheduler, dict(cfg, solver_order=3), 10)
+    three, s = run(FusedDPMSolverMultistepScheduler, dict(cfg, solver_order=3), 10)
+    two, _ = run(FusedDPMSolverMultistepScheduler, dict(cfg, solver_order=2), 10)
+    assert s.fused_reason is None and all(torch.equal(a, b) for a, b in zip(three, two, strict=True))
+    # singlestep dpmsolver with thresholding (diffusers indexes its tables with None): what diffusers means, i.e. its
+    # multistep scheduler's conversion (thresholded x0 at the step's sigma, back to eps), in its singlestep updates
+    cfg = dict(algorithm_type="dpmsolver", thresholding=True, sample_max_value=1.2, final_sigmas_type="sigma_min",
+               solver_order=3)
+    with pytest.raises(RuntimeError):
+        run(DPMSolverSinglestepScheduler, cfg, 10)
+    ref = DPMSolverSinglestepScheduler(**cfg)
+    ref.convert_model_output = types.MethodType(DPMSolverMultistepScheduler.convert_model_output, ref)
+    want, _ = run(None, cfg, 10, sched=ref)
+    ours, s = run(FusedDPMSolverSinglestepScheduler, cfg, 10)
+    assert s.fused_reason is None and err(ours, want) < 5e-5, err(ours, want)
     # inputs that require grad: diffusers' differentiable step
     s = FusedDPMSolverMultistepScheduler()
     s.set_timesteps(4)

@@ -1,0 +1,277 @@
+"""What every fused diffusers scheduler shares: planning a trajectory at its first step, one fused op call per step,
+the state diffusers keeps (step index, model_outputs), and when not to fuse.
+
+A subclass (one per diffusers class) supplies the hooks at the bottom of `FusedStepMixin`: the solver's points of
+the sigma grid, how the raw output is converted, the orders diffusers would use, the plan, the noise diffusers
+would draw, where a step starts from (singlestep blocks) and how diffusers' own state evolves.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from diffusers.schedulers.scheduling_utils import SchedulerOutput
+
+from ... import coefficients as C
+from ... import planner as P
+from ...ops import FLOAT_DTYPES, BoundStep, bind, default_history_dtype
+
+# diffusers' prediction types -> the conversion's model types (flow_prediction: see `FusedStepMixin._conversion`)
+MODEL_TYPE = {"epsilon": "noise", "sample": "x_start", "v_prediction": "v", "flow_prediction": "flow"}
+LEARNED = ("learned", "learned_range")
+_PLAN_CACHE = 8  # plans kept per scheduler: the same trajectory run again (the next image) plans and uploads nothing
+
+
+@dataclass
+class Trajectory:
+    """The plan of the steps from `start` to the end of the grid, made at the first step after set_timesteps."""
+
+    start: int  # step_index of the first fused step
+    plan: P.Plan  # one evaluation per step: orders, ring slots, noise flags
+    table: P.DeviceTable  # its coefficient rows on the sample's device: step k uses table.rows[k]
+    step: BoundStep
+    slots: tuple[torch.Tensor, ...]  # ring slots of converted outputs (views of the scheduler's ring)
+    shape: torch.Size
+    dtype: torch.dtype  # working dtype: promote(sample, model_output) at the first step, as diffusers' arithmetic
+    device: torch.device
+    sde: bool  # noise is drawn every step (diffusers' RNG use)
+    model_dtype_result: bool  # the result has model_output's dtype (else the working dtype)
+    calls: int = 0
+
+
+def _output_fast(prev: torch.Tensor) -> SchedulerOutput:
+    """SchedulerOutput(prev_sample=prev) without BaseOutput's per-field __post_init__ (a few us a step)."""
+    out = SchedulerOutput.__new__(SchedulerOutput)
+    OrderedDict.__setitem__(out, "prev_sample", prev)
+    object.__setattr__(out, "prev_sample", prev)
+    return out
+
+
+def _output_maker():
+    """The fast construction where it gives what diffusers' constructor gives (checked once), else the constructor."""
+    probe = torch.zeros(1)
+    try:
+        a, b = SchedulerOutput(prev_sample=probe), _output_fast(probe)
+        same = (list(a.keys()) == list(b.keys()) and a.to_tuple()[0] is b.to_tuple()[0] is probe and b[0] is probe
+                and b.prev_sample is probe and vars(a) == vars(b))
+    except Exception:
+        same = False
+    return _output_fast if same else (lambda prev: SchedulerOutput(prev_sample=prev))
+
+
+scheduler_output = _output_maker()
+
+
+@functools.cache
+def _init_options(cls) -> tuple[tuple[str, object], ...]:
+    """(name, default) of every option of the scheduler's __init__."""
+    return tuple((name, p.default) for name, p in inspect.signature(cls.__init__).parameters.items()
+                 if p.default is not inspect.Parameter.empty)
+
+
+class FusedStepMixin:
+    """Placed before the diffusers class in the MRO; `__init__` stays diffusers' (ConfigMixin reads its signature)."""
+
+    fused_backend: str = "auto"
+    # Options that only shape the sigma grid diffusers' own set_timesteps builds (so nothing to do here), and those
+    # the fused step reads. An option in neither set that differs from its default falls back: this module does not
+    # know what it means (it was written against diffusers 0.42).
+    GRID_KEYS: frozenset = frozenset()
+    STEP_KEYS: frozenset = frozenset()
+    # A grid the planner refuses runs diffusers' own step (its result, whatever it is), unless diffusers' result there
+    # is known to be NaN: then the planner's error is raised instead.
+    FALL_BACK_ON_PLANNING_ERRORS = True
+    _fz_traj: Trajectory | None = None
+    _fz_ring: tuple | None = None  # (buffer, its slots): reused by the next trajectory of the same shape and dtype
+    _fz_plans: P.Cache | None = None  # plan key -> plan (which keeps its device tables)
+    _fz_data_reason: str | None = None
+    _fz_outputs: list | None = None
+
+    # ----- public state -----
+    @property
+    def fused_reason(self) -> str | None:
+        """Why this trajectory runs diffusers' own `step()`; None when it is fused."""
+        return self._fz_data_reason or self._config_reason()
+
+    @property
+    def model_outputs(self):
+        """diffusers' list outside a fused trajectory; during one, a tuple of ring views (oldest first; None where no
+        later step needs the output), valid until the next step."""
+        traj = self._fz_traj
+        if traj is None:
+            return self._fz_outputs
+        k, evals = self.config.solver_order, traj.plan.evals
+        return tuple(traj.slots[evals[j].write_slot] if j >= 0 and evals[j].write_slot is not None else None
+                     for j in range(traj.calls - k, traj.calls))
+
+    @model_outputs.setter
+    def model_outputs(self, value) -> None:
+        self._fz_outputs = value
+
+    def _fz_reset(self) -> None:
+        self._fz_traj = None
+        self._fz_data_reason = None
+
+    # ----- what is fused -----
+    def _config_reason(self) -> str | None:
+        """Why this configuration is not fused (None: it is); computed once per config object."""
+        cfg = self.config
+        known = self.__dict__.get("_fz_config_reason")
+        if known is None or known[0] is not cfg:
+            known = self._fz_config_reason = (cfg, self._reason_for(cfg))
+        return known[1]
+
+    def _reason_for(self, cfg) -> str | None:
+        why = self._class_reason()
+        if why is not None:
+            return why
+        for name, default in _init_options(type(self)):
+            if name not in self.GRID_KEYS and name not in self.STEP_KEYS and name in cfg and cfg[name] != default:
+                return f"{name}={cfg[name]!r}: an option this module does not know (checked with diffusers 0.42)"
+        return None
+
+    def _data_reason(self, model_output, sample) -> str | None:
+        for name, t in (("sample", sample), ("model_output", model_output)):
+            if not isinstance(t, torch.Tensor) or t.dtype not in FLOAT_DTYPES:
+                return f"{name}: a {getattr(t, 'dtype', type(t).__name__)} is not fused"
+        if sample.dim() < 1 or model_output.device != sample.device:
+            return "model_output and sample are on different devices (or 0-d): not fused"
+        if self._prediction(model_output, sample).shape != sample.shape:
+            return (f"model_output {tuple(model_output.shape)} does not fit the sample {tuple(sample.shape)}: "
+                    "not fused")
+        if self._threshold() is not None and sample.dim() < 2:
+            return "thresholding needs [B, C, ...] samples"
+        if torch.is_grad_enabled() and (sample.requires_grad or model_output.requires_grad):
+            return "inputs require grad: the fused op has no autograd"
+        return None
+
+    # ----- planning -----
+    def _plan(self, model_output: torch.Tensor, sample: torch.Tensor) -> Trajectory:
+        start, n = self.step_index, self._grid_length()
+        sigmas = self.sigmas[start:n + 1].numpy().astype(np.float64)  # a CPU tensor in diffusers: no device sync
+        dev, w = sample.device, self._working_dtype(sample, model_output)
+        if self._fz_plans is None:
+            self._fz_plans = P.Cache(_PLAN_CACHE)
+        plan = self._fz_plans.get((start, n, sigmas.tobytes(), self._config_key()),
+                                  lambda: self._plan_steps(self._points(sigmas), self._orders(start, n)))
+        table = plan.device_table(self._conversion(), dev, what="sigmas")
+        shape = (plan.n_slots, *sample.shape)
+        hd = default_history_dtype(w)  # float32 history for half samples: more accurate than diffusers'
+        ring = self._fz_ring
+        if ring is None or ring[0].shape != shape or ring[0].dtype != hd or ring[0].device != dev:
+            buf = torch.empty(shape, dtype=hd, device=dev)
+            ring = self._fz_ring = (buf, buf.unbind(0))
+        return Trajectory(start, plan, table, bind(self.fused_backend, dev, "none", self._threshold()), ring[1],
+                          sample.shape, w, dev, self._draws_noise(), self._result_in_model_dtype())
+
+    def _config_key(self) -> tuple:
+        """The options that shape a plan, as a hashable key (computed once per config object)."""
+        cfg = self.config
+        known = self.__dict__.get("_fz_config_key")
+        if known is None or known[0] is not cfg:
+            known = self._fz_config_key = (cfg, tuple((k, cfg[k]) for k in sorted(self.STEP_KEYS) if k in cfg))
+        return known[1]
+
+    # ----- the step -----
+    def _fused(self, model_output, timestep, sample, generator, variance_noise) -> torch.Tensor | None:
+        """x at the next step, or None when diffusers' own step must run."""
+        traj = self._fz_traj
+        if traj is None:
+            if self.num_inference_steps is None or self.fused_reason is not None:
+                return None
+            if self.step_index is None:
+                self._init_step_index(timestep)
+            why = self._data_reason(model_output, sample)
+            if why is None:
+                try:
+                    traj = self._plan(model_output, sample)
+                except (ValueError, ArithmeticError) as exc:  # e.g. an SDE sigma grid that goes backwards
+                    if not self.FALL_BACK_ON_PLANNING_ERRORS:
+                        raise
+                    why = f"planning failed ({exc})"
+            if why is not None:
+                self._fz_data_reason = why
+                return None
+            self._fz_traj = traj
+        k = traj.calls
+        if self._step_index is None or self._step_index - traj.start != k:
+            raise RuntimeError("step: step_index changed outside step() in a fused trajectory; call set_timesteps()")
+        evals = traj.plan.evals
+        if k >= len(evals):
+            raise IndexError(f"step: all {len(evals)} steps of this trajectory were taken; call set_timesteps()")
+        mo = self._prediction(model_output, sample)
+        if sample.shape != traj.shape or mo.shape != traj.shape or sample.device != traj.device:
+            raise ValueError(f"step: sample/model_output {tuple(sample.shape)}/{tuple(model_output.shape)} on "
+                             f"{sample.device} changed within a trajectory ({tuple(traj.shape)} on {traj.device})")
+        if torch.is_grad_enabled() and (sample.requires_grad or model_output.requires_grad):
+            raise RuntimeError("step: inputs require grad, but this fused trajectory has no autograd")
+        w, ev = traj.dtype, evals[k]
+        z = self._noise(model_output, generator, variance_noise, k) if traj.sde else None  # every step, as diffusers
+        x_now = sample if sample.dtype == w else sample.to(w)
+        x, x_eval = self._start_point(ev.order, sample, x_now)
+        slots = traj.slots
+        h = [slots[s] for s in ev.read_slots] + [None, None]
+        out = torch.empty_like(x_now, memory_format=torch.contiguous_format)
+        traj.step(x, mo if mo.dtype == w else mo.to(w), traj.table.rows[k], out,
+                  None if ev.write_slot is None else slots[ev.write_slot], h[0], h[1], x_eval,
+                  z.to(w) if z is not None and ev.noisy else None)
+        traj.calls += 1
+        self._step_index += 1
+        self._advanced()
+        return out.to(model_output.dtype) if traj.model_dtype_result and model_output.dtype != w else out
+
+    # ----- hooks: the defaults serve diffusers' VP schedulers (multistep, singlestep, inverse) -----
+    def _class_reason(self) -> str | None:
+        """A configuration of this class that cannot be fused, and why; None: every one can."""
+        return None
+
+    def _grid_length(self) -> int:
+        """Steps in the grid: len(timesteps)."""
+        return len(self.timesteps)
+
+    def _points(self, sigmas: np.ndarray) -> C.Point:
+        """The solver's points of diffusers' sigmas: flow sigmas (alpha = 1 - sigma), else VE sigmas seen in VP."""
+        if self.config.get("use_flow_sigmas", False):
+            return C.Point.from_flow_sigma(sigmas)
+        return C.Point.from_vp_of_ve_sigma(sigmas)
+
+    def _conversion(self) -> P.Conversion:
+        """Raw output -> the solver's prediction. flow_prediction is x0 = x - sigma v with diffusers' sigma: the flow
+        sigma itself, or on VP points from VE sigmas the VE sigma (sigma_vp / alpha: "flow_ve")."""
+        cfg = self.config
+        mt = MODEL_TYPE[cfg.prediction_type]
+        if mt == "flow" and not cfg.get("use_flow_sigmas", False):
+            mt = "flow_ve"
+        return P.Conversion.for_algorithm(mt, cfg.algorithm_type, bool(cfg.thresholding))
+
+    def _threshold(self):
+        cfg = self.config
+        return (cfg.dynamic_thresholding_ratio, 1.0, cfg.sample_max_value) if cfg.get("thresholding") else None
+
+    def _prediction(self, model_output: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
+        """The part of the output the solver uses: with a learned variance the network returns 2C channels and the
+        first C are the prediction (diffusers slices [:, :3], which is that for 3-channel images)."""
+        if (self.config.get("variance_type") in LEARNED and model_output.dim() >= 2 and sample.dim() >= 2
+                and model_output.shape[1] == 2 * sample.shape[1]):
+            return model_output[:, :sample.shape[1]]
+        return model_output
+
+    def _working_dtype(self, sample, model_output) -> torch.dtype:
+        return torch.promote_types(sample.dtype, model_output.dtype)
+
+    def _draws_noise(self) -> bool:
+        return self.config.algorithm_type.startswith("sde")
+
+    def _result_in_model_dtype(self) -> bool:
+        return False
+
+    def _start_point(self, order, sample, x_now):
+        return x_now, None
+
+    def _advanced(self) -> None:
+        pass

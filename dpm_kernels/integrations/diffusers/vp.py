@@ -1,0 +1,203 @@
+"""The fused drop-ins of diffusers' VP DPM-Solver schedulers: multistep, singlestep, and the multistep inverse.
+
+Each subclass keeps diffusers' `__init__`, `set_timesteps` (sigma grids, flow sigmas and shifts, `mu`), and every
+other method; only `step()` is one fused op call, planned once per trajectory (`_common.FusedStepMixin`).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import torch
+from diffusers import DPMSolverMultistepInverseScheduler, DPMSolverMultistepScheduler, DPMSolverSinglestepScheduler
+from diffusers.schedulers.scheduling_utils import SchedulerOutput
+from diffusers.utils.torch_utils import randn_tensor
+
+from ... import coefficients as C
+from ... import planner as P
+from ._common import MODEL_TYPE, FusedStepMixin, scheduler_output
+
+# Options of diffusers' VP schedulers whose effect is reproduced: the grid keys only shape the sigma grid diffusers'
+# own set_timesteps builds; the step keys are read by the fused step.
+VP_GRID_KEYS = frozenset({"num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas",
+                          "rescale_betas_zero_snr", "use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas",
+                          "use_lu_lambdas", "final_sigmas_type", "lambda_min_clipped", "timestep_spacing",
+                          "steps_offset", "flow_shift", "use_dynamic_shifting", "time_shift_type"})
+VP_STEP_KEYS = frozenset({"solver_order", "prediction_type", "thresholding", "dynamic_thresholding_ratio",
+                          "sample_max_value", "algorithm_type", "solver_type", "lower_order_final", "euler_at_final",
+                          "use_flow_sigmas", "variance_type", "final_sigmas_type"})
+
+
+class _VPStep(FusedStepMixin):
+    GRID_KEYS = VP_GRID_KEYS
+    STEP_KEYS = VP_STEP_KEYS
+    _ALGORITHMS: tuple[str, ...] = ()
+
+    def _class_reason(self) -> str | None:
+        cfg = self.config
+        if cfg.prediction_type not in MODEL_TYPE:
+            return f"prediction_type={cfg.prediction_type!r} is not fused"
+        if cfg.solver_order not in (1, 2, 3):
+            return f"solver_order={cfg.solver_order!r}: only 1, 2, 3 are fused"
+        if cfg.algorithm_type not in self._ALGORITHMS:
+            return f"algorithm_type={cfg.algorithm_type!r} is not fused by {type(self).__name__}"
+        if cfg.solver_type not in ("midpoint", "heun"):
+            return f"solver_type={cfg.solver_type!r} is not fused"
+        if cfg.thresholding and not (0.0 <= cfg.dynamic_thresholding_ratio <= 1.0 and cfg.sample_max_value > 0):
+            return "thresholding: ratio outside [0, 1] or sample_max_value <= 0 is not fused"
+        return None
+
+    def _multistep_orders(self, start: int, n: int, final_zero: bool) -> list[int]:
+        """diffusers' multistep rule: warm-up by lower_order_nums (steps since set_timesteps), lower orders at the
+        end. sde-dpmsolver has no third-order form (diffusers has no such branch): its orders stop at 2."""
+        cfg = self.config
+        so = min(cfg.solver_order, 2) if cfg.algorithm_type == "sde-dpmsolver" else cfg.solver_order
+        orders = []
+        for k, i in enumerate(range(start, n)):
+            warm = min(k, so)
+            final = i == n - 1 and (cfg.euler_at_final or (cfg.lower_order_final and n < 15) or final_zero)
+            second = i == n - 2 and cfg.lower_order_final and n < 15
+            orders.append(1 if so == 1 or warm < 1 or final else 2 if so == 2 or warm < 2 or second else 3)
+        return orders
+
+    def _plan_multistep(self, points: C.Point, orders: list[int]) -> P.Plan:
+        cfg = self.config
+        sde = cfg.algorithm_type.startswith("sde")
+        return P.plan_multistep(None, cfg.algorithm_type, cfg.solver_type, np.zeros(len(orders) + 1), orders,
+                                eta=1.0, s_noise=1.0, multistep3="diffusers" if sde else "standard", points=points)
+
+    def _result_in_model_dtype(self) -> bool:
+        # diffusers casts the result to the dtype of the converted output: the raw output's where no sample enters
+        cfg = self.config
+        return (cfg.algorithm_type.endswith("++") and cfg.prediction_type == "sample") or (
+            not cfg.algorithm_type.endswith("++") and cfg.prediction_type == "epsilon" and not cfg.thresholding)
+
+    def _advanced(self) -> None:
+        if self.lower_order_nums < self.config.solver_order:
+            self.lower_order_nums += 1
+
+
+class FusedDPMSolverMultistepScheduler(_VPStep, DPMSolverMultistepScheduler):
+    """`DPMSolverMultistepScheduler` with a fused `step()`; same config, same results (package doc).
+
+    Attributes: ``fused_backend`` (a `backends.registry.CHOICES` name), ``fused_reason`` (read-only).
+    """
+
+    _ALGORITHMS = ("dpmsolver++", "dpmsolver", "sde-dpmsolver++", "sde-dpmsolver")
+
+    @functools.wraps(DPMSolverMultistepScheduler.set_timesteps)
+    def set_timesteps(self, *args, **kwargs):
+        super().set_timesteps(*args, **kwargs)
+        self._fz_reset()
+
+    def step(self, model_output: torch.Tensor, timestep: int | torch.Tensor, sample: torch.Tensor,
+             generator: torch.Generator | None = None, variance_noise: torch.Tensor | None = None,
+             return_dict: bool = True) -> SchedulerOutput | tuple:
+        """diffusers' `step` (same arguments and result), fused unless `fused_reason` says otherwise."""
+        prev = self._fused(model_output, timestep, sample, generator, variance_noise)
+        if prev is None:
+            return super().step(model_output, timestep, sample, generator=generator, variance_noise=variance_noise,
+                                return_dict=return_dict)
+        return scheduler_output(prev) if return_dict else (prev,)
+
+    def _orders(self, start: int, n: int) -> list[int]:
+        return self._multistep_orders(start, n, self.config.final_sigmas_type == "zero")
+
+    def _plan_steps(self, points: C.Point, orders: list[int]) -> P.Plan:
+        return self._plan_multistep(points, orders)
+
+    def _noise(self, model_output, generator, variance_noise, k) -> torch.Tensor | None:
+        if variance_noise is not None:
+            return variance_noise.to(device=model_output.device, dtype=torch.float32)
+        return randn_tensor(model_output.shape, generator=generator, device=model_output.device, dtype=torch.float32)
+
+
+class FusedDPMSolverMultistepInverseScheduler(_VPStep, DPMSolverMultistepInverseScheduler):
+    """`DPMSolverMultistepInverseScheduler` with a fused `step()`: the multistep solver run towards noise, with the
+    inverse scheduler's ascending grid (deduplicated timesteps, the noisiest sigma appended) and its lower-order rule.
+
+    SDE algorithms are refused with a clear error: an SDE step cannot be inverted (diffusers' inverse scheduler
+    returns NaN there, and raises at third order). A zero-length step (karras/exponential/beta grids repeat their
+    last sigma) is the identity, where diffusers' heun form gives NaN.
+    Attributes: ``fused_backend`` (a `backends.registry.CHOICES` name), ``fused_reason`` (read-only).
+    """
+
+    _ALGORITHMS = ("dpmsolver++", "dpmsolver", "sde-dpmsolver++", "sde-dpmsolver")
+    FALL_BACK_ON_PLANNING_ERRORS = False  # an SDE inversion: diffusers' own step would return NaN
+
+    @functools.wraps(DPMSolverMultistepInverseScheduler.set_timesteps)
+    def set_timesteps(self, *args, **kwargs):
+        super().set_timesteps(*args, **kwargs)
+        self._fz_reset()
+
+    def step(self, model_output: torch.Tensor, timestep: int | torch.Tensor, sample: torch.Tensor,
+             generator: torch.Generator | None = None, variance_noise: torch.Tensor | None = None,
+             return_dict: bool = True) -> SchedulerOutput | tuple:
+        """diffusers' `step` (same arguments and result), fused unless `fused_reason` says otherwise."""
+        prev = self._fused(model_output, timestep, sample, generator, variance_noise)
+        if prev is None:
+            return super().step(model_output, timestep, sample, generator=generator, variance_noise=variance_noise,
+                                return_dict=return_dict)
+        return scheduler_output(prev) if return_dict else (prev,)
+
+    def _orders(self, start: int, n: int) -> list[int]:
+        return self._multistep_orders(start, n, False)  # no final_sigmas_type in the inverse scheduler
+
+    def _plan_steps(self, points: C.Point, orders: list[int]) -> P.Plan:
+        if self.config.algorithm_type.startswith("sde"):
+            raise ValueError(f"algorithm_type: {self.config.algorithm_type!r} cannot be inverted (an SDE step adds "
+                             "noise that no later step can remove); use dpmsolver++ or dpmsolver to invert")
+        return self._plan_multistep(points, orders)
+
+    def _noise(self, model_output, generator, variance_noise, k) -> torch.Tensor | None:
+        return None  # never reached: SDE algorithms are refused above
+
+
+class FusedDPMSolverSinglestepScheduler(_VPStep, DPMSolverSinglestepScheduler):
+    """`DPMSolverSinglestepScheduler` with a fused `step()`; same config, same results (package doc).
+
+    A step of order k (the scheduler's ``order_list``) starts from ``self.sample``, the sample of the block's first
+    step (held by reference, as diffusers does), and evaluates its output at the current sample (``x_eval``).
+    ``dpmsolver`` with thresholding, where diffusers' own code fails, is fused (thresholded x0, then back to eps).
+    Attributes: ``fused_backend`` (a `backends.registry.CHOICES` name), ``fused_reason`` (read-only).
+    """
+
+    _ALGORITHMS = ("dpmsolver++", "dpmsolver", "sde-dpmsolver++")
+
+    @functools.wraps(DPMSolverSinglestepScheduler.set_timesteps)
+    def set_timesteps(self, *args, **kwargs):
+        super().set_timesteps(*args, **kwargs)
+        self._fz_reset()
+
+    def step(self, model_output: torch.Tensor, timestep: int | torch.Tensor, sample: torch.Tensor,
+             generator: torch.Generator | None = None, return_dict: bool = True) -> SchedulerOutput | tuple:
+        """diffusers' `step` (same arguments and result), fused unless `fused_reason` says otherwise."""
+        prev = self._fused(model_output, timestep, sample, generator, None)
+        if prev is None:
+            return super().step(model_output, timestep, sample, generator=generator, return_dict=return_dict)
+        return scheduler_output(prev) if return_dict else (prev,)
+
+    def _orders(self, start: int, n: int) -> list[int]:
+        # diffusers lowers order_list[i] while fewer outputs than that exist since set_timesteps
+        return [min(self.order_list[i], k + 1) for k, i in enumerate(range(start, n))]
+
+    def _plan_steps(self, points: C.Point, orders: list[int]) -> P.Plan:
+        return P.plan_singlestep_steps(self.config.algorithm_type, self.config.solver_type, points, orders)
+
+    def _noise(self, model_output, generator, variance_noise, k) -> torch.Tensor | None:
+        return randn_tensor(model_output.shape, generator=generator, device=model_output.device,
+                            dtype=model_output.dtype)
+
+    def _start_point(self, order, sample, x_now):
+        if order == 1:
+            self.sample = sample  # the block start, by reference like diffusers
+            return x_now, None
+        start = self.sample.to(x_now.dtype)
+        return start, (None if start is x_now else x_now)
+
+    def _advanced(self) -> None:
+        pass
+
+    def _result_in_model_dtype(self) -> bool:
+        return False  # no final cast in diffusers' singlestep step: the promoted dtype
