@@ -440,21 +440,33 @@ def singlestep_sde_diffusers(solver_type: str, order: int, ps: Point, inner: lis
     return [_identity_where(zero, u) for u in out]
 
 
-MODEL_TYPES = ("noise", "x_start", "v", "score", "flow", "flow_ve")
+MODEL_TYPES = ("noise", "x_start", "v", "score", "flow", "flow_ve", "edm_noise", "edm_v")
 
 
 @np.errstate(divide="ignore", invalid="ignore")
-def conversion(model_type: str, target: str, alpha, sigma) -> tuple:
+def conversion(model_type: str, target: str, alpha, sigma, sigma_data: float = 0.5) -> tuple:
     """(px, pm) with ``target = px * x + pm * model_output`` (docs/math.md, "Notation").
 
     model_type: "noise" | "x_start" | "v" | "score" | "flow" (a flow-matching velocity v = eps - x0 on a path with
     alpha + sigma = 1: x0 = x - sigma v) | "flow_ve" (diffusers' flow_prediction on a VP path from VE sigmas:
-    x0 = x - (sigma / alpha) v); target: "x0" | "eps".
+    x0 = x - (sigma / alpha) v) | "edm_noise", "edm_v" (EDM's preconditioned network F on a VE path, alpha = 1:
+    x0 = c_skip x + c_out F with c_skip = sd^2 / (sigma^2 + sd^2), c_out = +-sigma sd / sqrt(sigma^2 + sd^2), sd =
+    sigma_data, + for the epsilon form, - for the v form, as diffusers' EDM and cosine schedulers); target: "x0" |
+    "eps".
     """
     if target not in ("x0", "eps"):
         raise ValueError(f"target: expected 'x0' or 'eps', got {target!r}")
     if model_type not in MODEL_TYPES:
         raise ValueError(f"model_type: expected one of {MODEL_TYPES}, got {model_type!r}")
+    if model_type in ("edm_noise", "edm_v"):
+        sd2 = sigma_data * sigma_data
+        c_skip = sd2 / (sigma * sigma + sd2)
+        c_out = (1.0 if model_type == "edm_noise" else -1.0) * sigma * sigma_data / np.sqrt(sigma * sigma + sd2)
+        if target == "x0":
+            return c_skip, c_out
+        if _fast_any(sigma == 0.0):
+            raise ValueError("t: cannot convert to a noise prediction at sigma = 0")
+        return (1.0 - c_skip) / sigma, -c_out / sigma  # eps = (x - x0) / sigma on the VE path
     if target == "x0":
         if model_type == "noise":
             return 1.0 / alpha, -sigma / alpha

@@ -128,6 +128,7 @@ class Conversion:
     target: str = "x0"
     thresholding: bool = False
     guidance_scale: float = 1.0
+    sigma_data: float = 0.5  # EDM preconditioning only ("edm_noise", "edm_v")
 
     @staticmethod
     def for_algorithm(model_type: str, algorithm_type: str, thresholding: bool = False,
@@ -157,11 +158,12 @@ def coefficient_rows(points: C.Point, conversion: Conversion, update: C.Update |
     shape = np.broadcast_shapes(*(np.shape(f) for f in fields))
     rows = np.zeros(shape + (L.NCOEF,), dtype=np.float64)
     rows[..., L.GUIDE] = conversion.guidance_scale
+    sd = conversion.sigma_data
     if conversion.thresholding:
-        rows[..., L.PX], rows[..., L.PM] = C.conversion(conversion.model_type, "x0", alpha, sigma)
+        rows[..., L.PX], rows[..., L.PM] = C.conversion(conversion.model_type, "x0", alpha, sigma, sd)
         rows[..., L.QX], rows[..., L.QM] = C.conversion("x_start", conversion.target, alpha, sigma)
     else:
-        rows[..., L.PX], rows[..., L.PM] = C.conversion(conversion.model_type, conversion.target, alpha, sigma)
+        rows[..., L.PX], rows[..., L.PM] = C.conversion(conversion.model_type, conversion.target, alpha, sigma, sd)
         rows[..., L.QM] = 1.0
     if update is None:
         rows[..., L.C0] = 1.0

@@ -48,11 +48,17 @@ State: `step_index`, `lower_order_nums` and (singlestep) `sample` evolve as in d
 (oldest first; None where no later step needs the output), valid until the next step.
 """
 
+from .ve import FusedCosineDPMSolverMultistepScheduler, FusedEDMDPMSolverMultistepScheduler
 from .vp import (
-           FusedDPMSolverMultistepInverseScheduler,
-           FusedDPMSolverMultistepScheduler,
-           FusedDPMSolverSinglestepScheduler,
+    FusedDPMSolverMultistepInverseScheduler,
+    FusedDPMSolverMultistepScheduler,
+    FusedDPMSolverSinglestepScheduler,
 )
 
-__all__ = ["FusedDPMSolverMultistepInverseScheduler", "FusedDPMSolverMultistepScheduler",
-           "FusedDPMSolverSinglestepScheduler"]
+__all__ = [
+    "FusedCosineDPMSolverMultistepScheduler",
+    "FusedDPMSolverMultistepInverseScheduler",
+    "FusedDPMSolverMultistepScheduler",
+    "FusedDPMSolverSinglestepScheduler",
+    "FusedEDMDPMSolverMultistepScheduler",
+]

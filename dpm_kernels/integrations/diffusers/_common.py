@@ -275,3 +275,31 @@ class FusedStepMixin:
 
     def _advanced(self) -> None:
         pass
+
+    # ----- shared by the multistep classes -----
+    def _multistep_orders(self, start: int, n: int, final_zero: bool) -> list[int]:
+        """diffusers' multistep rule: warm-up by lower_order_nums (steps since set_timesteps), lower orders at the
+        end (final_zero: the final_sigmas_type="zero" term of the classes that have it). sde-dpmsolver has no
+        third-order form (diffusers has no such branch): its orders stop at 2."""
+        cfg = self.config
+        so = min(cfg.solver_order, 2) if cfg.get("algorithm_type") == "sde-dpmsolver" else cfg.solver_order
+        orders = []
+        for k, i in enumerate(range(start, n)):
+            warm = min(k, so)
+            final = i == n - 1 and (cfg.euler_at_final or (cfg.lower_order_final and n < 15) or final_zero)
+            second = i == n - 2 and cfg.lower_order_final and n < 15
+            orders.append(1 if so == 1 or warm < 1 or final else 2 if so == 2 or warm < 2 or second else 3)
+        return orders
+
+    def _plan_multistep(self, points: C.Point, orders: list[int], sde_third_order: str = "standard",
+                        algorithm_type: str | None = None) -> P.Plan:
+        """The multistep plan; SDE algorithms at eta = 1 with the third-order variant `sde_third_order`
+        ("diffusers": its multistep scheduler's D2 term; "standard": k-diffusion's, where diffusers has none)."""
+        alg = algorithm_type or self.config.algorithm_type
+        sde = alg.startswith("sde")
+        return P.plan_multistep(None, alg, self.config.solver_type, np.zeros(len(orders) + 1), orders, eta=1.0,
+                                s_noise=1.0, multistep3=sde_third_order if sde else "standard", points=points)
+
+    def _count_lower_order(self) -> None:
+        if self.lower_order_nums < self.config.solver_order:
+            self.lower_order_nums += 1

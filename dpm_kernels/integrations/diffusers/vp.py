@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import functools
 
-import numpy as np
 import torch
 from diffusers import DPMSolverMultistepInverseScheduler, DPMSolverMultistepScheduler, DPMSolverSinglestepScheduler
 from diffusers.schedulers.scheduling_utils import SchedulerOutput
@@ -48,34 +47,12 @@ class _VPStep(FusedStepMixin):
             return "thresholding: ratio outside [0, 1] or sample_max_value <= 0 is not fused"
         return None
 
-    def _multistep_orders(self, start: int, n: int, final_zero: bool) -> list[int]:
-        """diffusers' multistep rule: warm-up by lower_order_nums (steps since set_timesteps), lower orders at the
-        end. sde-dpmsolver has no third-order form (diffusers has no such branch): its orders stop at 2."""
-        cfg = self.config
-        so = min(cfg.solver_order, 2) if cfg.algorithm_type == "sde-dpmsolver" else cfg.solver_order
-        orders = []
-        for k, i in enumerate(range(start, n)):
-            warm = min(k, so)
-            final = i == n - 1 and (cfg.euler_at_final or (cfg.lower_order_final and n < 15) or final_zero)
-            second = i == n - 2 and cfg.lower_order_final and n < 15
-            orders.append(1 if so == 1 or warm < 1 or final else 2 if so == 2 or warm < 2 or second else 3)
-        return orders
-
-    def _plan_multistep(self, points: C.Point, orders: list[int]) -> P.Plan:
-        cfg = self.config
-        sde = cfg.algorithm_type.startswith("sde")
-        return P.plan_multistep(None, cfg.algorithm_type, cfg.solver_type, np.zeros(len(orders) + 1), orders,
-                                eta=1.0, s_noise=1.0, multistep3="diffusers" if sde else "standard", points=points)
-
     def _result_in_model_dtype(self) -> bool:
         # diffusers casts the result to the dtype of the converted output: the raw output's where no sample enters
         cfg = self.config
         return (cfg.algorithm_type.endswith("++") and cfg.prediction_type == "sample") or (
             not cfg.algorithm_type.endswith("++") and cfg.prediction_type == "epsilon" and not cfg.thresholding)
 
-    def _advanced(self) -> None:
-        if self.lower_order_nums < self.config.solver_order:
-            self.lower_order_nums += 1
 
 
 class FusedDPMSolverMultistepScheduler(_VPStep, DPMSolverMultistepScheduler):
@@ -105,7 +82,10 @@ class FusedDPMSolverMultistepScheduler(_VPStep, DPMSolverMultistepScheduler):
         return self._multistep_orders(start, n, self.config.final_sigmas_type == "zero")
 
     def _plan_steps(self, points: C.Point, orders: list[int]) -> P.Plan:
-        return self._plan_multistep(points, orders)
+        return self._plan_multistep(points, orders, "diffusers")
+
+    def _advanced(self) -> None:
+        self._count_lower_order()
 
     def _noise(self, model_output, generator, variance_noise, k) -> torch.Tensor | None:
         if variance_noise is not None:
@@ -149,6 +129,9 @@ class FusedDPMSolverMultistepInverseScheduler(_VPStep, DPMSolverMultistepInverse
             raise ValueError(f"algorithm_type: {self.config.algorithm_type!r} cannot be inverted (an SDE step adds "
                              "noise that no later step can remove); use dpmsolver++ or dpmsolver to invert")
         return self._plan_multistep(points, orders)
+
+    def _advanced(self) -> None:
+        self._count_lower_order()
 
     def _noise(self, model_output, generator, variance_noise, k) -> torch.Tensor | None:
         return None  # never reached: SDE algorithms are refused above

@@ -1,0 +1,148 @@
+"""The fused drop-ins of diffusers' VE (EDM-preconditioned) DPM-Solver schedulers: EDM and cosine (Stable Audio).
+
+Both sample x = x0 + sigma eps (alpha = 1, lambda = -log sigma) with a network preconditioned as in Karras et al.
+2022: x0 = c_skip(sigma) x + c_out(sigma) F (conversion "edm_noise" / "edm_v" with the config's sigma_data).
+The input preconditioning is `scale_model_input`, diffusers' own. `_compatibles` names the parent so that
+`from_config` round trips (diffusers' own lists are empty for these two).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from diffusers import CosineDPMSolverMultistepScheduler, EDMDPMSolverMultistepScheduler
+from diffusers.schedulers.scheduling_dpmsolver_sde import BrownianTreeNoiseSampler
+from diffusers.schedulers.scheduling_utils import SchedulerOutput
+from diffusers.utils.torch_utils import randn_tensor
+
+from ... import coefficients as C
+from ... import planner as P
+from ._common import FusedStepMixin, scheduler_output
+
+_EDM_TYPES = {"epsilon": "edm_noise", "v_prediction": "edm_v"}
+_VE_GRID_KEYS = frozenset({"sigma_min", "sigma_max", "sigma_schedule", "num_train_timesteps", "rho",
+                           "final_sigmas_type"})
+_VE_STEP_KEYS = frozenset({"sigma_data", "solver_order", "prediction_type", "solver_type", "lower_order_final",
+                           "euler_at_final", "final_sigmas_type", "thresholding", "dynamic_thresholding_ratio",
+                           "sample_max_value", "algorithm_type"})
+
+
+class _VEStep(FusedStepMixin):
+    GRID_KEYS = _VE_GRID_KEYS
+    STEP_KEYS = _VE_STEP_KEYS
+    ALGORITHMS: tuple[str, ...] = ("dpmsolver++", "sde-dpmsolver++")
+
+    def _class_reason(self) -> str | None:
+        cfg = self.config
+        if cfg.prediction_type not in _EDM_TYPES:
+            return f"prediction_type={cfg.prediction_type!r} is not fused"
+        if cfg.solver_order not in (1, 2, 3):
+            return f"solver_order={cfg.solver_order!r}: only 1, 2, 3 are fused"
+        if self._algorithm() not in self.ALGORITHMS:
+            return f"algorithm_type={self._algorithm()!r} is not fused by {type(self).__name__}"
+        if cfg.solver_type not in ("midpoint", "heun"):
+            return f"solver_type={cfg.solver_type!r} is not fused"
+        return None
+
+    def _algorithm(self) -> str:
+        return self.config.algorithm_type
+
+    def _points(self, sigmas) -> C.Point:
+        return C.Point.from_ve_sigma(sigmas)
+
+    def _conversion(self) -> P.Conversion:
+        cfg = self.config
+        return P.Conversion(_EDM_TYPES[cfg.prediction_type], "x0", self._threshold() is not None,
+                            sigma_data=float(cfg.sigma_data))
+
+    def _orders(self, start: int, n: int) -> list[int]:
+        return self._multistep_orders(start, n, self.config.final_sigmas_type == "zero")
+
+    def _plan_steps(self, points: C.Point, orders: list[int]) -> P.Plan:
+        # third-order SDE steps: k-diffusion's form (diffusers has no third-order SDE update in these classes)
+        return self._plan_multistep(points, orders, "standard", self._algorithm())
+
+    def _draws_noise(self) -> bool:
+        return self._algorithm().startswith("sde")
+
+    def _advanced(self) -> None:
+        self._count_lower_order()
+
+
+class FusedEDMDPMSolverMultistepScheduler(_VEStep, EDMDPMSolverMultistepScheduler):
+    """`EDMDPMSolverMultistepScheduler` with a fused `step()`: same config and results.
+
+    Beyond diffusers: `sde-dpmsolver++` at third order (diffusers: UnboundLocalError) runs k-diffusion's third-order
+    SDE update; the sigma_min end (a last step of h ~ -2e-7) is the identity.
+    Attributes: ``fused_backend`` (a `backends.registry.CHOICES` name), ``fused_reason`` (read-only).
+    """
+
+    _compatibles = ["EDMDPMSolverMultistepScheduler"]
+
+    @functools.wraps(EDMDPMSolverMultistepScheduler.set_timesteps)
+    def set_timesteps(self, *args, **kwargs):
+        super().set_timesteps(*args, **kwargs)
+        self._fz_reset()
+
+    def step(self, model_output: torch.Tensor, timestep: int | torch.Tensor, sample: torch.Tensor,
+             generator: torch.Generator | None = None, return_dict: bool = True) -> SchedulerOutput | tuple:
+        """diffusers' `step` (same arguments and result), fused unless `fused_reason` says otherwise."""
+        prev = self._fused(model_output, timestep, sample, generator, None)
+        if prev is None:
+            return super().step(model_output, timestep, sample, generator=generator, return_dict=return_dict)
+        return scheduler_output(prev) if return_dict else (prev,)
+
+    def _noise(self, model_output, generator, variance_noise, k) -> torch.Tensor | None:
+        return randn_tensor(model_output.shape, generator=generator, device=model_output.device,
+                            dtype=model_output.dtype)
+
+
+class FusedCosineDPMSolverMultistepScheduler(_VEStep, CosineDPMSolverMultistepScheduler):
+    """`CosineDPMSolverMultistepScheduler` (Stable Audio) with a fused `step()`: always SDE-DPM-Solver++ (eta = 1),
+    its noise from diffusers' Brownian tree -- seeded from ``generator.initial_seed()`` at the first step after
+    set_timesteps, queried at (sigmas[i], sigmas[i + 1]) every step, as diffusers does -- and passed to the kernel.
+
+    Beyond diffusers: `solver_order=3` (diffusers: UnboundLocalError at the third step) runs k-diffusion's
+    third-order SDE update.
+    Attributes: ``fused_backend`` (a `backends.registry.CHOICES` name), ``fused_reason`` (read-only).
+    """
+
+    _compatibles = ["CosineDPMSolverMultistepScheduler"]
+
+    @functools.wraps(CosineDPMSolverMultistepScheduler.set_timesteps)
+    def set_timesteps(self, *args, **kwargs):
+        super().set_timesteps(*args, **kwargs)
+        self._fz_reset()
+
+    def step(self, model_output: torch.Tensor, timestep: int | torch.Tensor, sample: torch.Tensor,
+             generator: torch.Generator | None = None, return_dict: bool = True) -> SchedulerOutput | tuple:
+        """diffusers' `step` (same arguments and result), fused unless `fused_reason` says otherwise."""
+        prev = self._fused(model_output, timestep, sample, generator, None)
+        if prev is None:
+            return super().step(model_output, timestep, sample, generator=generator, return_dict=return_dict)
+        return scheduler_output(prev) if return_dict else (prev,)
+
+    def _algorithm(self) -> str:
+        return "sde-dpmsolver++"
+
+    def _threshold(self):
+        return None  # the cosine scheduler has no thresholding
+
+    def _noise(self, model_output, generator, variance_noise, k) -> torch.Tensor | None:
+        if self.noise_sampler is None:
+            seed = None
+            if isinstance(generator, list):
+                seed = [g.initial_seed() for g in generator]
+            elif generator is not None:
+                seed = generator.initial_seed()
+            # the tree's shape, dtype and device are those of diffusers' converted output: the sample's, promoted
+            like = torch.zeros(model_output.shape, dtype=self._fz_traj_dtype(model_output), device=model_output.device)
+            self.noise_sampler = BrownianTreeNoiseSampler(like, sigma_min=self.config.sigma_min,
+                                                          sigma_max=self.config.sigma_max, seed=seed)
+        i = self.step_index
+        return self.noise_sampler(self.sigmas[i], self.sigmas[i + 1]).to(model_output.device)
+
+    def _fz_traj_dtype(self, model_output) -> torch.dtype:
+        traj = self._fz_traj
+        return traj.dtype if traj is not None else model_output.dtype
