@@ -440,6 +440,28 @@ def singlestep_sde_diffusers(solver_type: str, order: int, ps: Point, inner: lis
     return [_identity_where(zero, u) for u in out]
 
 
+@np.errstate(all="ignore")
+def ancestral(ps: Point, pt: Point, eta=1.0) -> tuple[Point, float | np.ndarray]:
+    """An ancestral step s -> t split as k-diffusion's `get_ancestral_step` does, in the VE sigma exp(-lambda):
+    sigma_up = min(sigma_t, eta sigma_t sqrt(1 - sigma_t^2 / sigma_s^2)), sigma_down = sqrt(sigma_t^2 - sigma_up^2).
+
+    Returns (q, noise): q is the point a deterministic update goes to (lambda = -log sigma_down, alpha = alpha_t;
+    sigma_down = 0 gives sigma = 0, lambda = inf), noise = alpha_t sigma_up the scale of the Gaussian added there.
+    eta = 0 gives (pt, 0). A step that goes up in sigma has no ancestral form (ValueError).
+    """
+    h = pt.lam - ps.lam
+    if _fast_any(h < -ZERO_STEP):
+        raise ValueError("sigmas: an ancestral (eta > 0) step must not increase the noise level")
+    h = np.maximum(h, 0.0)
+    frac = np.minimum(1.0, eta * eta * -np.expm1(-2.0 * h))  # (sigma_up / sigma_t)^2
+    s_t = _where(pt.sigma == 0.0, 0.0, np.exp(-pt.lam))
+    up = s_t * np.sqrt(frac)
+    down_over_t = np.sqrt(1.0 - frac)
+    lam = pt.lam - np.log(down_over_t)
+    q = Point(pt.alpha, pt.sigma * down_over_t, _where(down_over_t == 0.0, np.inf, lam))
+    return q, pt.alpha * up
+
+
 MODEL_TYPES = ("noise", "x_start", "v", "score", "flow", "flow_ve", "edm_noise", "edm_v")
 
 

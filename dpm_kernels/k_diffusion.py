@@ -1,31 +1,42 @@
-"""k-diffusion-style samplers on the fused step: same signatures and results as `k_diffusion.sampling`.
+"""k-diffusion-style samplers on the fused step: same signatures, defaults and results as `k_diffusion.sampling`.
 
-    from dpm_kernels.k_diffusion import sample_dpmpp_2m, sample_dpmpp_2m_sde, sample_dpmpp_3m_sde
+    from dpm_kernels.k_diffusion import sample_dpmpp_2m, sample_dpmpp_sde, sample_dpm_fast
     x0 = sample_dpmpp_2m(denoiser, x, sigmas)
 
 k-diffusion works with x_ve = x / alpha and a denoiser ``model(x, sigma, **extra_args) -> x0``; in these
-variables a VP point is (alpha = 1, sigma = sigma_ve, lambda = -log sigma), so the DPM-Solver++ updates
-apply unchanged (`coefficients.Point.from_ve_sigma`). Each step is one fused op: store the denoised
-output in a ring buffer, combine, add noise; the trajectory is planned once (`planner.plan_multistep` on VE points)
-and its coefficient table uploaded once. The sigmas are read to the host once per call.
+variables a VP point is (alpha = 1, sigma = sigma_ve, lambda = -log sigma), so the DPM-Solver(++) updates apply
+unchanged (`coefficients.Point.from_ve_sigma`). Every model evaluation is followed by one fused op: convert (the
+DPM-Solver samplers `dpm_fast` / `dpm_adaptive` work in eps = (x - x0) / sigma), store in a ring buffer, combine,
+add noise. A trajectory is planned once (`planner.plan_multistep`, `plan_two_stage`, `plan_singlestep`; cached:
+the same sigmas again plan and upload nothing) and its coefficient table uploaded once.
 
-Differences from k-diffusion, by design: the default noise sampler of the SDE samplers is i.i.d. Gaussian
-noise (k-diffusion defaults to a torchsde Brownian tree; pass ``noise_sampler`` to use any other), and
-`sample_dpmpp_3m_sde` takes ``multistep3="third_order"`` for a truly third-order update (the default
-"standard" reproduces k-diffusion, whose update has local error O(h^3)).
+Noise: each sampler calls ``noise_sampler(sigma, sigma_next)`` where k-diffusion calls it, with the same arguments
+(the round-tripped float values k-diffusion computes in the sigmas' dtype), and by default draws what k-diffusion
+draws: `torch.randn_like` for `dpmpp_2s_ancestral`, `dpm_fast`, `dpm_adaptive`, and a Brownian tree seeded from
+the global RNG (`noise.BrownianTreeNoise`, k-diffusion's construction; needs torchsde) for `dpmpp_sde`,
+`dpmpp_2m_sde`, `dpmpp_3m_sde`. With the same global seed the results are k-diffusion's.
+
+Differences from k-diffusion, by design: the sigmas must be non-increasing (a repeated sigma is a zero-length step,
+the identity); the coefficients are float64 (`dpm_fast` / `dpm_adaptive` keep k-diffusion's float32 time grid, so
+that they take the same steps, and differ from it by ~1e-7 relative); `sample_dpmpp_3m_sde` takes
+``multistep3="third_order"`` for a truly third-order update (the default "standard" reproduces k-diffusion, whose
+update has local error O(h^3)).
 """
 
 from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 from . import coefficients as C
 from . import planner as P
+from .noise import BrownianTreeNoise
 from .ops import bind, default_history_dtype
 
 _plans = P.Cache(64)  # the same sigmas and options again (the next image): planned and uploaded once
+EPS_FROM_DENOISER = P.Conversion("x_start", "eps")  # k-diffusion's DPMSolver: eps = (x - model(x)) / sigma
 
 
 def _sigmas(sigmas: torch.Tensor) -> list[float]:
@@ -39,54 +50,88 @@ def _sigmas(sigmas: torch.Tensor) -> list[float]:
     return sig
 
 
-def _run(model, x, sigmas, extra_args, callback, disable, algorithm, solver_type, max_order, eta, s_noise,
-         noise_sampler, multistep3="standard", backend="auto"):
+def _check_x(x) -> None:
     if not isinstance(x, torch.Tensor) or not x.is_floating_point():
         raise TypeError("x: expected a floating-point tensor")
+
+
+def _checked_output(denoised, dtype: torch.dtype) -> torch.Tensor:
+    if not isinstance(denoised, torch.Tensor) or not denoised.is_floating_point():
+        raise TypeError(f"model: must return a floating-point tensor (the denoised x0), got "
+                        f"{denoised.dtype if isinstance(denoised, torch.Tensor) else type(denoised).__name__}")
+    return denoised if denoised.dtype == dtype else denoised.to(dtype)
+
+
+def _brownian_default(x, sigmas: torch.Tensor, noise_sampler):
+    """k-diffusion's default for the SDE samplers: a tree over [min positive sigma, max sigma]."""
+    if noise_sampler is not None:
+        return noise_sampler
+    return BrownianTreeNoise(x, sigmas[sigmas > 0].min(), sigmas.max())
+
+
+def _run(model, x: torch.Tensor, plan: P.Plan, model_sigmas, extra_args, callback, disable, noise_for,
+         conversion: P.Conversion = P.IDENTITY_X0, backend: str = "auto", info=None) -> torch.Tensor:
+    """Run `plan`'s evaluations: the model at x (Eval.source "x") or at the intermediate point u, each followed by
+    its fused step. model_sigmas[k]: the sigma of evaluation k (float64); noise_for(k, ev): the noise of evaluation
+    k or None (it calls the noise sampler where k-diffusion does). The callback runs after each step's first
+    evaluation, with k-diffusion's keys; info(i) gives step i's sigma keys (and any others)."""
     extra_args = {} if extra_args is None else extra_args
+    rows = plan.device_table(conversion, x.device, what="sigmas").rows
+    step = bind(backend, x.device)
+    slots = torch.empty((plan.n_slots,) + tuple(x.shape), dtype=default_history_dtype(x.dtype),
+                        device=x.device).unbind(0)
+    # k-diffusion's `sigma * s_in`: the 0-d sigma takes s_in's (x's) dtype and device
+    sig_in = torch.tensor(np.asarray(model_sigmas, dtype=np.float64)).to(device=x.device, dtype=x.dtype)
+    sig_in = sig_in[:, None].expand(len(plan.evals), x.shape[0]).contiguous().unbind(0)
+    cur = x.clone(memory_format=torch.contiguous_format)
+    u = torch.empty_like(cur) if plan.needs_u else None
+    spare = torch.empty_like(cur) if callback is not None else None
+    from tqdm.auto import tqdm
+
+    with tqdm(total=plan.evals[-1].step if plan.evals else 0, disable=disable) as bar:
+        for k, ev in enumerate(plan.evals):
+            at = cur if ev.source == "x" else u
+            denoised = _checked_output(model(at, sig_in[k], **extra_args), cur.dtype)
+            if callback is not None and ev.source == "x":
+                callback({"x": cur, "i": ev.step - 1, **info(ev.step - 1), "denoised": denoised})
+            z = noise_for(k, ev)
+            z = z.to(cur.dtype) if z is not None and ev.noisy else None
+            # a callback may keep `x`: then a step's result goes to a second buffer instead of in place
+            out = u if ev.dest == "u" else cur if spare is None else spare
+            h = [slots[j] for j in ev.read_slots] + [None, None]
+            step(cur, denoised, rows[k], out, None if ev.write_slot is None else slots[ev.write_slot], h[0], h[1],
+                 None if ev.source == "x" else u, z)
+            if ev.dest == "x":
+                bar.update(1)
+                if spare is not None:
+                    cur, spare = out, torch.empty_like(cur)
+    return cur
+
+
+def _multistep(model, x, sigmas, extra_args, callback, disable, algorithm, solver_type, max_order, eta, s_noise,
+               noise_sampler, multistep3="standard", backend="auto"):
+    _check_x(x)
     sig = _sigmas(sigmas)
     n = len(sig) - 1
     orders = [1 if sig[i + 1] == 0 else min(max_order, i + 1) for i in range(n)]
-    plan = _plans.get((tuple(sig), algorithm, solver_type, max_order, eta, s_noise, multistep3),
+    plan = _plans.get(("multistep", tuple(sig), algorithm, solver_type, max_order, eta, s_noise, multistep3),
                       lambda: P.plan_multistep(None, algorithm, solver_type, sig, orders, eta, s_noise, multistep3,
                                                points=C.Point.from_ve_sigma(sig)))
-    rows = plan.device_table(P.IDENTITY_X0, x.device, what="sigmas").rows
-    step = bind(backend, x.device)
-    if noise_sampler is None:
-        noise_sampler = lambda sigma, sigma_next: torch.randn_like(x)  # noqa: E731
-    slots = torch.empty((plan.n_slots,) + tuple(x.shape), dtype=default_history_dtype(x.dtype),
-                        device=x.device).unbind(0)
-    # k-diffusion's `sigmas[i] * s_in` for every i at once: the 0-d sigma takes s_in's (x's) dtype and device
-    sigma_in = sigmas.to(device=x.device, dtype=x.dtype)[:, None].expand(len(sig), x.shape[0]).contiguous().unbind(0)
-    cur = x.clone(memory_format=torch.contiguous_format)
-    spare = torch.empty_like(cur) if callback is not None else None
-    from tqdm.auto import trange
+    if algorithm.startswith("sde"):
+        noise_sampler = _brownian_default(x, sigmas, noise_sampler)
 
-    for i in trange(n, disable=disable):
-        denoised = model(cur, sigma_in[i], **extra_args)
-        if callback is not None:
-            callback({"x": cur, "i": i, "sigma": sigmas[i], "sigma_hat": sigmas[i], "denoised": denoised})
-        ev = plan.evals[i]
-        z = noise_sampler(sigmas[i], sigmas[i + 1]).to(cur.dtype) if ev.noisy else None
-        # a callback may keep `x`: then write into a second buffer instead of in place
-        out = cur if spare is None else spare
-        h = [slots[s] for s in ev.read_slots] + [None, None]
-        if not isinstance(denoised, torch.Tensor) or not denoised.is_floating_point():
-            raise TypeError(f"model: must return a floating-point tensor (the denoised x0), got "
-                            f"{denoised.dtype if isinstance(denoised, torch.Tensor) else type(denoised).__name__}")
-        if denoised.dtype != cur.dtype:
-            denoised = denoised.to(cur.dtype)
-        step(cur, denoised, rows[i], out, None if ev.write_slot is None else slots[ev.write_slot], h[0], h[1], None, z)
-        if spare is not None:
-            cur, spare = out, torch.empty_like(cur)
-    return cur
+    def noise_for(k, ev):  # k-diffusion draws when eta is set, in every step but one to sigma = 0
+        return noise_sampler(sigmas[k], sigmas[k + 1]) if ev.noisy else None
+
+    return _run(model, x, plan, sig[:-1], extra_args, callback, disable, noise_for, backend=backend,
+                info=lambda i: {"sigma": sigmas[i], "sigma_hat": sigmas[i]})
 
 
 @torch.no_grad()
 def sample_dpmpp_2m(model, x, sigmas, extra_args=None, callback=None, disable=None, *, backend="auto"):
     """DPM-Solver++(2M) (k-diffusion's signature): model(x, sigma, **extra_args) -> denoised."""
-    return _run(model, x, sigmas, extra_args, callback, disable, "dpmsolver++", "dpmsolver", 2, 0.0, 1.0, None,
-                backend=backend)
+    return _multistep(model, x, sigmas, extra_args, callback, disable, "dpmsolver++", "dpmsolver", 2, 0.0, 1.0,
+                      None, backend=backend)
 
 
 @torch.no_grad()
@@ -95,8 +140,8 @@ def sample_dpmpp_2m_sde(model, x, sigmas, extra_args=None, callback=None, disabl
     """DPM-Solver++(2M) SDE (k-diffusion's signature); solver_type "midpoint" or "heun"."""
     if solver_type not in ("midpoint", "heun"):
         raise ValueError("solver_type: must be 'heun' or 'midpoint'")
-    return _run(model, x, sigmas, extra_args, callback, disable, "sde-dpmsolver++", solver_type, 2, eta, s_noise,
-                noise_sampler, backend=backend)
+    return _multistep(model, x, sigmas, extra_args, callback, disable, "sde-dpmsolver++", solver_type, 2, eta,
+                      s_noise, noise_sampler, backend=backend)
 
 
 @torch.no_grad()
@@ -104,5 +149,228 @@ def sample_dpmpp_3m_sde(model, x, sigmas, extra_args=None, callback=None, disabl
                         noise_sampler=None, *, multistep3="standard", backend="auto"):
     """DPM-Solver++(3M) SDE (k-diffusion's signature). multistep3: "standard" | "third_order"."""
     # k-diffusion's second step (before three outputs exist) uses the phi_2 (taylor) form
-    return _run(model, x, sigmas, extra_args, callback, disable, "sde-dpmsolver++", "taylor", 3, eta, s_noise,
-                noise_sampler, multistep3, backend=backend)
+    return _multistep(model, x, sigmas, extra_args, callback, disable, "sde-dpmsolver++", "taylor", 3, eta,
+                      s_noise, noise_sampler, multistep3, backend=backend)
+
+
+def _two_stage(model, x, sigmas, extra_args, callback, disable, form, eta, s_noise, r, noise_for_plan, backend):
+    _check_x(x)
+    sig = _sigmas(sigmas)
+    plan = _plans.get(("two_stage", tuple(sig), form, eta, s_noise, r),
+                      lambda: P.plan_two_stage(sig, form, eta, s_noise, r))
+    return _run(model, x, plan, [ev.t for ev in plan.evals], extra_args, callback, disable, noise_for_plan(plan),
+                backend=backend, info=lambda i: {"sigma": sigmas[i], "sigma_hat": sigmas[i]})
+
+
+@torch.no_grad()
+def sample_dpmpp_2s_ancestral(model, x, sigmas, extra_args=None, callback=None, disable=None, eta=1.0, s_noise=1.0,
+                              noise_sampler=None, *, backend="auto"):
+    """Ancestral DPM-Solver++(2S) (k-diffusion's signature): two model calls per step (one in a step to sigma = 0),
+    noise ``noise_sampler(sigmas[i], sigmas[i + 1])`` (default randn_like) after every step but one to 0."""
+    if noise_sampler is None:
+        noise_sampler = lambda sigma, sigma_next: torch.randn_like(x)  # noqa: E731
+
+    def noise_for_plan(plan):
+        def noise_for(k, ev):
+            i = ev.step - 1
+            return noise_sampler(sigmas[i], sigmas[i + 1]) if ev.dest == "x" and ev.t_next > 0 else None
+        return noise_for
+
+    return _two_stage(model, x, sigmas, extra_args, callback, disable, "2s_ancestral", eta, s_noise, 0.5,
+                      noise_for_plan, backend)
+
+
+@torch.no_grad()
+def sample_dpmpp_sde(model, x, sigmas, extra_args=None, callback=None, disable=None, eta=1.0, s_noise=1.0,
+                     noise_sampler=None, r=1 / 2, *, backend="auto"):
+    """DPM-Solver++ (stochastic) (k-diffusion's signature): two model calls per step, the second at
+    sigma_i^(1-r) sigma_{i+1}^r, each followed by Brownian noise (default: a Brownian tree seeded from the global
+    RNG, as k-diffusion); a last step to sigma = 0 is one call."""
+    _check_x(x)
+    noise_sampler = _brownian_default(x, sigmas, noise_sampler)
+    # k-diffusion's query sigmas: sigma_fn(t), sigma_fn(t + r h), sigma_fn(t_next), in the sigmas' dtype
+    sg = sigmas.detach().cpu()
+    t = sg.log().neg()
+    t_mid = t[:-1] + (t[1:] - t[:-1]) * r
+    q_from, q_mid, q_to = t[:-1].neg().exp(), t_mid.neg().exp(), t[1:].neg().exp()
+
+    def noise_for_plan(plan):
+        def noise_for(k, ev):
+            i = ev.step - 1
+            if ev.order == 1:  # the Euler step to sigma = 0
+                return None
+            return noise_sampler(q_from[i], q_mid[i] if ev.dest == "u" else q_to[i])
+        return noise_for
+
+    return _two_stage(model, x, sigmas, extra_args, callback, disable, "sde", eta, s_noise, r, noise_for_plan,
+                      backend)
+
+
+def _sigma_limits(sigma_min, sigma_max):
+    if sigma_min <= 0 or sigma_max <= 0:
+        raise ValueError("sigma_min and sigma_max must not be 0")
+    # k-diffusion's t(torch.tensor(sigma)): float32 for Python floats
+    return torch.as_tensor(sigma_max).log().neg(), torch.as_tensor(sigma_min).log().neg()
+
+
+def _ancestral_target(t, t_next, t_end, eta):
+    """k-diffusion's DPMSolver ancestral split in float32 time: (ODE target time, noise scale)."""
+    if not eta:
+        return t_next, 0.0
+    s_from, s_to = t.neg().exp(), t_next.neg().exp()
+    s_up = torch.minimum(s_to, eta * (s_to ** 2 * (s_from ** 2 - s_to ** 2) / s_from ** 2) ** 0.5)
+    s_down = (s_to ** 2 - s_up ** 2) ** 0.5
+    target = torch.minimum(t_end, s_down.log().neg())
+    return target, float((s_to ** 2 - target.neg().exp() ** 2) ** 0.5)
+
+
+def _fast_orders(nfe: int) -> list[int]:
+    m = nfe // 3 + 1
+    return [3] * (m - 2) + [2, 1] if nfe % 3 == 0 else [3] * (m - 1) + [nfe % 3]
+
+
+@torch.no_grad()
+def sample_dpm_fast(model, x, sigma_min, sigma_max, n, extra_args=None, callback=None, disable=None, eta=0.0,
+                    s_noise=1.0, noise_sampler=None, *, backend="auto"):
+    """DPM-Solver-fast (k-diffusion's signature): n model evaluations in singlestep blocks of orders 3, ..., 2, 1
+    on a grid uniform in -log sigma from sigma_max to sigma_min (no final denoising step), noise-prediction
+    DPM-Solver updates; eta > 0: ancestral blocks, noise ``noise_sampler(sigma(t), sigma(t_next))`` (default
+    randn_like, drawn every step as k-diffusion does)."""
+    _check_x(x)
+    if not isinstance(n, int) or n < 1:
+        raise ValueError(f"n: the number of model evaluations must be a positive integer, got {n!r}")
+    t_start, t_end = _sigma_limits(sigma_min, sigma_max)
+    if not t_end > t_start and eta:
+        raise ValueError("eta must be 0 for reverse sampling")
+    if noise_sampler is None:
+        noise_sampler = lambda sigma, sigma_next: torch.randn_like(x)  # noqa: E731
+    orders = _fast_orders(n)
+    ts = torch.linspace(t_start, t_end, len(orders) + 1)  # float32, as k-diffusion
+    targets, ups = zip(*(_ancestral_target(ts[i], ts[i + 1], t_end, eta) for i in range(len(orders))), strict=True)
+    tl = ts.double().tolist()
+    ends = [float(v) for v in targets]
+    plan = _plans.get(("fast", tuple(tl), tuple(orders), tuple(ends), tuple(ups), s_noise),
+                      lambda: P.plan_singlestep(P.VELambdaTime, "dpmsolver", "dpmsolver", tl, orders,
+                                                inner_times=[list(np.linspace(tl[b], ends[b], o + 1)[1:-1])
+                                                             for b, o in enumerate(orders)],
+                                                block_ends=ends, block_noise=[u * s_noise for u in ups]))
+
+    def noise_for(k, ev):
+        i = ev.step - 1
+        return noise_sampler(ts[i].neg().exp(), ts[i + 1].neg().exp()) if ev.dest == "x" else None
+
+    return _run(model, x, plan, [math.exp(-ev.t) for ev in plan.evals], extra_args, callback, disable, noise_for,
+                EPS_FROM_DENOISER, backend,
+                info=lambda i: {"sigma": ts[i].neg().exp(), "sigma_hat": ts[i].neg().exp(), "t": ts[i], "t_up": ts[i]})
+
+
+class _PIDController:
+    """k-diffusion's PID step size controller (error-per-unit, limiter 1 + atan(x - 1))."""
+
+    def __init__(self, h, pcoeff, icoeff, dcoeff, order, accept_safety, eps=1e-8):
+        self.h = h
+        self.b1 = (pcoeff + icoeff + dcoeff) / order
+        self.b2 = -(pcoeff + 2 * dcoeff) / order
+        self.b3 = dcoeff / order
+        self.accept_safety, self.eps = accept_safety, eps
+        self.errs: list[float] = []
+
+    def propose_step(self, error) -> bool:
+        inv = 1 / (float(error) + self.eps)
+        if not self.errs:
+            self.errs = [inv, inv, inv]
+        self.errs[0] = inv
+        factor = 1 + math.atan(self.errs[0] ** self.b1 * self.errs[1] ** self.b2 * self.errs[2] ** self.b3 - 1)
+        accept = factor >= self.accept_safety
+        if accept:
+            self.errs[2], self.errs[1] = self.errs[1], self.errs[0]
+        self.h *= factor
+        return accept
+
+
+@torch.no_grad()
+def sample_dpm_adaptive(model, x, sigma_min, sigma_max, extra_args=None, callback=None, disable=None, order=3,
+                        rtol=0.05, atol=0.0078, h_init=0.05, pcoeff=0.0, icoeff=1.0, dcoeff=0.0, accept_safety=0.81,
+                        eta=0.0, s_noise=1.0, noise_sampler=None, return_info=False, *, backend="auto"):
+    """DPM-Solver-12 / -23 with PID step size control (k-diffusion's signature and step sequence): each attempt
+    evaluates a lower- and a higher-order singlestep solution sharing `order` model evaluations and one error norm
+    (a host sync per attempt, inherent to the method). Returns x, or (x, info) with return_info."""
+    _check_x(x)
+    if order not in (2, 3):
+        raise ValueError("order should be 2 or 3")
+    t_start, t_end = _sigma_limits(sigma_min, sigma_max)
+    forward = bool(t_end > t_start)
+    if not forward and eta:
+        raise ValueError("eta must be 0 for reverse sampling")
+    if noise_sampler is None:
+        noise_sampler = lambda sigma, sigma_next: torch.randn_like(x)  # noqa: E731
+    extra_args = {} if extra_args is None else extra_args
+    h_init = abs(h_init) * (1 if forward else -1)
+    atol_t, rtol_t = torch.tensor(atol), torch.tensor(rtol)
+    pid = _PIDController(h_init, pcoeff, icoeff, dcoeff, 1.5 if eta else order, accept_safety)
+    info = {"steps": 0, "nfe": 0, "n_accept": 0, "n_reject": 0}
+    step = bind(backend, x.device)
+    hd = default_history_dtype(x.dtype)
+    m = torch.empty((3,) + tuple(x.shape), dtype=hd, device=x.device).unbind(0)  # eps at s, s1, s2
+    u = torch.empty_like(x, memory_format=torch.contiguous_format)
+    x = x.clone(memory_format=torch.contiguous_format)
+    x_prev = x
+    s = t_start
+    ones = x.new_ones([x.shape[0]])
+    r1 = 0.5 if order == 2 else 1.0 / 3.0
+    from tqdm.auto import tqdm
+
+    with tqdm(disable=disable) as bar:
+        while (s < t_end - 1e-5) if forward else (s > t_end + 1e-5):
+            t = torch.minimum(t_end, s + pid.h) if forward else torch.maximum(t_end, s + pid.h)
+            t_, su = _ancestral_target(s, t, t_end, eta) if eta else (t, 0.0)
+            s64, tt = float(s), float(t_)
+            ps, pt = P.VELambdaTime.point64(s64), P.VELambdaTime.point64(tt)
+            p1 = P.VELambdaTime.point64(s64 + r1 * (tt - s64))
+            d0 = _checked_output(model(x, math.exp(-s64) * ones, **extra_args), x.dtype)
+            if order == 2:
+                low = C.multistep("dpmsolver", "dpmsolver", 1, [ps], pt)
+                ups = C.singlestep("dpmsolver", "dpmsolver", 2, ps, [p1], pt)
+                evals = [(ps, ups[0]), (p1, ups[1])]
+                low_from = 0  # x_low combines the first evaluation's eps alone
+            else:
+                p2 = P.VELambdaTime.point64(s64 + (2.0 / 3.0) * (tt - s64))
+                low = C.singlestep("dpmsolver", "dpmsolver", 2, ps, [p1], pt)[1]
+                ups = C.singlestep("dpmsolver", "dpmsolver", 3, ps, [p1, p2], pt)
+                evals = [(ps, ups[0]), (p1, ups[1]), (p2, ups[2])]
+                low_from = 1
+            outs = []
+            den = d0
+            for j, (pp, up) in enumerate(evals):
+                if j > 0:
+                    den = _checked_output(model(u, math.exp(-float(pp.lam)) * ones, **extra_args), x.dtype)
+                row = torch.from_numpy(P.coefficient_rows(pp, EPS_FROM_DENOISER, up, "sigma_min")).to(x.device)
+                last = j == len(evals) - 1
+                out = torch.empty_like(x) if last else u
+                step(x, den, row, out, None if last else m[j], m[j - 1] if j > 0 else None,
+                     m[j - 2] if j > 1 else None, None if j == 0 else u, None)
+                outs.append(out)
+            # x_low: the lower-order combination of the stored eps (identity conversion, newest first)
+            lrow = torch.from_numpy(P.coefficient_rows(pp, P.Conversion.identity("eps"), low, "sigma_min"))
+            x_low = torch.empty_like(x)
+            step(x, m[low_from].to(x.dtype), lrow.to(x.device), x_low, None, m[0] if low_from == 1 else None, None,
+                 None, None)
+            x_high = outs[-1]
+            delta = torch.maximum(atol_t, rtol_t * torch.maximum(x_low.abs(), x_prev.abs()))
+            error = torch.linalg.norm((x_low - x_high) / delta) / x.numel() ** 0.5
+            accept = pid.propose_step(error)
+            if accept:
+                x_prev = x_low
+                z = noise_sampler(s.neg().exp(), t.neg().exp())
+                x = x_high + su * s_noise * z if su else x_high
+                s = t
+                info["n_accept"] += 1
+            else:
+                info["n_reject"] += 1
+            info["nfe"] += order
+            info["steps"] += 1
+            bar.update(order)
+            if callback is not None:
+                callback({"sigma": s.neg().exp(), "sigma_hat": s.neg().exp(), "x": x, "i": info["steps"] - 1,
+                          "t": s, "t_up": s, "denoised": d0, "error": error, "h": pid.h, **info})
+    return (x, info) if return_info else x

@@ -56,3 +56,42 @@ class NoiseSource:
                 raise ValueError(f"noise_sampler: must return a tensor of shape {tuple(x.shape)}")
             return z.to(device=x.device, dtype=x.dtype)
         return draw(x.shape, x.dtype, x.device, self.generator)
+
+
+class BrownianTreeNoise:
+    """``f(sigma, sigma_next)``: the normalised increment (W(sigma_next) - W(sigma)) / sqrt(|sigma_next - sigma|) of
+    a Brownian motion W indexed by sigma over [sigma_min, sigma_max] (torchsde's BrownianTree), built as
+    k-diffusion's `BrownianTreeNoiseSampler` builds it, so that one seed gives k-diffusion's noise.
+
+    Queries of overlapping intervals are correlated as Brownian increments are (the SDE samplers that query twice
+    per step rely on it), and the result does not depend on query order. seed: an int (one tree of x's shape), a
+    list of B ints (one tree per sample), or None (an int drawn from the global torch RNG, as k-diffusion). The
+    tree has x's dtype and device.
+    """
+
+    def __init__(self, x: torch.Tensor, sigma_min, sigma_max, seed=None):
+        try:
+            import torchsde
+        except ImportError as exc:
+            raise ImportError("noise_sampler: the default noise of the SDE samplers is a Brownian tree, as in "
+                              "k-diffusion, which needs torchsde (pip install torchsde); or pass noise_sampler="
+                              ) from exc
+        lo, hi = torch.as_tensor(sigma_min), torch.as_tensor(sigma_max)
+        lo, hi, self._sign = (lo, hi, 1) if lo < hi else (hi, lo, -1)
+        w0 = torch.zeros_like(x)
+        if seed is None:
+            seed = torch.randint(0, 2**63 - 1, []).item()
+        self._batched = isinstance(seed, Sequence)
+        if self._batched:
+            if len(seed) != x.shape[0]:
+                raise ValueError(f"seed: got {len(seed)} seeds for a batch of {x.shape[0]}")
+            seeds, w0 = list(seed), w0[0]
+        else:
+            seeds = [seed]
+        self._trees = [torchsde.BrownianTree(lo, w0, hi, entropy=s) for s in seeds]
+
+    def __call__(self, sigma, sigma_next) -> torch.Tensor:
+        a, b = torch.as_tensor(sigma), torch.as_tensor(sigma_next)
+        lo, hi, sign = (a, b, 1) if a < b else (b, a, -1)
+        w = torch.stack([tree(lo, hi) for tree in self._trees]) * (self._sign * sign)
+        return (w if self._batched else w[0]) / (b - a).abs().sqrt()

@@ -38,6 +38,16 @@ def point(ns: NoiseSchedule, t) -> C.Point:
     return ns.point64(t)
 
 
+class VELambdaTime:
+    """Time t = lambda = -log sigma on VE points (alpha = 1), the time of k-diffusion's DPMSolver class: a stand-in
+    for a schedule where the planner reads only `point64`."""
+
+    @staticmethod
+    def point64(t) -> C.Point:
+        t = np.asarray(t, dtype=np.float64)
+        return C.Point(np.ones_like(t)[()], np.exp(-t)[()], t[()])
+
+
 def stack_points(points) -> C.Point:
     """One `Point` of arrays from a list of points (or a `Point` already holding arrays)."""
     if isinstance(points, C.Point):
@@ -351,18 +361,23 @@ def plan_multistep(ns, algorithm_type, solver_type, times, orders, eta=0.0, s_no
 
 
 def plan_singlestep(ns, algorithm_type, solver_type, outer, orders, skip_type="time_uniform", u2_form="taylor",
-                    inner_times: list[list[float]] | None = None) -> Plan:
+                    inner_times: list[list[float]] | None = None, block_ends=None, block_noise=None) -> Plan:
     """Singlestep blocks outer[i] -> outer[i+1] of orders[i].
 
     Intermediate times are spaced by `skip_type` inside each block (the authors' rule), or given per block
     in `inner_times` (orders[i] - 1 times each; diffusers' singlestep scheduler uses its own timesteps).
+    Ancestral blocks (k-diffusion's dpm_fast with eta > 0): block i solves the ODE from outer[i] to
+    block_ends[i] (default outer[i + 1]) and adds block_noise[i] * z, which brings x to outer[i + 1].
     """
     if len(outer) != len(orders) + 1:
         raise ValueError(f"orders: expected {len(outer) - 1} block orders, got {len(orders)}")
     outer = np.asarray(outer, dtype=np.float64)
+    block_ends = outer[1:] if block_ends is None else np.asarray(block_ends, dtype=np.float64)
+    if block_ends.shape != (len(orders),):
+        raise ValueError(f"block_ends: expected {len(orders)} block ends, got {block_ends.shape}")
     eval_t, blocks = [], []  # evaluation times; per block (order, first evaluation index)
     for b, o in enumerate(orders):
-        s, t = float(outer[b]), float(outer[b + 1])
+        s, t = float(outer[b]), float(block_ends[b])
         if inner_times is not None:
             inner_t = np.asarray(inner_times[b], dtype=np.float64)
             if inner_t.shape != (o - 1,):
@@ -372,8 +387,8 @@ def plan_singlestep(ns, algorithm_type, solver_type, outer, orders, skip_type="t
         blocks.append((o, len(eval_t)))
         eval_t += [s] + inner_t.tolist()
     nfe = len(eval_t)
-    pts = point(ns, np.asarray(eval_t + [float(outer[-1])]))
-    ends = point(ns, outer[1:])
+    pts = point(ns, np.asarray(eval_t + [float(block_ends[-1])]))
+    ends = point(ns, block_ends)
     a, c, noise = _update_arrays(nfe)
     for o in (1, 2, 3):
         bs = [b for b, (ob, _) in enumerate(blocks) if ob == o]
@@ -384,17 +399,92 @@ def plan_singlestep(ns, algorithm_type, solver_type, outer, orders, skip_type="t
                            ends[np.array(bs)], u2_form)
         for j, u in enumerate(ups):
             _store(a, c, noise, first + j, u)
+    if block_noise is not None:
+        noise[[first + o - 1 for o, first in blocks]] = np.broadcast_to(np.asarray(block_noise, np.float64),
+                                                                        (len(blocks),))
     evals = []
     for b, (o, first) in enumerate(blocks):
-        t_end = float(outer[b + 1])
+        t_end = float(block_ends[b])
         for j in range(o):
             last = j == o - 1
             evals.append(Eval(t=eval_t[first + j], t_next=t_end if last else eval_t[first + j + 1],
                               source="x" if j == 0 else "u", dest="x" if last else "u",
                               write_slot=None if last else j, read_slots=tuple(range(j - 1, -1, -1)), order=o,
-                              step=b + 1, noisy=False))
+                              step=b + 1, noisy=bool(noise[first + j] != 0.0)))
     return Plan(evals, pts[np.arange(nfe)], C.Update(a, tuple(c.T), noise), 2, outer, list(orders),
                 needs_u=max(orders) > 1, kind="singlestep")
+
+
+TWO_STAGE = ("2s_ancestral", "sde")
+
+
+def plan_two_stage(sigmas, form: str, eta: float = 1.0, s_noise: float = 1.0, r: float = 0.5) -> Plan:
+    """k-diffusion's two-evaluation ancestral steps on VE sigmas (alpha = 1), one `Eval` per model call.
+
+    Each interval sigma_i -> sigma_{i+1} > 0 takes two evaluations: the first at x_i (sigma_i) moves to an
+    intermediate point u, the second, at u, restarts from x_i (the caller passes x_i as x and u as x_eval):
+    - "2s_ancestral" (DPM-Solver++(2S) ancestral): (down, up) = `coefficients.ancestral`(sigma_i, sigma_{i+1}, eta);
+      u is the first-order step to the lambda midpoint of sigma_i and down (r = 1/2 always, as k-diffusion), and the
+      second evaluation's output alone takes x_i to down, plus up * z. Where down = 0 (the last step, or a large
+      eta) a single evaluation gives its output, plus up * z while sigma_{i+1} > 0.
+    - "sde" (DPM-Solver++ SDE, k-diffusion's `sample_dpmpp_sde`; diffusers' DPMSolverSDEScheduler is r = 1/2,
+      eta = 1): u is the ancestral first-order step to s = sigma_i^(1-r) sigma_{i+1}^r (noise z1), and the
+      second takes x_i ancestrally to sigma_{i+1} with (1 - 1/(2r)) m_i + 1/(2r) m_u (noise z2). A last step to
+      sigma = 0 is one evaluation: its output.
+    `Eval.t` is the sigma the model is evaluated at; noise scales include s_noise.
+    """
+    if form not in TWO_STAGE:
+        raise ValueError(f"form: expected one of {TWO_STAGE}, got {form!r}")
+    if not (math.isfinite(eta) and eta >= 0):
+        raise ValueError(f"eta: must be finite and >= 0, got {eta}")
+    if not (0.0 < r <= 1.0):
+        raise ValueError(f"r: the intermediate point's lambda fraction must be in (0, 1], got {r}")
+    sig = np.asarray(sigmas, dtype=np.float64)
+    n = len(sig) - 1
+    ps, pt = C.Point.from_ve_sigma(sig[:-1]), C.Point.from_ve_sigma(sig[1:])
+    fac = 1.0 / (2.0 * r)
+    if form == "2s_ancestral":
+        q, up = C.ancestral(ps, pt, eta)
+        single = q.sigma == 0.0
+        mid = C.Point.from_ve_sigma(np.exp(-(ps.lam + 0.5 * (q.lam - ps.lam))))
+        first = C.multistep("dpmsolver++", "dpmsolver", 1, [ps], mid)
+        last = C.multistep("dpmsolver++", "dpmsolver", 1, [ps], q)
+        second = C.Update(last.a, (last.c[0], np.zeros(n)), up * s_noise)
+        first_noise = np.zeros(n)
+        # one evaluation: x = m_i (+ up z while sigma_{i+1} > 0)
+        one = C.Update(np.zeros(n), (np.ones(n), np.zeros(n)), np.where(pt.sigma > 0.0, up * s_noise, 0.0))
+    else:
+        single = pt.sigma == 0.0
+        mid = C.Point.from_ve_sigma(np.exp(-(ps.lam + r * (pt.lam - ps.lam))))
+        q1, up1 = C.ancestral(ps, mid, eta)
+        q2, up2 = C.ancestral(ps, pt, eta)
+        first = C.multistep("dpmsolver++", "dpmsolver", 1, [ps], q1)
+        first_noise = up1 * s_noise
+        base = C.multistep("dpmsolver++", "dpmsolver", 1, [ps], q2)
+        second = C.Update(base.a, (fac * base.c[0], (1.0 - fac) * base.c[0]), up2 * s_noise)
+        one = C.Update(np.zeros(n), (np.ones(n), np.zeros(n)), np.zeros(n))
+    keep_first = fac != 1.0 and form == "sde"  # the second evaluation also reads m_i
+    evals, where, a, c0, c1, noise = [], [], [], [], [], []
+    for i in range(n):
+        if single[i]:
+            rows = [(ps, one, one.noise, "x", "x", None, ())]
+        else:
+            rows = [(ps, first, first_noise, "x", "u", 0 if keep_first else None, ()),
+                    (mid, second, second.noise, "u", "x", None, (0,) if keep_first else ())]
+        for pp, u, nz, src, dst, wslot, reads in rows:
+            nz_i = float(np.broadcast_to(nz, (n,))[i])
+            t_next = float(sig[i + 1]) if dst == "x" else float(mid.sigma[i])
+            evals.append(Eval(t=float(pp.sigma[i]), t_next=t_next, source=src, dest=dst, write_slot=wslot,
+                              read_slots=reads, order=len(rows), step=i + 1, noisy=nz_i != 0.0))
+            where.append((pp.alpha[i], pp.sigma[i], pp.lam[i]))
+            a.append(float(np.broadcast_to(u.a, (n,))[i]))
+            c0.append(float(np.broadcast_to(u.c[0], (n,))[i]))
+            c1.append(float(np.broadcast_to(u.c[1], (n,))[i]) if len(u.c) > 1 else 0.0)
+            noise.append(nz_i)
+    pts = C.Point(*(np.array(v) for v in zip(*where, strict=True)))
+    update = C.Update(np.array(a), (np.array(c0), np.array(c1), np.zeros(len(a))), np.array(noise))
+    return Plan(evals, pts, update, 1, sig, [ev.order for ev in evals if ev.dest == "x"], needs_u=True,
+                kind="singlestep")
 
 
 def plan_singlestep_steps(algorithm_type: str, solver_type: str, points, orders: list[int], times=None) -> Plan:
