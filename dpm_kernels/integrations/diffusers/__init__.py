@@ -48,6 +48,7 @@ State: `step_index`, `lower_order_nums` and (singlestep) `sample` evolve as in d
 (oldest first; None where no later step needs the output), valid until the next step.
 """
 
+from .sde import FusedDPMSolverSDEScheduler
 from .ve import FusedCosineDPMSolverMultistepScheduler, FusedEDMDPMSolverMultistepScheduler
 from .vp import (
     FusedDPMSolverMultistepInverseScheduler,
@@ -59,6 +60,7 @@ __all__ = [
     "FusedCosineDPMSolverMultistepScheduler",
     "FusedDPMSolverMultistepInverseScheduler",
     "FusedDPMSolverMultistepScheduler",
+    "FusedDPMSolverSDEScheduler",
     "FusedDPMSolverSinglestepScheduler",
     "FusedEDMDPMSolverMultistepScheduler",
 ]

@@ -158,7 +158,7 @@ class FusedStepMixin:
         if self._fz_plans is None:
             self._fz_plans = P.Cache(_PLAN_CACHE)
         plan = self._fz_plans.get((start, n, sigmas.tobytes(), self._config_key()),
-                                  lambda: self._plan_steps(self._points(sigmas), self._orders(start, n)))
+                                  lambda: self._make_plan(sigmas, start, n))
         table = plan.device_table(self._conversion(), dev, what="sigmas")
         shape = (plan.n_slots, *sample.shape)
         hd = default_history_dtype(w)  # float32 history for half samples: more accurate than diffusers'
@@ -211,18 +211,17 @@ class FusedStepMixin:
         if torch.is_grad_enabled() and (sample.requires_grad or model_output.requires_grad):
             raise RuntimeError("step: inputs require grad, but this fused trajectory has no autograd")
         w, ev = traj.dtype, evals[k]
-        z = self._noise(model_output, generator, variance_noise, k) if traj.sde else None  # every step, as diffusers
+        z = self._noise(model_output, sample, generator, variance_noise, k) if traj.sde else None  # as diffusers
         x_now = sample if sample.dtype == w else sample.to(w)
-        x, x_eval = self._start_point(ev.order, sample, x_now)
+        x, x_eval = self._start_point(ev, sample, x_now)
         slots = traj.slots
         h = [slots[s] for s in ev.read_slots] + [None, None]
         out = torch.empty_like(x_now, memory_format=torch.contiguous_format)
-        traj.step(x, mo if mo.dtype == w else mo.to(w), traj.table.rows[k], out,
-                  None if ev.write_slot is None else slots[ev.write_slot], h[0], h[1], x_eval,
-                  z.to(w) if z is not None and ev.noisy else None)
+        traj.step(x, mo if mo.dtype == w else mo.to(w), traj.table.rows[k], out, self._hist_out(ev, slots), h[0],
+                  h[1], x_eval, z.to(w) if z is not None and ev.noisy else None)
         traj.calls += 1
         self._step_index += 1
-        self._advanced()
+        self._advanced(ev, sample)
         return out.to(model_output.dtype) if traj.model_dtype_result and model_output.dtype != w else out
 
     # ----- hooks: the defaults serve diffusers' VP schedulers (multistep, singlestep, inverse) -----
@@ -270,10 +269,19 @@ class FusedStepMixin:
     def _result_in_model_dtype(self) -> bool:
         return False
 
-    def _start_point(self, order, sample, x_now):
+    def _make_plan(self, sigmas: np.ndarray, start: int, n: int) -> P.Plan:
+        """The plan of steps start..n - 1 on diffusers' remaining sigmas."""
+        return self._plan_steps(self._points(sigmas), self._orders(start, n))
+
+    def _start_point(self, ev: P.Eval, sample, x_now):
+        """(x, x_eval) of the fused step: where the update starts, and where the model was evaluated if not there."""
         return x_now, None
 
-    def _advanced(self) -> None:
+    def _hist_out(self, ev: P.Eval, slots):
+        """Where the converted output is stored: its ring slot, if a later step reads it."""
+        return None if ev.write_slot is None else slots[ev.write_slot]
+
+    def _advanced(self, ev: P.Eval, sample: torch.Tensor) -> None:
         pass
 
     # ----- shared by the multistep classes -----

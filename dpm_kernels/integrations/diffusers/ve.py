@@ -12,13 +12,20 @@ import functools
 
 import torch
 from diffusers import CosineDPMSolverMultistepScheduler, EDMDPMSolverMultistepScheduler
-from diffusers.schedulers.scheduling_dpmsolver_sde import BrownianTreeNoiseSampler
 from diffusers.schedulers.scheduling_utils import SchedulerOutput
 from diffusers.utils.torch_utils import randn_tensor
 
 from ... import coefficients as C
 from ... import planner as P
 from ._common import FusedStepMixin, scheduler_output
+
+
+def brownian_tree():
+    """diffusers' Brownian tree sampler class (imported when first needed: it needs torchsde)."""
+    from diffusers.schedulers.scheduling_dpmsolver_sde import BrownianTreeNoiseSampler
+
+    return BrownianTreeNoiseSampler
+
 
 _EDM_TYPES = {"epsilon": "edm_noise", "v_prediction": "edm_v"}
 _VE_GRID_KEYS = frozenset({"sigma_min", "sigma_max", "sigma_schedule", "num_train_timesteps", "rho",
@@ -66,7 +73,7 @@ class _VEStep(FusedStepMixin):
     def _draws_noise(self) -> bool:
         return self._algorithm().startswith("sde")
 
-    def _advanced(self) -> None:
+    def _advanced(self, ev: P.Eval, sample: torch.Tensor) -> None:
         self._count_lower_order()
 
 
@@ -93,7 +100,7 @@ class FusedEDMDPMSolverMultistepScheduler(_VEStep, EDMDPMSolverMultistepSchedule
             return super().step(model_output, timestep, sample, generator=generator, return_dict=return_dict)
         return scheduler_output(prev) if return_dict else (prev,)
 
-    def _noise(self, model_output, generator, variance_noise, k) -> torch.Tensor | None:
+    def _noise(self, model_output, sample, generator, variance_noise, k) -> torch.Tensor | None:
         return randn_tensor(model_output.shape, generator=generator, device=model_output.device,
                             dtype=model_output.dtype)
 
@@ -129,7 +136,7 @@ class FusedCosineDPMSolverMultistepScheduler(_VEStep, CosineDPMSolverMultistepSc
     def _threshold(self):
         return None  # the cosine scheduler has no thresholding
 
-    def _noise(self, model_output, generator, variance_noise, k) -> torch.Tensor | None:
+    def _noise(self, model_output, sample, generator, variance_noise, k) -> torch.Tensor | None:
         if self.noise_sampler is None:
             seed = None
             if isinstance(generator, list):
@@ -138,11 +145,14 @@ class FusedCosineDPMSolverMultistepScheduler(_VEStep, CosineDPMSolverMultistepSc
                 seed = generator.initial_seed()
             # the tree's shape, dtype and device are those of diffusers' converted output: the sample's, promoted
             like = torch.zeros(model_output.shape, dtype=self._fz_traj_dtype(model_output), device=model_output.device)
-            self.noise_sampler = BrownianTreeNoiseSampler(like, sigma_min=self.config.sigma_min,
+            self.noise_sampler = brownian_tree()(like, sigma_min=self.config.sigma_min,
                                                           sigma_max=self.config.sigma_max, seed=seed)
+        if not self._fz_traj.plan.evals[k].noisy:  # a zero-length step (the sigma_min end): nothing to query
+            return None
         i = self.step_index
         return self.noise_sampler(self.sigmas[i], self.sigmas[i + 1]).to(model_output.device)
 
     def _fz_traj_dtype(self, model_output) -> torch.dtype:
         traj = self._fz_traj
         return traj.dtype if traj is not None else model_output.dtype
+

@@ -84,10 +84,10 @@ class FusedDPMSolverMultistepScheduler(_VPStep, DPMSolverMultistepScheduler):
     def _plan_steps(self, points: C.Point, orders: list[int]) -> P.Plan:
         return self._plan_multistep(points, orders, "diffusers")
 
-    def _advanced(self) -> None:
+    def _advanced(self, ev: P.Eval, sample: torch.Tensor) -> None:
         self._count_lower_order()
 
-    def _noise(self, model_output, generator, variance_noise, k) -> torch.Tensor | None:
+    def _noise(self, model_output, sample, generator, variance_noise, k) -> torch.Tensor | None:
         if variance_noise is not None:
             return variance_noise.to(device=model_output.device, dtype=torch.float32)
         return randn_tensor(model_output.shape, generator=generator, device=model_output.device, dtype=torch.float32)
@@ -130,10 +130,10 @@ class FusedDPMSolverMultistepInverseScheduler(_VPStep, DPMSolverMultistepInverse
                              "noise that no later step can remove); use dpmsolver++ or dpmsolver to invert")
         return self._plan_multistep(points, orders)
 
-    def _advanced(self) -> None:
+    def _advanced(self, ev: P.Eval, sample: torch.Tensor) -> None:
         self._count_lower_order()
 
-    def _noise(self, model_output, generator, variance_noise, k) -> torch.Tensor | None:
+    def _noise(self, model_output, sample, generator, variance_noise, k) -> torch.Tensor | None:
         return None  # never reached: SDE algorithms are refused above
 
 
@@ -168,18 +168,18 @@ class FusedDPMSolverSinglestepScheduler(_VPStep, DPMSolverSinglestepScheduler):
     def _plan_steps(self, points: C.Point, orders: list[int]) -> P.Plan:
         return P.plan_singlestep_steps(self.config.algorithm_type, self.config.solver_type, points, orders)
 
-    def _noise(self, model_output, generator, variance_noise, k) -> torch.Tensor | None:
+    def _noise(self, model_output, sample, generator, variance_noise, k) -> torch.Tensor | None:
         return randn_tensor(model_output.shape, generator=generator, device=model_output.device,
                             dtype=model_output.dtype)
 
-    def _start_point(self, order, sample, x_now):
-        if order == 1:
+    def _start_point(self, ev: P.Eval, sample, x_now):
+        if ev.order == 1:
             self.sample = sample  # the block start, by reference like diffusers
             return x_now, None
         start = self.sample.to(x_now.dtype)
         return start, (None if start is x_now else x_now)
 
-    def _advanced(self) -> None:
+    def _advanced(self, ev: P.Eval, sample: torch.Tensor) -> None:
         pass
 
     def _result_in_model_dtype(self) -> bool:
