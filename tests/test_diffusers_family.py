@@ -441,3 +441,22 @@ def test_options_matter():
         xb, _, _ = run(fused, {**BASE[kind], **b}, 8)
         assert err(xa, xb) > 100 * TOL32_SDE, kind
     assert math.isfinite(err(xa, xb))
+
+
+@pytest.mark.parametrize("kind", list(PAIRS))
+def test_config_and_signatures_are_diffusers(kind, tmp_path):
+    """Same config keys and values, from_config both ways, save/load, _compatibles (at least the parent's), and the
+    step / set_timesteps signatures pipelines introspect."""
+    parent, fused = PAIRS[kind]
+    src = parent(**BASE[kind])
+    ours = fused.from_config(src.config)
+    strip = lambda c: {k: v for k, v in c.items() if not k.startswith("_")}  # noqa: E731
+    assert strip(ours.config) == strip(src.config) and ours.fused_reason is None
+    ours.save_config(tmp_path)
+    assert strip(fused.from_pretrained(tmp_path).config) == strip(src.config)
+    assert strip(parent.from_config(ours.config).config) == strip(src.config)
+    assert set(parent._compatibles) <= set(fused._compatibles)
+    for name in ("set_timesteps", "step", "scale_model_input", "add_noise"):
+        params = [[(q.name, q.default) for q in inspect.signature(getattr(o, name)).parameters.values()]
+                  for o in (ours, src)]
+        assert params[0] == params[1], name

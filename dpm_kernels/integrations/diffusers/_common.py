@@ -92,6 +92,23 @@ class FusedStepMixin:
     _fz_data_reason: str | None = None
     _fz_outputs: list | None = None
 
+    def __init_subclass__(cls, **kwargs):
+        """Each drop-in's `set_timesteps` is its diffusers parent's (same signature: pipelines inspect it for `mu`,
+        `timesteps`, `sigmas`), followed by forgetting the fused trajectory."""
+        super().__init_subclass__(**kwargs)
+        parent = next((b for b in cls.__mro__[1:] if "set_timesteps" in vars(b) and not issubclass(b, FusedStepMixin)),
+                      None)
+        if parent is None or "set_timesteps" in vars(cls):
+            return
+        original = parent.set_timesteps
+
+        @functools.wraps(original)
+        def set_timesteps(self, *args, **kw):
+            original(self, *args, **kw)
+            self._fz_reset()
+
+        cls.set_timesteps = set_timesteps
+
     # ----- public state -----
     @property
     def fused_reason(self) -> str | None:
@@ -311,3 +328,31 @@ class FusedStepMixin:
     def _count_lower_order(self) -> None:
         if self.lower_order_nums < self.config.solver_order:
             self.lower_order_nums += 1
+
+
+class StepWithGenerator(FusedStepMixin):
+    """`step(model_output, timestep, sample, generator=None, return_dict=True)`: the singlestep, EDM and cosine
+    schedulers' signature."""
+
+    def step(self, model_output: torch.Tensor, timestep: int | torch.Tensor, sample: torch.Tensor,
+             generator: torch.Generator | None = None, return_dict: bool = True) -> SchedulerOutput | tuple:
+        """diffusers' `step` (same arguments and result), fused unless `fused_reason` says otherwise."""
+        prev = self._fused(model_output, timestep, sample, generator, None)
+        if prev is None:
+            return super().step(model_output, timestep, sample, generator=generator, return_dict=return_dict)
+        return scheduler_output(prev) if return_dict else (prev,)
+
+
+class StepWithVarianceNoise(FusedStepMixin):
+    """`step(model_output, timestep, sample, generator=None, variance_noise=None, return_dict=True)`: the multistep
+    and inverse schedulers' signature."""
+
+    def step(self, model_output: torch.Tensor, timestep: int | torch.Tensor, sample: torch.Tensor,
+             generator: torch.Generator | None = None, variance_noise: torch.Tensor | None = None,
+             return_dict: bool = True) -> SchedulerOutput | tuple:
+        """diffusers' `step` (same arguments and result), fused unless `fused_reason` says otherwise."""
+        prev = self._fused(model_output, timestep, sample, generator, variance_noise)
+        if prev is None:
+            return super().step(model_output, timestep, sample, generator=generator, variance_noise=variance_noise,
+                                return_dict=return_dict)
+        return scheduler_output(prev) if return_dict else (prev,)

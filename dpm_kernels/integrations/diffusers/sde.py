@@ -8,8 +8,6 @@ sigma_data = 1). diffusers' module imports torchsde; without it this class, like
 
 from __future__ import annotations
 
-import functools
-
 import numpy as np
 import torch
 from diffusers import DPMSolverSDEScheduler
@@ -42,11 +40,6 @@ class FusedDPMSolverSDEScheduler(FusedStepMixin, DPMSolverSDEScheduler):
     STEP_KEYS = frozenset({"prediction_type", "noise_sampler_seed"})
     _fz_s_noise = 1.0
     _fz_pred: torch.Tensor | None = None
-
-    @functools.wraps(DPMSolverSDEScheduler.set_timesteps)
-    def set_timesteps(self, *args, **kwargs):
-        super().set_timesteps(*args, **kwargs)
-        self._fz_reset()
 
     def step(self, model_output: torch.Tensor, timestep: float | torch.Tensor, sample: torch.Tensor,
              return_dict: bool = True, s_noise: float = 1.0):

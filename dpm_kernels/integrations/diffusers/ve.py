@@ -8,16 +8,13 @@ The input preconditioning is `scale_model_input`, diffusers' own. `_compatibles`
 
 from __future__ import annotations
 
-import functools
-
 import torch
 from diffusers import CosineDPMSolverMultistepScheduler, EDMDPMSolverMultistepScheduler
-from diffusers.schedulers.scheduling_utils import SchedulerOutput
 from diffusers.utils.torch_utils import randn_tensor
 
 from ... import coefficients as C
 from ... import planner as P
-from ._common import FusedStepMixin, scheduler_output
+from ._common import StepWithGenerator
 
 
 def brownian_tree():
@@ -35,7 +32,7 @@ _VE_STEP_KEYS = frozenset({"sigma_data", "solver_order", "prediction_type", "sol
                            "sample_max_value", "algorithm_type"})
 
 
-class _VEStep(FusedStepMixin):
+class _VEStep(StepWithGenerator):
     GRID_KEYS = _VE_GRID_KEYS
     STEP_KEYS = _VE_STEP_KEYS
     ALGORITHMS: tuple[str, ...] = ("dpmsolver++", "sde-dpmsolver++")
@@ -87,19 +84,6 @@ class FusedEDMDPMSolverMultistepScheduler(_VEStep, EDMDPMSolverMultistepSchedule
 
     _compatibles = ["EDMDPMSolverMultistepScheduler"]
 
-    @functools.wraps(EDMDPMSolverMultistepScheduler.set_timesteps)
-    def set_timesteps(self, *args, **kwargs):
-        super().set_timesteps(*args, **kwargs)
-        self._fz_reset()
-
-    def step(self, model_output: torch.Tensor, timestep: int | torch.Tensor, sample: torch.Tensor,
-             generator: torch.Generator | None = None, return_dict: bool = True) -> SchedulerOutput | tuple:
-        """diffusers' `step` (same arguments and result), fused unless `fused_reason` says otherwise."""
-        prev = self._fused(model_output, timestep, sample, generator, None)
-        if prev is None:
-            return super().step(model_output, timestep, sample, generator=generator, return_dict=return_dict)
-        return scheduler_output(prev) if return_dict else (prev,)
-
     def _noise(self, model_output, sample, generator, variance_noise, k) -> torch.Tensor | None:
         return randn_tensor(model_output.shape, generator=generator, device=model_output.device,
                             dtype=model_output.dtype)
@@ -116,19 +100,6 @@ class FusedCosineDPMSolverMultistepScheduler(_VEStep, CosineDPMSolverMultistepSc
     """
 
     _compatibles = ["CosineDPMSolverMultistepScheduler"]
-
-    @functools.wraps(CosineDPMSolverMultistepScheduler.set_timesteps)
-    def set_timesteps(self, *args, **kwargs):
-        super().set_timesteps(*args, **kwargs)
-        self._fz_reset()
-
-    def step(self, model_output: torch.Tensor, timestep: int | torch.Tensor, sample: torch.Tensor,
-             generator: torch.Generator | None = None, return_dict: bool = True) -> SchedulerOutput | tuple:
-        """diffusers' `step` (same arguments and result), fused unless `fused_reason` says otherwise."""
-        prev = self._fused(model_output, timestep, sample, generator, None)
-        if prev is None:
-            return super().step(model_output, timestep, sample, generator=generator, return_dict=return_dict)
-        return scheduler_output(prev) if return_dict else (prev,)
 
     def _algorithm(self) -> str:
         return "sde-dpmsolver++"

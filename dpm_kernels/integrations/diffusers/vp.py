@@ -6,16 +6,13 @@ other method; only `step()` is one fused op call, planned once per trajectory (`
 
 from __future__ import annotations
 
-import functools
-
 import torch
 from diffusers import DPMSolverMultistepInverseScheduler, DPMSolverMultistepScheduler, DPMSolverSinglestepScheduler
-from diffusers.schedulers.scheduling_utils import SchedulerOutput
 from diffusers.utils.torch_utils import randn_tensor
 
 from ... import coefficients as C
 from ... import planner as P
-from ._common import MODEL_TYPE, FusedStepMixin, scheduler_output
+from ._common import MODEL_TYPE, FusedStepMixin, StepWithGenerator, StepWithVarianceNoise
 
 # Options of diffusers' VP schedulers whose effect is reproduced: the grid keys only shape the sigma grid diffusers'
 # own set_timesteps builds; the step keys are read by the fused step.
@@ -54,29 +51,13 @@ class _VPStep(FusedStepMixin):
             not cfg.algorithm_type.endswith("++") and cfg.prediction_type == "epsilon" and not cfg.thresholding)
 
 
-
-class FusedDPMSolverMultistepScheduler(_VPStep, DPMSolverMultistepScheduler):
+class FusedDPMSolverMultistepScheduler(_VPStep, StepWithVarianceNoise, DPMSolverMultistepScheduler):
     """`DPMSolverMultistepScheduler` with a fused `step()`; same config, same results (package doc).
 
     Attributes: ``fused_backend`` (a `backends.registry.CHOICES` name), ``fused_reason`` (read-only).
     """
 
     _ALGORITHMS = ("dpmsolver++", "dpmsolver", "sde-dpmsolver++", "sde-dpmsolver")
-
-    @functools.wraps(DPMSolverMultistepScheduler.set_timesteps)
-    def set_timesteps(self, *args, **kwargs):
-        super().set_timesteps(*args, **kwargs)
-        self._fz_reset()
-
-    def step(self, model_output: torch.Tensor, timestep: int | torch.Tensor, sample: torch.Tensor,
-             generator: torch.Generator | None = None, variance_noise: torch.Tensor | None = None,
-             return_dict: bool = True) -> SchedulerOutput | tuple:
-        """diffusers' `step` (same arguments and result), fused unless `fused_reason` says otherwise."""
-        prev = self._fused(model_output, timestep, sample, generator, variance_noise)
-        if prev is None:
-            return super().step(model_output, timestep, sample, generator=generator, variance_noise=variance_noise,
-                                return_dict=return_dict)
-        return scheduler_output(prev) if return_dict else (prev,)
 
     def _orders(self, start: int, n: int) -> list[int]:
         return self._multistep_orders(start, n, self.config.final_sigmas_type == "zero")
@@ -93,7 +74,7 @@ class FusedDPMSolverMultistepScheduler(_VPStep, DPMSolverMultistepScheduler):
         return randn_tensor(model_output.shape, generator=generator, device=model_output.device, dtype=torch.float32)
 
 
-class FusedDPMSolverMultistepInverseScheduler(_VPStep, DPMSolverMultistepInverseScheduler):
+class FusedDPMSolverMultistepInverseScheduler(_VPStep, StepWithVarianceNoise, DPMSolverMultistepInverseScheduler):
     """`DPMSolverMultistepInverseScheduler` with a fused `step()`: the multistep solver run towards noise, with the
     inverse scheduler's ascending grid (deduplicated timesteps, the noisiest sigma appended) and its lower-order rule.
 
@@ -105,21 +86,6 @@ class FusedDPMSolverMultistepInverseScheduler(_VPStep, DPMSolverMultistepInverse
 
     _ALGORITHMS = ("dpmsolver++", "dpmsolver", "sde-dpmsolver++", "sde-dpmsolver")
     FALL_BACK_ON_PLANNING_ERRORS = False  # an SDE inversion: diffusers' own step would return NaN
-
-    @functools.wraps(DPMSolverMultistepInverseScheduler.set_timesteps)
-    def set_timesteps(self, *args, **kwargs):
-        super().set_timesteps(*args, **kwargs)
-        self._fz_reset()
-
-    def step(self, model_output: torch.Tensor, timestep: int | torch.Tensor, sample: torch.Tensor,
-             generator: torch.Generator | None = None, variance_noise: torch.Tensor | None = None,
-             return_dict: bool = True) -> SchedulerOutput | tuple:
-        """diffusers' `step` (same arguments and result), fused unless `fused_reason` says otherwise."""
-        prev = self._fused(model_output, timestep, sample, generator, variance_noise)
-        if prev is None:
-            return super().step(model_output, timestep, sample, generator=generator, variance_noise=variance_noise,
-                                return_dict=return_dict)
-        return scheduler_output(prev) if return_dict else (prev,)
 
     def _orders(self, start: int, n: int) -> list[int]:
         return self._multistep_orders(start, n, False)  # no final_sigmas_type in the inverse scheduler
@@ -137,7 +103,7 @@ class FusedDPMSolverMultistepInverseScheduler(_VPStep, DPMSolverMultistepInverse
         return None  # never reached: SDE algorithms are refused above
 
 
-class FusedDPMSolverSinglestepScheduler(_VPStep, DPMSolverSinglestepScheduler):
+class FusedDPMSolverSinglestepScheduler(_VPStep, StepWithGenerator, DPMSolverSinglestepScheduler):
     """`DPMSolverSinglestepScheduler` with a fused `step()`; same config, same results (package doc).
 
     A step of order k (the scheduler's ``order_list``) starts from ``self.sample``, the sample of the block's first
@@ -147,19 +113,6 @@ class FusedDPMSolverSinglestepScheduler(_VPStep, DPMSolverSinglestepScheduler):
     """
 
     _ALGORITHMS = ("dpmsolver++", "dpmsolver", "sde-dpmsolver++")
-
-    @functools.wraps(DPMSolverSinglestepScheduler.set_timesteps)
-    def set_timesteps(self, *args, **kwargs):
-        super().set_timesteps(*args, **kwargs)
-        self._fz_reset()
-
-    def step(self, model_output: torch.Tensor, timestep: int | torch.Tensor, sample: torch.Tensor,
-             generator: torch.Generator | None = None, return_dict: bool = True) -> SchedulerOutput | tuple:
-        """diffusers' `step` (same arguments and result), fused unless `fused_reason` says otherwise."""
-        prev = self._fused(model_output, timestep, sample, generator, None)
-        if prev is None:
-            return super().step(model_output, timestep, sample, generator=generator, return_dict=return_dict)
-        return scheduler_output(prev) if return_dict else (prev,)
 
     def _orders(self, start: int, n: int) -> list[int]:
         # diffusers lowers order_list[i] while fewer outputs than that exist since set_timesteps
