@@ -1,11 +1,13 @@
-"""The fused diffusers schedulers against diffusers' own, step by step (dpm_kernels/integrations/diffusers.py).
+"""The fused diffusers schedulers against diffusers' own, step by step (dpm_kernels/integrations/diffusers/).
 
 Each trajectory runs the same deterministic model on both sides, evaluated at each side's OWN current sample; SDE
 runs share the generator seed (or the variance_noise). Criterion (flash-attention's rule): the fused float32
 trajectory may be off diffusers' float64 trajectory (its sigmas patched to float64 after set_timesteps) by at most
-twice what diffusers' own float32 trajectory is, plus 1e-6. Float64 runs must match diffusers' float64 trajectory
-exactly up to diffusers' rounding of the sample to float32 in every multistep step (TOL64): that check is what
-tells a wrong formula (>= 1e-3 off) from rounding. Errors are max |x - ref| / max(1, max |ref|) over all steps.
+twice what diffusers' own float32 trajectory is, plus 1e-6 (singlestep SDE, whose noise diffusers draws in the
+sample's dtype: float32 against diffusers' float32, same noise, within 1e-5). Float64 runs must match diffusers'
+float64 trajectory exactly up to diffusers' rounding of the sample to float32 in every multistep step (TOL64):
+that check is what tells a wrong formula (>= 1e-3 off) from rounding. Errors are max |x - ref| / max(1, max |ref|)
+over all steps.
 """
 
 from __future__ import annotations
@@ -79,11 +81,14 @@ def check(kind: str, cfg: dict, steps: int = 10, device: str = "cpu", **kw) -> N
     parent, fused = PAIRS[kind]
     ref, _ = run(parent, cfg, steps, torch.float64, **kw)
     d32, _ = run(parent, cfg, steps, torch.float32, **kw)
-    bound = 2.0 * err(d32, ref) + 1e-6
+    # the singlestep scheduler draws SDE noise in the sample's dtype: its float32 and float64 runs see different
+    # noise, so the float32 runs are compared with each other (same noise; diffusers' float32 rounding, <= 2e-6)
+    same_noise = kind == "single" and cfg.get("algorithm_type", "").startswith("sde")
+    want, bound = (d32, 1e-5) if same_noise else (ref, 2.0 * err(d32, ref) + 1e-6)
     for backend in BACKENDS if device == "cpu" else backends_for(device):
         o32, s = run(fused, cfg, steps, torch.float32, backend, device=device, **kw)
         assert s.fused_reason is None
-        assert err(o32, ref) <= bound, (backend, err(o32, ref), bound)
+        assert err(o32, want) <= bound, (backend, err(o32, want), bound)
         o64, _ = run(fused, cfg, steps, torch.float64, backend, device=device, **kw)
         assert err(o64, ref) <= TOL64[kind], (backend, err(o64, ref))
 
