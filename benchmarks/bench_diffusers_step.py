@@ -16,7 +16,8 @@ on a GPU). Reported: the median over the steady-state steps (index >= order, i.e
 includes the first-order final step), their 20/80% quantiles, the median first step (the fused scheduler plans the
 whole trajectory there) and the speed-up of the median over diffusers'. A markdown table goes to stdout; CSV rows
 (device, torch and diffusers versions, date) are appended to <out>/diffusers_step-<device>-<date>.csv, and the
-table of this run is written beside it (.md).
+table of this run is written beside it (.md); runs with other schedulers than the multistep one go to
+diffusers_family-<device>-<date>.*.
 """
 
 from __future__ import annotations
@@ -176,7 +177,8 @@ def main(argv=None) -> int:
     print(head)
     print(table)
     if a.out:
-        csv_path = results_csv(rows, Path(a.out), "diffusers_step", device)
+        kind = "diffusers_step" if schedulers == ["multistep"] else "diffusers_family"
+        csv_path = results_csv(rows, Path(a.out), kind, device)
         md_path = csv_path.with_suffix(".md")
         md_path.write_text(f"# diffusers scheduler step() benchmark\n\n{head}\n{table}\n")
         print(f"\nappended to {csv_path}; table in {md_path}")

@@ -280,16 +280,28 @@ def noise_summary(rows) -> tuple[bool, str]:
 
 
 def results_csv(rows: list[dict], out_dir: Path, kind: str, device: torch.device) -> Path:
-    """Appends rows to out_dir/<kind>-<device>-<date>.csv (header when new); returns its path."""
+    """Appends rows to out_dir/<kind>-<device>-<date>.csv (header when new); returns its path. Rows with columns
+    the file lacks widen it: the file is rewritten with the union of the columns (earlier rows leave them empty)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     slug = "".join(c if c.isalnum() else "-" for c in device_name(device)).strip("-").lower()
     path = out_dir / f"{kind}-{slug}-{_dt.date.today().isoformat()}.csv"
-    new = not path.exists()
-    with path.open("a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0].keys()))
-        if new:
-            w.writeheader()
-        w.writerows(rows)
+    fields = list(rows[0].keys())
+    old: list[dict] = []
+    if path.exists():
+        with path.open(newline="") as f:
+            reader = csv.DictReader(f)
+            have = list(reader.fieldnames or [])
+            if have != fields:
+                old = list(reader)
+        if have == fields:
+            with path.open("a", newline="") as f:
+                csv.DictWriter(f, fieldnames=fields).writerows(rows)
+            return path
+        fields = have + [k for k in fields if k not in have]
+    with path.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields, restval="")
+        w.writeheader()
+        w.writerows(old + rows)
     return path
 
 
