@@ -47,11 +47,11 @@ def toy_model(x: torch.Tensor, t) -> torch.Tensor:
 
 
 def run(cls, cfg: dict, steps: int, dtype=torch.float32, backend: str | None = None, begin: int | None = None,
-        sched=None, shape=SHAPE, model=toy_model, noise: str = "generator", device: str = "cpu"):
+        sched=None, shape=SHAPE, model=toy_model, noise: str = "generator", device: str = "cpu", mu=None):
     s = sched if sched is not None else cls(**cfg)
     if backend is not None:
         s.fused_backend = backend
-    s.set_timesteps(steps)
+    s.set_timesteps(steps, **({} if mu is None else {"mu": mu}))
     if dtype == torch.float64:
         s.sigmas = s.sigmas.double()  # diffusers then forms its coefficients in float64 too
     ts = s.timesteps
@@ -308,6 +308,32 @@ def test_flow_and_learned_variance_are_fused(kind, cfg, model):
     if model == "learned":  # the network returns [prediction, variance] along channels; the solver uses the first
         kw["model"] = lambda x, t: torch.cat([toy_model(x, t), 0.5 * x], 1)
     check(kind, cfg, **kw)
+
+
+DYNAMIC_SHIFT = [dict(use_flow_sigmas=True, prediction_type="flow_prediction", use_dynamic_shifting=True,
+                      time_shift_type="exponential", final_sigmas_type="zero", solver_order=o) for o in (2, 3)]
+
+
+@pytest.mark.parametrize("kind", ["multi", "single"])
+@pytest.mark.parametrize("cfg", DYNAMIC_SHIFT, ids=_ids(DYNAMIC_SHIFT))
+@pytest.mark.parametrize("mu", [0.5, 1.15])
+def test_dynamic_shifting_with_mu(kind, cfg, mu):
+    """SANA-style dynamic shifting: set_timesteps(mu=...) shifts the flow sigmas by exp(mu); the state diffusers
+    leaves (config.flow_shift, the singlestep scheduler's lower_order_final, the grid) is the drop-in's."""
+    check(kind, cfg, steps=9, mu=mu)
+    parent, fused = PAIRS[kind]
+    states = []
+    for cls in (parent, fused):
+        _, s = run(cls, cfg, 9, mu=mu)
+        states.append((float(s.config.flow_shift), s.config.lower_order_final, s.sigmas.tolist()))
+    _, unshifted = run(parent, cfg, 9, mu=0.0)
+    assert states[0] == states[1] and states[0][2] != unshifted.sigmas.tolist()
+    # the next trajectory with another mu plans again (the grid changed), on the same object
+    s = fused(**cfg)
+    a, _ = run(None, cfg, 9, sched=s, mu=mu)
+    b, _ = run(None, cfg, 9, sched=s, mu=mu + 0.5)
+    want, _ = run(parent, cfg, 9, mu=mu + 0.5)
+    assert s.fused_reason is None and err(b, want) < 1e-4 and err(a, b) > 1e-3
 
 
 def test_where_diffusers_fails_the_drop_ins_do_better():
