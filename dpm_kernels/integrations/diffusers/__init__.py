@@ -1,5 +1,10 @@
 """diffusers' DPM-Solver schedulers with a fused `step()`: one fused-step op call per step.
 
+Drop-ins (each a subclass of the diffusers class named after "Fused"): FusedDPMSolverMultistepScheduler,
+FusedDPMSolverSinglestepScheduler, FusedDPMSolverMultistepInverseScheduler (`vp.py`),
+FusedEDMDPMSolverMultistepScheduler, FusedCosineDPMSolverMultistepScheduler (`ve.py`), FusedDPMSolverSDEScheduler
+(`sde.py`); what they share is `_common.py`.
+
     from dpm_kernels.integrations.diffusers import FusedDPMSolverMultistepScheduler
     pipe.scheduler = FusedDPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
     pipe.scheduler.fused_backend = "auto"        # or any of backends.registry.CHOICES (an attribute, not config)
@@ -32,11 +37,14 @@ diffusers'). SDE noise is drawn as diffusers draws it (`randn_tensor`, same shap
 Brownian trees of the cosine and SDE schedulers queried at the same float32 times), so one seed gives the same
 trajectory.
 
-Where diffusers itself fails, the drop-ins do better: a zero-length step (a repeated sigma, an EDM sigma_min end) is
-the identity and later orders are capped so that no update spans it (diffusers' heun form divides 0 by 0); a model
-output with a learned variance is cut to the sample's channels (diffusers cuts [:, :3]); singlestep dpmsolver with
-thresholding is fused (diffusers' code fails); sde-dpmsolver runs at most second order (diffusers has no third-order
-branch); SDE inversion is refused with a clear error (diffusers returns NaN).
+Where diffusers itself fails, the drop-ins do better: a zero-length step (a repeated sigma, an EDM or cosine
+sigma_min end) is the identity and later orders are capped so that no update spans it (diffusers' heun form divides
+0 by 0, its cosine scheduler recurses without end in the Brownian tree); a model output with a learned variance is
+cut to the sample's channels (diffusers cuts [:, :3]); singlestep dpmsolver with thresholding is fused (diffusers'
+code fails); sde-dpmsolver runs at most second order (diffusers has no third-order branch); third-order SDE steps of
+the EDM and cosine schedulers (diffusers: UnboundLocalError) run k-diffusion's 3M SDE update; SDE inversion is
+refused with a clear error (diffusers returns NaN); DPMSolverSDE with prediction_type="sample" is fused (diffusers:
+NotImplementedError).
 
 Fallback: a configuration that is not fused runs diffusers' own `step()` for the whole trajectory, and
 `scheduler.fused_reason` says why (None: fused): a prediction type or solver order outside what diffusers defines,
