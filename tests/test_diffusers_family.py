@@ -481,3 +481,44 @@ def test_half_precision(kind):
             assert err(o16, ref) <= 2 * err(d16, ref) + 1e-3, (backend, err(o16, ref), err(d16, ref))
         else:
             assert err(o16, d16) <= 1e-2, (backend, err(o16, d16))
+
+
+def test_fallbacks_say_why_and_run_diffusers_step():
+    """What is not fused runs diffusers' own step for the whole trajectory, with the reason in fused_reason."""
+    # a prediction type diffusers' EDM class does not define: its own error, raised by its own step
+    _, fused = PAIRS["edm"]
+    s = fused(prediction_type="sample")
+    s.set_timesteps(4)
+    assert "prediction_type='sample'" in s.fused_reason
+    x = torch.randn(SHAPE)
+    with pytest.raises(ValueError):
+        s.step(toy_model(x, s.timesteps[0]), s.timesteps[0], x)
+    # an option the module does not know, set to a non-default value (here: one it is told not to know)
+    for kind in ("inverse", "edm", "sde"):
+        parent, fused = PAIRS[kind]
+        unknown = type("Unknown", (fused,), {"GRID_KEYS": fused.GRID_KEYS - {"num_train_timesteps"},
+                                             "STEP_KEYS": fused.STEP_KEYS - {"num_train_timesteps"}})
+        cfg = {**BASE[kind], "num_train_timesteps": 500}
+        want, _, _ = run(parent, cfg, 6)
+        got, _, s = run(unknown, cfg, 6)
+        assert "num_train_timesteps=500" in s.fused_reason and s._fz_traj is None
+        assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
+    # a model output that is not floating point
+    parent, fused = PAIRS["sde"]
+    s = fused(**BASE["sde"])
+    s.set_timesteps(4)
+    s.step(torch.zeros(SHAPE, dtype=torch.int64), s.timesteps[0], torch.randn(SHAPE))
+    assert "int64" in s.fused_reason
+    outs = []
+    for cls in (parent, fused):  # diffusers: NaN; the drop-in: a ValueError naming the argument, nothing written
+        s = cls(**BASE["sde"])
+        s.set_timesteps(4)
+        s.set_begin_index(1)
+        x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(1))
+        try:
+            for t in s.timesteps[1:]:
+                x = s.step(toy_model(s.scale_model_input(x, t), t), t, x).prev_sample
+            outs.append(x)
+        except ValueError as exc:
+            outs.append(exc)
+    assert torch.isnan(outs[0]).all() and "set_begin_index" in str(outs[1]) and s.step_index == 1

@@ -242,9 +242,27 @@ class FusedStepMixin:
         return out.to(model_output.dtype) if traj.model_dtype_result and model_output.dtype != w else out
 
     # ----- hooks: the defaults serve diffusers' VP schedulers (multistep, singlestep, inverse) -----
+    PREDICTION_TYPES: tuple[str, ...] = tuple(MODEL_TYPE)  # the class's prediction types that are fused
+    ALGORITHMS: tuple[str, ...] = ()  # the algorithm types diffusers' class defines (empty: it has no such option)
+
     def _class_reason(self) -> str | None:
-        """A configuration of this class that cannot be fused, and why; None: every one can."""
+        """A configuration of this class that diffusers does not define (its own step raises), and why; None: it
+        is fused."""
+        cfg = self.config
+        if cfg.prediction_type not in self.PREDICTION_TYPES:
+            return f"prediction_type={cfg.prediction_type!r} is not fused"
+        if cfg.get("solver_order", 1) not in (1, 2, 3):
+            return f"solver_order={cfg.solver_order!r}: only 1, 2, 3 are fused"
+        if self.ALGORITHMS and self._algorithm() not in self.ALGORITHMS:
+            return f"algorithm_type={self._algorithm()!r} is not fused by {type(self).__name__}"
+        if cfg.get("solver_type", "midpoint") not in ("midpoint", "heun"):
+            return f"solver_type={cfg.solver_type!r} is not fused"
+        if cfg.get("thresholding") and not (0.0 <= cfg.dynamic_thresholding_ratio <= 1.0 and cfg.sample_max_value > 0):
+            return "thresholding: ratio outside [0, 1] or sample_max_value <= 0 is not fused"
         return None
+
+    def _algorithm(self) -> str:
+        return self.config.algorithm_type
 
     def _grid_length(self) -> int:
         """Steps in the grid: len(timesteps)."""

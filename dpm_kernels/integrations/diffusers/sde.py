@@ -29,8 +29,9 @@ class FusedDPMSolverSDEScheduler(FusedStepMixin, DPMSolverSDEScheduler):
     diffusers' Brownian tree (seeded from `noise_sampler_seed`, else the global RNG, at the first step), queried at
     the float32 sigmas diffusers computes, times `s_noise`, passed to the kernel.
 
-    Beyond diffusers: prediction_type="sample" is fused (diffusers raises NotImplementedError).
-    A trajectory that starts at the second call of an interval (an odd begin index) runs diffusers' own step.
+    Beyond diffusers: prediction_type="sample" is fused (diffusers raises NotImplementedError); a trajectory that
+    begins at the second call of an interval (an odd `set_begin_index`) is refused with a ValueError (diffusers:
+    NaN).
     Attributes: ``fused_backend`` (a `backends.registry.CHOICES` name), ``fused_reason`` (read-only).
     """
 
@@ -38,6 +39,8 @@ class FusedDPMSolverSDEScheduler(FusedStepMixin, DPMSolverSDEScheduler):
                            "use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "timestep_spacing",
                            "steps_offset"})
     STEP_KEYS = frozenset({"prediction_type", "noise_sampler_seed"})
+    PREDICTION_TYPES = tuple(_SDE_TYPES)
+    FALL_BACK_ON_PLANNING_ERRORS = False  # the one planning error, an odd begin index: diffusers' step gives NaN
     _fz_s_noise = 1.0
     _fz_pred: torch.Tensor | None = None
 
@@ -56,18 +59,15 @@ class FusedDPMSolverSDEScheduler(FusedStepMixin, DPMSolverSDEScheduler):
 
         return DPMSolverSDESchedulerOutput(prev_sample=prev, pred_original_sample=pred)
 
-    def _class_reason(self) -> str | None:
-        if self.config.prediction_type not in _SDE_TYPES:
-            return f"prediction_type={self.config.prediction_type!r} is not fused"
-        return None
-
     def _conversion(self) -> P.Conversion:
         return _SDE_TYPES[self.config.prediction_type]
 
     def _make_plan(self, sigmas: np.ndarray, start: int, n: int) -> P.Plan:
         # diffusers' sigmas are [s_0, s_1, s_1, s_2, s_2, ..., s_{N-1}, s_{N-1}, 0]: one pair per interval
         if start % 2:
-            raise ValueError("the trajectory starts at the second call of an interval (odd begin index)")
+            raise ValueError(f"set_begin_index: the trajectory begins at step index {start}, the second call of an "
+                             "interval (each interval takes two calls); begin at an even index (diffusers' own step "
+                             "returns NaN there)")
         return P.plan_two_stage(np.append(sigmas[0::2], sigmas[-1]), "sde", eta=1.0, s_noise=1.0, r=0.5)
 
     def _draws_noise(self) -> bool:

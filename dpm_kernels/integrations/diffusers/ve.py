@@ -35,22 +35,8 @@ _VE_STEP_KEYS = frozenset({"sigma_data", "solver_order", "prediction_type", "sol
 class _VEStep(StepWithGenerator):
     GRID_KEYS = _VE_GRID_KEYS
     STEP_KEYS = _VE_STEP_KEYS
-    ALGORITHMS: tuple[str, ...] = ("dpmsolver++", "sde-dpmsolver++")
-
-    def _class_reason(self) -> str | None:
-        cfg = self.config
-        if cfg.prediction_type not in _EDM_TYPES:
-            return f"prediction_type={cfg.prediction_type!r} is not fused"
-        if cfg.solver_order not in (1, 2, 3):
-            return f"solver_order={cfg.solver_order!r}: only 1, 2, 3 are fused"
-        if self._algorithm() not in self.ALGORITHMS:
-            return f"algorithm_type={self._algorithm()!r} is not fused by {type(self).__name__}"
-        if cfg.solver_type not in ("midpoint", "heun"):
-            return f"solver_type={cfg.solver_type!r} is not fused"
-        return None
-
-    def _algorithm(self) -> str:
-        return self.config.algorithm_type
+    PREDICTION_TYPES = tuple(_EDM_TYPES)
+    ALGORITHMS = ("dpmsolver++", "sde-dpmsolver++")
 
     def _points(self, sigmas) -> C.Point:
         return C.Point.from_ve_sigma(sigmas)

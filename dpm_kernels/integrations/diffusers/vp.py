@@ -12,7 +12,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from ... import coefficients as C
 from ... import planner as P
-from ._common import MODEL_TYPE, FusedStepMixin, StepWithGenerator, StepWithVarianceNoise
+from ._common import FusedStepMixin, StepWithGenerator, StepWithVarianceNoise
 
 # Options of diffusers' VP schedulers whose effect is reproduced: the grid keys only shape the sigma grid diffusers'
 # own set_timesteps builds; the step keys are read by the fused step.
@@ -28,21 +28,6 @@ VP_STEP_KEYS = frozenset({"solver_order", "prediction_type", "thresholding", "dy
 class _VPStep(FusedStepMixin):
     GRID_KEYS = VP_GRID_KEYS
     STEP_KEYS = VP_STEP_KEYS
-    _ALGORITHMS: tuple[str, ...] = ()
-
-    def _class_reason(self) -> str | None:
-        cfg = self.config
-        if cfg.prediction_type not in MODEL_TYPE:
-            return f"prediction_type={cfg.prediction_type!r} is not fused"
-        if cfg.solver_order not in (1, 2, 3):
-            return f"solver_order={cfg.solver_order!r}: only 1, 2, 3 are fused"
-        if cfg.algorithm_type not in self._ALGORITHMS:
-            return f"algorithm_type={cfg.algorithm_type!r} is not fused by {type(self).__name__}"
-        if cfg.solver_type not in ("midpoint", "heun"):
-            return f"solver_type={cfg.solver_type!r} is not fused"
-        if cfg.thresholding and not (0.0 <= cfg.dynamic_thresholding_ratio <= 1.0 and cfg.sample_max_value > 0):
-            return "thresholding: ratio outside [0, 1] or sample_max_value <= 0 is not fused"
-        return None
 
     def _result_in_model_dtype(self) -> bool:
         # diffusers casts the result to the dtype of the converted output: the raw output's where no sample enters
@@ -57,7 +42,7 @@ class FusedDPMSolverMultistepScheduler(_VPStep, StepWithVarianceNoise, DPMSolver
     Attributes: ``fused_backend`` (a `backends.registry.CHOICES` name), ``fused_reason`` (read-only).
     """
 
-    _ALGORITHMS = ("dpmsolver++", "dpmsolver", "sde-dpmsolver++", "sde-dpmsolver")
+    ALGORITHMS = ("dpmsolver++", "dpmsolver", "sde-dpmsolver++", "sde-dpmsolver")
 
     def _orders(self, start: int, n: int) -> list[int]:
         return self._multistep_orders(start, n, self.config.final_sigmas_type == "zero")
@@ -84,7 +69,7 @@ class FusedDPMSolverMultistepInverseScheduler(_VPStep, StepWithVarianceNoise, DP
     Attributes: ``fused_backend`` (a `backends.registry.CHOICES` name), ``fused_reason`` (read-only).
     """
 
-    _ALGORITHMS = ("dpmsolver++", "dpmsolver", "sde-dpmsolver++", "sde-dpmsolver")
+    ALGORITHMS = ("dpmsolver++", "dpmsolver", "sde-dpmsolver++", "sde-dpmsolver")
     FALL_BACK_ON_PLANNING_ERRORS = False  # an SDE inversion: diffusers' own step would return NaN
 
     def _orders(self, start: int, n: int) -> list[int]:
@@ -112,7 +97,7 @@ class FusedDPMSolverSinglestepScheduler(_VPStep, StepWithGenerator, DPMSolverSin
     Attributes: ``fused_backend`` (a `backends.registry.CHOICES` name), ``fused_reason`` (read-only).
     """
 
-    _ALGORITHMS = ("dpmsolver++", "dpmsolver", "sde-dpmsolver++")
+    ALGORITHMS = ("dpmsolver++", "dpmsolver", "sde-dpmsolver++")
 
     def _orders(self, start: int, n: int) -> list[int]:
         # diffusers lowers order_list[i] while fewer outputs than that exist since set_timesteps
