@@ -501,16 +501,31 @@ def plan_singlestep_steps(algorithm_type: str, solver_type: str, points, orders:
     if any(o > i + 1 for i, o in enumerate(orders)):
         raise ValueError("orders: evaluation i can be at most the (i + 1)-th of its block")
     a, c, noise = _update_arrays(n)
+
+    def update(o, start, inner, end) -> C.Update:
+        if algorithm_type == "sde-dpmsolver++":
+            return C.singlestep_sde_diffusers(solver_type, o, start, inner, end)[-1]
+        return C.singlestep(algorithm_type, solver_type, o, start, inner, end, u2_form="solver_type")[-1]
+
     for o in (1, 2, 3):
         idx = np.array([i for i in range(n) if orders[i] == o], dtype=np.int64)
         if idx.size == 0:
             continue
-        start, inner, end = pts[idx - o + 1], [pts[idx - o + 1 + j] for j in range(1, o)], pts[idx + 1]
-        if algorithm_type == "sde-dpmsolver++":
-            u = C.singlestep_sde_diffusers(solver_type, o, start, inner, end)[-1]
-        else:
-            u = C.singlestep(algorithm_type, solver_type, o, start, inner, end, u2_form="solver_type")[-1]
-        _store(a, c, noise, idx, u)
+        _store(a, c, noise, idx, update(o, pts[idx - o + 1], [pts[idx - o + 1 + j] for j in range(1, o)],
+                                        pts[idx + 1]))
+    # A block whose evaluation points repeat a time (a zero-length sub-step, e.g. a repeated timestep): of each
+    # coincident pair only the newer output enters, at the order of the distinct points, so no divided difference
+    # spans h = 0 (the whole block repeating one time is the identity already).
+    lam = pts.lam
+    for i in range(n):
+        o, b = orders[i], i - orders[i] + 1
+        kept = [j for j in range(o) if j == o - 1 or abs(lam[b + j + 1] - lam[b + j]) > C.ZERO_STEP]
+        if len(kept) == o or not abs(lam[i + 1] - lam[b]) > C.ZERO_STEP:
+            continue
+        u = update(len(kept), pts[b + kept[0]], [pts[b + j] for j in kept[1:]], pts[i + 1])
+        a[i], noise[i], c[i] = u.a, u.noise, 0.0
+        for pos, j in enumerate(reversed(kept)):  # u.c is newest first; c[i, m] is the output m evaluations back
+            c[i, o - 1 - j] = u.c[pos]
     k = max(orders)
     tl = (np.zeros(n + 1) if times is None else np.asarray(times, dtype=np.float64)).tolist()
     evals = [Eval(t=tl[i], t_next=tl[i + 1], source="x", dest="x",

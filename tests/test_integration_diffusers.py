@@ -355,6 +355,11 @@ def test_where_diffusers_fails_the_drop_ins_do_better():
     want, _ = run(None, cfg, 10, sched=ref)
     ours, s = run(FusedDPMSolverSinglestepScheduler, cfg, 10)
     assert s.fused_reason is None and err(ours, want) < 5e-5, err(ours, want)
+    # a repeated timestep inside a singlestep block (num_train_timesteps=25 at 25 steps): diffusers divides 0 by 0
+    cfg = dict(num_train_timesteps=25, final_sigmas_type="sigma_min")
+    assert not run(DPMSolverSinglestepScheduler, cfg, 25)[0][-1].isfinite().all()
+    ours, s = run(FusedDPMSolverSinglestepScheduler, cfg, 25)
+    assert s.fused_reason is None and ours[-1].isfinite().all()
     # inputs that require grad: diffusers' differentiable step
     s = FusedDPMSolverMultistepScheduler()
     s.set_timesteps(4)
@@ -488,3 +493,69 @@ def test_cuda_graph_capture(backend):
     graph.replay()
     torch.cuda.synchronize()
     assert err([static_out.cpu()], [x.cpu()]) < 5e-5
+
+
+# the configurations diffusers' own test files (tests/schedulers/test_scheduler_dpm_{multi,single}.py, 0.42) run,
+# on their base configs: none may fall back
+_TEST_BASE = {
+    "multi": dict(num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule="linear", solver_order=2,
+                  prediction_type="epsilon", thresholding=False, sample_max_value=1.0, algorithm_type="dpmsolver++",
+                  solver_type="midpoint", lower_order_final=False, euler_at_final=False,
+                  lambda_min_clipped=-float("inf"), variance_type=None, final_sigmas_type="sigma_min"),
+    "single": dict(num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule="linear", solver_order=2,
+                   prediction_type="epsilon", thresholding=False, sample_max_value=1.0, algorithm_type="dpmsolver++",
+                   solver_type="midpoint", lambda_min_clipped=-float("inf"), variance_type=None,
+                   final_sigmas_type="sigma_min"),
+}
+_ALGS_IN_TESTS = {"multi": ("dpmsolver", "dpmsolver++", "sde-dpmsolver", "sde-dpmsolver++"),
+                  "single": ("dpmsolver", "dpmsolver++", "sde-dpmsolver++")}
+
+
+def _diffusers_test_configs(kind):
+    cfgs = [dict(num_train_timesteps=n) for n in (25, 50, 100, 999, 1000)]
+    cfgs += [dict(thresholding=True, algorithm_type="dpmsolver++", solver_order=o, solver_type=st, sample_max_value=m,
+                  prediction_type=p) for o in (1, 2, 3) for st in ("midpoint", "heun") for m in (0.5, 1.0, 2.0)
+             for p in ("epsilon", "sample")]
+    cfgs += [dict(algorithm_type=a, solver_type=st, solver_order=o, prediction_type=p) for a in _ALGS_IN_TESTS[kind]
+             for st in ("midpoint", "heun") for o in (1, 2, 3) for p in ("epsilon", "sample")
+             if not (a.startswith("sde") and o == 3)]
+    cfgs += [dict(prediction_type="v_prediction"), dict(lower_order_final=True), dict(lambda_min_clipped=-5.1),
+             dict(variance_type="learned_range"), dict(use_karras_sigmas=True), dict(use_beta_sigmas=True),
+             dict(use_exponential_sigmas=True), dict(thresholding=True, dynamic_thresholding_ratio=0.87,
+                                                     sample_max_value=0.5),
+             dict(prediction_type="v_prediction", use_karras_sigmas=True)]
+    if kind == "multi":
+        cfgs += [dict(euler_at_final=True), dict(rescale_betas_zero_snr=True),
+                 dict(prediction_type="v_prediction", use_lu_lambdas=True)]
+    return cfgs
+
+
+@pytest.mark.parametrize("kind", ["multi", "single"])
+def test_no_configuration_of_diffusers_tests_falls_back(kind):
+    _, fused = PAIRS[kind]
+    for cfg in _diffusers_test_configs(kind):
+        for steps in (10, 25):
+            _, s = run(fused, {**_TEST_BASE[kind], **cfg}, steps)
+            assert s.fused_reason is None and s._fz_traj.calls == len(s.timesteps), (cfg, s.fused_reason)
+
+
+@pytest.mark.parametrize("kind", ["multi", "single"])
+def test_custom_timesteps(kind):
+    """diffusers' test_custom_timesteps: set_timesteps(timesteps=...) with both final sigma types."""
+    parent, fused = PAIRS[kind]
+    for p in ("epsilon", "sample", "v_prediction"):
+        for final in ("sigma_min", "zero"):
+            cfg = {**_TEST_BASE[kind], "prediction_type": p, "final_sigmas_type": final}
+            if kind == "multi":
+                cfg["algorithm_type"] = "sde-dpmsolver++" if p == "sample" else "dpmsolver++"
+            outs = []
+            for cls in (parent, fused):
+                s = cls(**cfg)
+                s.set_timesteps(timesteps=[999, 850, 736, 645, 545, 455, 343, 233, 124, 10])
+                x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(7))
+                g = torch.Generator().manual_seed(3)
+                for t in s.timesteps:
+                    x = s.step(toy_model(x, t), t, x, generator=g).prev_sample
+                outs.append(x)
+            assert s.fused_reason is None and s._fz_traj.calls == 10
+            assert err([outs[1]], [outs[0]]) < 1e-5, (p, final, err([outs[1]], [outs[0]]))

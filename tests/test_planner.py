@@ -135,3 +135,22 @@ def test_one_row_writer():
                 r"\brow\[L\.\w+\]\s*=", text):
             writers.append(f.relative_to(pkg).as_posix())
     assert writers == ["planner.py"], writers
+
+
+@pytest.mark.parametrize("alg", ["dpmsolver++", "dpmsolver", "sde-dpmsolver++"])
+@pytest.mark.parametrize("st", ["midpoint", "heun"])
+def test_singlestep_block_with_a_repeated_time_drops_to_the_distinct_points(alg, st):
+    """diffusers' singlestep grid with a repeated timestep (num_train_timesteps=25 at 25 steps): a block whose start
+    and inner point coincide combines only the newer output, at the order of the distinct points (diffusers: 0/0)."""
+    pts = C.Point.from_vp_of_ve_sigma(np.array([2.0, 1.0, 1.0, 0.5, 0.2, 0.1]))
+    # evaluations: 0 (order 1), 1 (order 1: 1.0 -> 1.0, the identity), 2 (order 2: block [1, 2], points 1.0, 1.0),
+    # 3 (order 1), 4 (order 3 would need 2 earlier outputs of its block: order 2, block [3, 4])
+    plan = P.plan_singlestep_steps(alg, st, pts, [1, 1, 2, 1, 2])
+    rows = plan.table(P.Conversion.for_algorithm("noise", alg))
+    assert np.isfinite(rows).all()
+    first = C.sde_multistep(alg, st, 1, [pts[2]], pts[3], eta=1.0) if alg.startswith("sde") else \
+        C.multistep(alg, st, 1, [pts[2]], pts[3])
+    u = plan.update
+    assert np.isclose(u.a[2], first.a, rtol=1e-12) and np.isclose(u.c[0][2], first.c[0], rtol=1e-12)
+    assert u.c[1][2] == 0.0 and np.isclose(u.noise[2], first.noise, rtol=1e-12)
+    assert (u.a[1], u.c[0][1], u.noise[1]) == (1.0, 0.0, 0.0)  # the zero-length evaluation is the identity
