@@ -449,42 +449,37 @@ def plan_two_stage(sigmas, form: str, eta: float = 1.0, s_noise: float = 1.0, r:
         mid = C.Point.from_ve_sigma(np.exp(-(ps.lam + 0.5 * (q.lam - ps.lam))))
         first = C.multistep("dpmsolver++", "dpmsolver", 1, [ps], mid)
         last = C.multistep("dpmsolver++", "dpmsolver", 1, [ps], q)
-        second = C.Update(last.a, (last.c[0], np.zeros(n)), up * s_noise)
-        first_noise = np.zeros(n)
+        second = C.Update(last.a, (last.c[0], 0.0), up * s_noise)
         # one evaluation: x = m_i (+ up z while sigma_{i+1} > 0)
-        one = C.Update(np.zeros(n), (np.ones(n), np.zeros(n)), np.where(pt.sigma > 0.0, up * s_noise, 0.0))
+        one = C.Update(0.0, (1.0, 0.0), np.where(pt.sigma > 0.0, up * s_noise, 0.0))
     else:
         single = pt.sigma == 0.0
         mid = C.Point.from_ve_sigma(np.exp(-(ps.lam + r * (pt.lam - ps.lam))))
         q1, up1 = C.ancestral(ps, mid, eta)
         q2, up2 = C.ancestral(ps, pt, eta)
-        first = C.multistep("dpmsolver++", "dpmsolver", 1, [ps], q1)
-        first_noise = up1 * s_noise
+        u1 = C.multistep("dpmsolver++", "dpmsolver", 1, [ps], q1)
+        first = C.Update(u1.a, u1.c, up1 * s_noise)
         base = C.multistep("dpmsolver++", "dpmsolver", 1, [ps], q2)
         second = C.Update(base.a, (fac * base.c[0], (1.0 - fac) * base.c[0]), up2 * s_noise)
-        one = C.Update(np.zeros(n), (np.ones(n), np.zeros(n)), np.zeros(n))
+        one = C.Update(0.0, (1.0, 0.0), 0.0)
     keep_first = fac != 1.0 and form == "sde"  # the second evaluation also reads m_i
-    evals, where, a, c0, c1, noise = [], [], [], [], [], []
-    for i in range(n):
-        if single[i]:
-            rows = [(ps, one, one.noise, "x", "x", None, ())]
-        else:
-            rows = [(ps, first, first_noise, "x", "u", 0 if keep_first else None, ()),
-                    (mid, second, second.noise, "u", "x", None, (0,) if keep_first else ())]
-        for pp, u, nz, src, dst, wslot, reads in rows:
-            nz_i = float(np.broadcast_to(nz, (n,))[i])
-            t_next = float(sig[i + 1]) if dst == "x" else float(mid.sigma[i])
-            evals.append(Eval(t=float(pp.sigma[i]), t_next=t_next, source=src, dest=dst, write_slot=wslot,
-                              read_slots=reads, order=len(rows), step=i + 1, noisy=nz_i != 0.0))
-            where.append((pp.alpha[i], pp.sigma[i], pp.lam[i]))
-            a.append(float(np.broadcast_to(u.a, (n,))[i]))
-            c0.append(float(np.broadcast_to(u.c[0], (n,))[i]))
-            c1.append(float(np.broadcast_to(u.c[1], (n,))[i]) if len(u.c) > 1 else 0.0)
-            noise.append(nz_i)
-    pts = C.Point(*(np.array(v) for v in zip(*where, strict=True)))
-    update = C.Update(np.array(a), (np.array(c0), np.array(c1), np.zeros(len(a))), np.array(noise))
-    return Plan(evals, pts, update, 1, sig, [ev.order for ev in evals if ev.dest == "x"], needs_u=True,
-                kind="singlestep")
+
+    def per_interval(u: C.Update, p: C.Point) -> np.ndarray:
+        """[n, 7]: a, c0, c1, noise of the update and alpha, sigma, lambda of the evaluation, per interval."""
+        c1 = u.c[1] if len(u.c) > 1 else 0.0
+        return np.stack(np.broadcast_arrays(u.a, u.c[0], c1, u.noise, p.alpha, p.sigma, p.lam), axis=-1)
+
+    kinds = {"one": per_interval(one, ps), "first": per_interval(first, ps), "second": per_interval(second, mid)}
+    seq = [(k, i) for i in range(n) for k in (("one",) if single[i] else ("first", "second"))]
+    rows = np.array([kinds[k][i] for k, i in seq]).reshape(len(seq), 7)
+    evals = [Eval(t=float(rows[j, 5]), t_next=float(mid.sigma[i] if k == "first" else sig[i + 1]),
+                  source="u" if k == "second" else "x", dest="u" if k == "first" else "x",
+                  write_slot=0 if keep_first and k == "first" else None,
+                  read_slots=(0,) if keep_first and k == "second" else (), order=1 if k == "one" else 2, step=i + 1,
+                  noisy=bool(rows[j, 3] != 0.0)) for j, (k, i) in enumerate(seq)]
+    update = C.Update(rows[:, 0], (rows[:, 1], rows[:, 2], np.zeros(len(seq))), rows[:, 3])
+    return Plan(evals, C.Point(rows[:, 4], rows[:, 5], rows[:, 6]), update, 1, sig,
+                [ev.order for ev in evals if ev.dest == "x"], needs_u=True, kind="singlestep")
 
 
 def plan_singlestep_steps(algorithm_type: str, solver_type: str, points, orders: list[int], times=None) -> Plan:
