@@ -122,7 +122,7 @@ class FusedStepMixin:
         traj = self._fz_traj
         if traj is None:
             return self._fz_outputs
-        k, evals = self.config.solver_order, traj.plan.evals
+        k, evals = self.config.get("solver_order", 1), traj.plan.evals
         return tuple(traj.slots[evals[j].write_slot] if j >= 0 and evals[j].write_slot is not None else None
                      for j in range(traj.calls - k, traj.calls))
 
@@ -228,7 +228,7 @@ class FusedStepMixin:
         if torch.is_grad_enabled() and (sample.requires_grad or model_output.requires_grad):
             raise RuntimeError("step: inputs require grad, but this fused trajectory has no autograd")
         w, ev = traj.dtype, evals[k]
-        z = self._noise(model_output, sample, generator, variance_noise, k) if traj.sde else None  # as diffusers
+        z = self._noise(model_output, sample, generator, variance_noise, ev) if traj.sde else None  # as diffusers
         x_now = sample if sample.dtype == w else sample.to(w)
         x, x_eval = self._start_point(ev, sample, x_now)
         slots = traj.slots

@@ -73,13 +73,12 @@ class FusedDPMSolverSDEScheduler(FusedStepMixin, DPMSolverSDEScheduler):
     def _draws_noise(self) -> bool:
         return True
 
-    def _noise(self, model_output, sample, generator, variance_noise, k) -> torch.Tensor | None:
+    def _noise(self, model_output, sample, generator, variance_noise, ev: P.Eval) -> torch.Tensor | None:
         i = self.step_index
         if self.noise_sampler is None:  # at the first step, as diffusers (its seed may come from the global RNG)
             positive = self.sigmas[self.sigmas > 0]
             self.noise_sampler = brownian_tree()(sample, positive.min().item(), self.sigmas.max().item(),
                                                   self.noise_sampler_seed)
-        ev = self._fz_traj.plan.evals[k]
         if ev.order == 1:  # the Euler step to sigma = 0: no noise
             return None
         # diffusers' query sigmas, in float32: sigma_fn(t) and sigma_fn(t + h / 2) or sigma_fn(t_next)

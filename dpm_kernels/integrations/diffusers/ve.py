@@ -70,7 +70,7 @@ class FusedEDMDPMSolverMultistepScheduler(_VEStep, EDMDPMSolverMultistepSchedule
 
     _compatibles = ["EDMDPMSolverMultistepScheduler"]
 
-    def _noise(self, model_output, sample, generator, variance_noise, k) -> torch.Tensor | None:
+    def _noise(self, model_output, sample, generator, variance_noise, ev: P.Eval) -> torch.Tensor | None:
         return randn_tensor(model_output.shape, generator=generator, device=model_output.device,
                             dtype=model_output.dtype)
 
@@ -93,7 +93,7 @@ class FusedCosineDPMSolverMultistepScheduler(_VEStep, CosineDPMSolverMultistepSc
     def _threshold(self):
         return None  # the cosine scheduler has no thresholding
 
-    def _noise(self, model_output, sample, generator, variance_noise, k) -> torch.Tensor | None:
+    def _noise(self, model_output, sample, generator, variance_noise, ev: P.Eval) -> torch.Tensor | None:
         if self.noise_sampler is None:
             seed = None
             if isinstance(generator, list):
@@ -104,7 +104,7 @@ class FusedCosineDPMSolverMultistepScheduler(_VEStep, CosineDPMSolverMultistepSc
             like = torch.zeros(model_output.shape, dtype=self._fz_traj_dtype(model_output), device=model_output.device)
             self.noise_sampler = brownian_tree()(like, sigma_min=self.config.sigma_min,
                                                           sigma_max=self.config.sigma_max, seed=seed)
-        if not self._fz_traj.plan.evals[k].noisy:  # a zero-length step (the sigma_min end): nothing to query
+        if not ev.noisy:  # a zero-length step (the sigma_min end): nothing to query
             return None
         i = self.step_index
         return self.noise_sampler(self.sigmas[i], self.sigmas[i + 1]).to(model_output.device)

@@ -53,7 +53,7 @@ class FusedDPMSolverMultistepScheduler(_VPStep, StepWithVarianceNoise, DPMSolver
     def _advanced(self, ev: P.Eval, sample: torch.Tensor) -> None:
         self._count_lower_order()
 
-    def _noise(self, model_output, sample, generator, variance_noise, k) -> torch.Tensor | None:
+    def _noise(self, model_output, sample, generator, variance_noise, ev: P.Eval) -> torch.Tensor | None:
         if variance_noise is not None:
             return variance_noise.to(device=model_output.device, dtype=torch.float32)
         return randn_tensor(model_output.shape, generator=generator, device=model_output.device, dtype=torch.float32)
@@ -84,7 +84,7 @@ class FusedDPMSolverMultistepInverseScheduler(_VPStep, StepWithVarianceNoise, DP
     def _advanced(self, ev: P.Eval, sample: torch.Tensor) -> None:
         self._count_lower_order()
 
-    def _noise(self, model_output, sample, generator, variance_noise, k) -> torch.Tensor | None:
+    def _noise(self, model_output, sample, generator, variance_noise, ev: P.Eval) -> torch.Tensor | None:
         return None  # never reached: SDE algorithms are refused above
 
 
@@ -106,7 +106,7 @@ class FusedDPMSolverSinglestepScheduler(_VPStep, StepWithGenerator, DPMSolverSin
     def _plan_steps(self, points: C.Point, orders: list[int]) -> P.Plan:
         return P.plan_singlestep_steps(self.config.algorithm_type, self.config.solver_type, points, orders)
 
-    def _noise(self, model_output, sample, generator, variance_noise, k) -> torch.Tensor | None:
+    def _noise(self, model_output, sample, generator, variance_noise, ev: P.Eval) -> torch.Tensor | None:
         return randn_tensor(model_output.shape, generator=generator, device=model_output.device,
                             dtype=model_output.dtype)
 
