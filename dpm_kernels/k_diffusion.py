@@ -327,7 +327,6 @@ def sample_dpm_adaptive(model, x, sigma_min, sigma_max, extra_args=None, callbac
             s64, tt = float(s), float(t_)
             ps, pt = P.VELambdaTime.point64(s64), P.VELambdaTime.point64(tt)
             p1 = P.VELambdaTime.point64(s64 + r1 * (tt - s64))
-            d0 = _checked_output(model(x, math.exp(-s64) * ones, **extra_args), x.dtype)
             if order == 2:
                 low = C.multistep("dpmsolver", "dpmsolver", 1, [ps], pt)
                 ups = C.singlestep("dpmsolver", "dpmsolver", 2, ps, [p1], pt)
@@ -339,23 +338,20 @@ def sample_dpm_adaptive(model, x, sigma_min, sigma_max, extra_args=None, callbac
                 ups = C.singlestep("dpmsolver", "dpmsolver", 3, ps, [p1, p2], pt)
                 evals = [(ps, ups[0]), (p1, ups[1]), (p2, ups[2])]
                 low_from = 1
-            outs = []
-            den = d0
-            for j, (pp, up) in enumerate(evals):
-                if j > 0:
-                    den = _checked_output(model(u, math.exp(-float(pp.lam)) * ones, **extra_args), x.dtype)
+            for j, (pp, up) in enumerate(evals):  # evaluation j at x (j = 0) or at u, each stores its eps in m[j]
+                den = _checked_output(model(x if j == 0 else u, float(pp.sigma) * ones, **extra_args), x.dtype)
+                if j == 0:
+                    d0 = den  # the callback's denoised
                 row = torch.from_numpy(P.coefficient_rows(pp, EPS_FROM_DENOISER, up, "sigma_min")).to(x.device)
                 last = j == len(evals) - 1
-                out = torch.empty_like(x) if last else u
-                step(x, den, row, out, None if last else m[j], m[j - 1] if j > 0 else None,
+                x_high = torch.empty_like(x) if last else u
+                step(x, den, row, x_high, None if last else m[j], m[j - 1] if j > 0 else None,
                      m[j - 2] if j > 1 else None, None if j == 0 else u, None)
-                outs.append(out)
             # x_low: the lower-order combination of the stored eps (identity conversion, newest first)
             lrow = torch.from_numpy(P.coefficient_rows(pp, P.Conversion.identity("eps"), low, "sigma_min"))
             x_low = torch.empty_like(x)
             step(x, m[low_from].to(x.dtype), lrow.to(x.device), x_low, None, m[0] if low_from == 1 else None, None,
                  None, None)
-            x_high = outs[-1]
             delta = torch.maximum(atol_t, rtol_t * torch.maximum(x_low.abs(), x_prev.abs()))
             error = torch.linalg.norm((x_low - x_high) / delta) / x.numel() ** 0.5
             accept = pid.propose_step(error)
