@@ -224,11 +224,6 @@ def _ancestral_target(t, t_next, t_end, eta):
     return target, float((s_to ** 2 - target.neg().exp() ** 2) ** 0.5)
 
 
-def _fast_orders(nfe: int) -> list[int]:
-    m = nfe // 3 + 1
-    return [3] * (m - 2) + [2, 1] if nfe % 3 == 0 else [3] * (m - 1) + [nfe % 3]
-
-
 @torch.no_grad()
 def sample_dpm_fast(model, x, sigma_min, sigma_max, n, extra_args=None, callback=None, disable=None, eta=0.0,
                     s_noise=1.0, noise_sampler=None, *, backend="auto"):
@@ -244,7 +239,7 @@ def sample_dpm_fast(model, x, sigma_min, sigma_max, n, extra_args=None, callback
         raise ValueError("eta must be 0 for reverse sampling")
     if noise_sampler is None:
         noise_sampler = lambda sigma, sigma_next: torch.randn_like(x)  # noqa: E731
-    orders = _fast_orders(n)
+    orders = P.singlestep_orders(n, 3)  # the authors' DPM-Solver-fast orders, which k-diffusion uses
     ts = torch.linspace(t_start, t_end, len(orders) + 1)  # float32, as k-diffusion
     targets, ups = zip(*(_ancestral_target(ts[i], ts[i + 1], t_end, eta) for i in range(len(orders))), strict=True)
     tl = ts.double().tolist()
