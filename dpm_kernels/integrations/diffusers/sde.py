@@ -81,13 +81,16 @@ class FusedDPMSolverSDEScheduler(FusedStepMixin, DPMSolverSDEScheduler):
                                                   self.noise_sampler_seed)
         if ev.order == 1:  # the Euler step to sigma = 0: no noise
             return None
-        # diffusers' query sigmas, in float32: sigma_fn(t) and sigma_fn(t + h / 2) or sigma_fn(t_next)
         first = ev.dest == "u"
-        sigma, sigma_next = (self.sigmas[i], self.sigmas[i + 1]) if first else (self.sigmas[i - 1], self.sigmas[i])
-        t, t_next = sigma.log().neg(), sigma_next.log().neg()
-        to = t + (t_next - t) * 0.5 if first else t_next
-        z = self.noise_sampler(t.neg().exp(), to.neg().exp())
+        z = self.noise_sampler(*self._query_sigmas(i if first else i - 1, first))
         return z if self._fz_s_noise == 1.0 else z * self._fz_s_noise
+
+    def _query_sigmas(self, i: int, to_midpoint: bool):
+        """diffusers' float32 sigma_fn(t) and sigma_fn(t + h / 2) (to_midpoint) or sigma_fn(t_next) for the interval
+        sigmas[i] -> sigmas[i + 1], t = -log sigma: the tree's query and, to the midpoint, `mid_point_sigma`."""
+        t, t_next = self.sigmas[i].log().neg(), self.sigmas[i + 1].log().neg()
+        to = t + (t_next - t) * 0.5 if to_midpoint else t_next
+        return t.neg().exp(), to.neg().exp()
 
     def _start_point(self, ev: P.Eval, sample, x_now):
         if ev.source == "u":  # the second call restarts from the interval's start, diffusers' `self.sample`
@@ -102,10 +105,8 @@ class FusedDPMSolverSDEScheduler(FusedStepMixin, DPMSolverSDEScheduler):
 
     def _advanced(self, ev: P.Eval, sample: torch.Tensor) -> None:
         if ev.dest == "u":  # diffusers' first-order state -> second: the interval start and the midpoint sigma
-            i = self.step_index - 1
-            t, t_next = self.sigmas[i].log().neg(), self.sigmas[i + 1].log().neg()
             self.sample = sample
-            self.mid_point_sigma = (t + (t_next - t) * 0.5).neg().exp()
+            self.mid_point_sigma = self._query_sigmas(self.step_index - 1, True)[1]
         elif ev.source == "u":
             self.sample = None
             self.mid_point_sigma = None
