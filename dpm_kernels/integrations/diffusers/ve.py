@@ -101,15 +101,11 @@ class FusedCosineDPMSolverMultistepScheduler(_VEStep, CosineDPMSolverMultistepSc
             elif generator is not None:
                 seed = generator.initial_seed()
             # the tree's shape, dtype and device are those of diffusers' converted output: the sample's, promoted
-            like = torch.zeros(model_output.shape, dtype=self._fz_traj_dtype(model_output), device=model_output.device)
+            like = torch.zeros(model_output.shape, dtype=self._working_dtype(sample, model_output),
+                               device=model_output.device)
             self.noise_sampler = brownian_tree()(like, sigma_min=self.config.sigma_min,
-                                                          sigma_max=self.config.sigma_max, seed=seed)
+                                                 sigma_max=self.config.sigma_max, seed=seed)
         if not ev.noisy:  # a zero-length step (the sigma_min end): nothing to query
             return None
         i = self.step_index
         return self.noise_sampler(self.sigmas[i], self.sigmas[i + 1]).to(model_output.device)
-
-    def _fz_traj_dtype(self, model_output) -> torch.dtype:
-        traj = self._fz_traj
-        return traj.dtype if traj is not None else model_output.dtype
-
