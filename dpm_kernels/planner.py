@@ -48,6 +48,12 @@ class VELambdaTime:
         return C.Point(np.ones_like(t)[()], np.exp(-t)[()], t[()])
 
 
+def _check_times(ns, t, name: str) -> None:
+    """The schedule's range rule (`NoiseSchedule.check_times`) where times are a schedule's (not VELambdaTime's)."""
+    if isinstance(ns, NoiseSchedule):
+        ns.check_times(t, name)
+
+
 def stack_points(points) -> C.Point:
     """One `Point` of arrays from a list of points (or a `Point` already holding arrays)."""
     if isinstance(points, C.Point):
@@ -68,6 +74,8 @@ def time_steps(ns: NoiseSchedule, skip_type: str, t_T: float, t_0: float, n: int
     """
     if skip_type not in SKIP_TYPES:
         raise ValueError(f"skip_type: expected one of {SKIP_TYPES}, got {skip_type!r}")
+    _check_times(ns, t_T, "t_T")
+    _check_times(ns, t_0, "t_0")
     if n < 1:
         raise ValueError(f"steps: need at least 1 step, got {n}")
     if skip_type not in ("time_uniform", "time_quadratic") and not np.isfinite(
@@ -317,6 +325,8 @@ def plan_multistep(ns, algorithm_type, solver_type, times, orders, eta=0.0, s_no
         raise ValueError(f"orders: expected {n} orders for {n + 1} times, got {len(orders)}")
     C.is_data_prediction(algorithm_type)  # validated also when every step is zero-length
     C.normalize_solver_type(solver_type)
+    if points is None:
+        _check_times(ns, times, "times")
     pts = stack_points(points) if points is not None else point(ns, np.asarray(times, dtype=np.float64))
     if np.shape(pts.lam) != (n + 1,):
         raise ValueError(f"points: expected {n + 1} points, got {np.shape(pts.lam)}")
@@ -373,6 +383,8 @@ def plan_singlestep(ns, algorithm_type, solver_type, outer, orders, skip_type="t
         raise ValueError(f"orders: expected {len(outer) - 1} block orders, got {len(orders)}")
     outer = np.asarray(outer, dtype=np.float64)
     block_ends = outer[1:] if block_ends is None else np.asarray(block_ends, dtype=np.float64)
+    _check_times(ns, outer, "outer")
+    _check_times(ns, block_ends, "block_ends")
     if block_ends.shape != (len(orders),):
         raise ValueError(f"block_ends: expected {len(orders)} block ends, got {block_ends.shape}")
     eval_t, blocks = [], []  # evaluation times; per block (order, first evaluation index)
@@ -382,6 +394,7 @@ def plan_singlestep(ns, algorithm_type, solver_type, outer, orders, skip_type="t
             inner_t = np.asarray(inner_times[b], dtype=np.float64)
             if inner_t.shape != (o - 1,):
                 raise ValueError(f"inner_times: block {b} of order {o} needs {o - 1} times, got {inner_t.shape}")
+            _check_times(ns, inner_t, "inner_times")
         else:
             inner_t = time_steps(ns, skip_type, s, t, o)[1:-1] if o > 1 else np.zeros(0)
         blocks.append((o, len(eval_t)))

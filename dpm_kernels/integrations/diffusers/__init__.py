@@ -46,7 +46,8 @@ the EDM and cosine schedulers (diffusers: UnboundLocalError) run k-diffusion's 3
 refused with a clear error (diffusers returns NaN); DPMSolverSDE with prediction_type="sample" is fused (diffusers:
 NotImplementedError).
 
-Fallback: a configuration that is not fused runs diffusers' own `step()` for the whole trajectory, and
+Fallback (with `fused_backend="auto"`; a backend named there runs every step or raises why it cannot, and an unknown
+name raises when set): a configuration that is not fused runs diffusers' own `step()` for the whole trajectory, and
 `scheduler.fused_reason` says why (None: fused): a prediction type or solver order outside what diffusers defines,
 options unknown to this module set to non-default values (checked with diffusers 0.42), and, decided at the first
 step, unsupported dtypes, model outputs that do not fit the sample, inputs requiring grad (the op has no autograd).
