@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from dpm_kernels import benchmark
-from dpm_kernels.__main__ import main
+from dpm_kernels.__main__ import COMMANDS, PROG, main
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -80,7 +80,9 @@ BAD = {
     "bench-sizes": (["bench", "--sizes", "x"], "--sizes"),
     "bench-dtype": (["bench", "--dtypes", "float8"], "--dtypes"),
     "bench-order": (["bench", "--orders", "4"], "--orders"),
-    "unknown-command": (["frobnicate"], "invalid choice"),
+    "eta-with-an-ode-solver": (["sample", "--eta", "0.5"], "--eta"),
+    "bench-sizes-range": (["bench", "--sizes", "40"], "--sizes"),
+    "unknown-command": (["frobnicate"], "command: invalid choice"),
 }
 
 
@@ -94,6 +96,9 @@ def test_bad_input_is_one_line_and_status_2(which, capsys, tmp_path, monkeypatch
     assert rc == 2, (out, err)
     assert len(err.strip().splitlines()) == 1 and name in err and "Traceback" not in err, err
     assert out == ""  # refused before any work
+    # one format for every command, whether argparse or a later check refused: the command, then the option
+    prog = PROG + (f" {argv[0]}" if argv[0] in COMMANDS else "")
+    assert err.startswith(f"{prog}: error: {name}") and err.endswith(f" (see {prog} --help)\n"), err
 
 
 def test_demo_without_matplotlib_says_what_to_install(capsys, monkeypatch, tmp_path):
@@ -153,8 +158,48 @@ def test_noisy_measurements_are_marked_and_a_noisy_run_labelled():
     assert benchmark.markdown([row("cpu", 0.01, 0.01, 0.011, x_floor=0.01)]).count("?") >= 1  # 100x faster than copy
 
 
-def test_info_lists_backends(capsys):
+def test_info_lists_backends_and_says_where_the_kernels_are(capsys):
     rc, out, _ = run(["info"], capsys)
     assert rc == 0
-    for name in ("torch", "cpu", "cuda", "triton"):
-        assert name in out
+    lines = out.splitlines()
+    listed = [i for i, line in enumerate(lines) if re.match(r"^  (cuda|triton|cpu|torch) ", line)]
+    assert [lines[i].split()[0] for i in listed] == ["cuda", "triton", "cpu", "torch"]
+    # before the backends are checked (which may build the kernels), it says so
+    assert any("builds them" in line for line in lines[:listed[0]]), out
+    if os.environ.get("DPM_KERNELS_NO_EXT") != "1":  # the CPU kernels: where they were loaded from
+        cpu = lines[listed[2]]
+        path = re.search(r"available \((.+)\)$", cpu).group(1)
+        assert os.path.isfile(path), cpu
+    assert re.search(r"CPU kernels are built in (/\S+)", out)
+
+
+@pytest.mark.parametrize("cmd", COMMANDS)
+def test_every_command_help_starts_with_what_it_does(cmd, capsys):
+    """A subcommand's --help had only its usage and options; its first paragraph now says what it does."""
+    rc, out, _ = run([cmd, "--help"], capsys)
+    assert rc == 0
+    paragraphs = out.split("\n\n")
+    assert paragraphs[0].startswith(f"usage: {PROG} {cmd}")
+    assert re.match(r"^[A-Z][a-z].{20,}\.$", paragraphs[1].replace("\n", " ")), paragraphs[1]
+
+
+def test_demo_picture_shows_every_point_and_says_why_few_steps_lose(monkeypatch):
+    """The middle panel clipped endpoints at its edge, and the right panel showed DPM-Solver-3 at 6 NFE worse than
+    DDIM without a word: every drawn point now lies in view, and the panel says why below 10 NFE."""
+    import numpy as np
+
+    from dpm_kernels import demo
+
+    drawn = []
+    monkeypatch.setattr(demo, "save_png", lambda path, *args: drawn.append(args))
+    results, _ = demo.run_demo(n=300, seed=0, backend="torch", progress=False, png="unused")
+    fig = demo.figure(*drawn[0])
+    mid = fig.axes[1]
+    pts = np.concatenate([np.asarray(c.get_offsets()) for c in mid.collections if len(c.get_offsets()) > 1] +
+                         [np.concatenate(c.get_segments()) for c in mid.collections if hasattr(c, "get_segments")])
+    (x0, x1), (y0, y1) = mid.get_xlim(), mid.get_ylim()
+    assert len(pts) > 100 and ((pts[:, 0] > x0) & (pts[:, 0] < x1) & (pts[:, 1] > y0) & (pts[:, 1] < y1)).all()
+    err = {(r.name, r.nfe): r.error for r in results}
+    assert err[("DPM-Solver-3 (singlestep)", 6)] > err[("DDIM", 6)]  # what the note explains
+    note = " ".join(t.get_text() for t in fig.axes[2].texts)
+    assert "below 10 NFE" in note and "DPM-Solver-3 at 6 NFE" in note and "DDIM" in note
