@@ -33,7 +33,7 @@ import diffusers
 import torch
 
 from dpm_kernels.backends import registry
-from dpm_kernels.benchmark import device_name, quantiles, results_csv
+from dpm_kernels.benchmark import device_name, load_average, load_line, quantiles, results_csv
 from dpm_kernels.integrations import diffusers as fused_diffusers
 
 RESULTS = Path(__file__).resolve().parent / "results"  # this checkout's record, wherever it is run from
@@ -171,10 +171,12 @@ def main(argv=None) -> int:
     shapes = SHAPES if a.shapes == "all" else {n: SHAPES[n] for n in a.shapes.split(",")}
     shapes, steps, reps = (SMOKE_SHAPES, 6, 1) if a.smoke else (shapes, a.steps, a.reps)
     thresholds = {"off": (False,), "on": (True,), "both": (False, True)}[a.thresholding]
+    load = load_average()
     rows = run(shapes, tuple(int(o) for o in a.orders.split(",")), thresholds, a.dtype, device, steps, reps,
                schedulers)
     head = (f"device: {device_name(device)}; torch {torch.__version__}; diffusers {diffusers.__version__}; "
-            f"{dt.date.today().isoformat()}; {a.dtype}, {steps} steps, median over steps >= order\n")
+            f"{dt.date.today().isoformat()}; {a.dtype}, {steps} steps, median over steps >= order; "
+            f"{load_line(load, load_average())}\n")
     table = markdown(rows)
     print(head)
     print(table)

@@ -39,7 +39,7 @@ from diffusers import DPMSolverMultistepScheduler
 
 import dpm_kernels as dk
 from dpm_kernels import planner as P
-from dpm_kernels.benchmark import device_name, results_csv
+from dpm_kernels.benchmark import device_name, load_average, load_line, results_csv
 from dpm_kernels.integrations.diffusers import FusedDPMSolverMultistepScheduler
 from dpm_kernels.k_diffusion import sample_dpmpp_2m
 
@@ -204,9 +204,11 @@ def main(argv=None) -> int:
         torch.set_num_threads(a.threads)
     device = torch.device(a.device)
     shapes, rounds = (SMOKE_SHAPES, 3) if a.smoke else (SHAPES, a.rounds)
+    load = load_average()
     rows = run(shapes, device, rounds)
     head = (f"device: {device_name(device)}; torch {torch.__version__}; diffusers {diffusers.__version__}; "
-            f"{dt.date.today().isoformat()}; float32, {STEPS}-step DPM-Solver++(2M), {rounds} interleaved rounds")
+            f"{dt.date.today().isoformat()}; float32, {STEPS}-step DPM-Solver++(2M), {rounds} interleaved rounds; "
+            f"{load_line(load, load_average())}")
     table = markdown(rows, device)
     print(head + "\n")
     print(table)

@@ -130,6 +130,29 @@ def test_bench_writes_csv_and_table(tmp_path, capsys):
     expect = {"eager"} if os.environ.get("DPM_KERNELS_NO_EXT") == "1" else {"eager", "cpu"}
     assert {r["provider"] for r in rows} >= expect and all(float(r["median_ms"]) > 0 for r in rows)
     assert all(r["torch"] and r["device"] and r["date"] and r["spread"] for r in rows)
+    assert all(float(r["floor_before_ms"]) > 0 and float(r["floor_after_ms"]) > 0 and r["run"] for r in rows)
+    assert rows[0]["device"] == benchmark.device_name(__import__("torch").device("cpu"))
+    md = files[0].with_suffix(".md").read_text()
+    assert f"device: {rows[0]['device']};" in md and "load average" in md
+
+
+def test_bench_compares_the_copy_floor_with_earlier_runs_on_the_device(tmp_path, capsys):
+    """The wiring of the run-level check: an earlier run on this device recorded 1000x this machine's copy bandwidth,
+    so this run is labelled DISTURBED and the reason named, on stdout, stderr and in the table."""
+    import torch
+
+    dev = torch.device("cpu")
+    fake = {"date": "2026-12-01", "device": benchmark.device_name(dev), "dtype": "float32", "n": 4096, "order": 2,
+            "thresholding": 0, "provider": "eager", "copy_GBps": 1e6, "run": "2026-12-01T08:00:00"}
+    benchmark.results_csv([fake], tmp_path, "fused_step", dev).rename(
+        tmp_path / f"fused_step-{benchmark.device_slug(dev)}-2026-12-01.csv")
+    rc, out, err = run(["bench", "--sizes", "12", "--orders", "2", "--dtypes", "float32", "--providers", "eager",
+                        "--thresholding", "off", "--out", str(tmp_path), "--min-time", "0.01", "--no-progress"], capsys)
+    assert rc == 0
+    assert "DISTURBED RUN" in out and "below 1 earlier run(s) on this device (2026-12-01T08:00:00" in out
+    assert "DISTURBED RUN" in err
+    md = next(p for p in tmp_path.glob("fused_step-*.md"))
+    assert md.read_text().startswith("# Fused step benchmark (DISTURBED RUN)")
 
 
 def test_bench_default_output_leaves_the_working_directory_clean(tmp_path, capsys, monkeypatch):
@@ -154,7 +177,7 @@ def test_noisy_measurements_are_marked_and_a_noisy_run_labelled():
     table = benchmark.markdown(loud)
     assert "1.000?" in table and "5.0x?" in table
     noisy, line = benchmark.noise_summary(loud)
-    assert noisy and line.startswith("NOISY RUN")
+    assert noisy and line.startswith("DISTURBED RUN")
     assert benchmark.markdown([row("cpu", 0.01, 0.01, 0.011, x_floor=0.01)]).count("?") >= 1  # 100x faster than copy
 
 
