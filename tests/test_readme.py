@@ -156,3 +156,17 @@ def test_performance_figures_come_from_the_newest_results_files_they_name():
         lo, hi = re.search(pattern, text).groups()
         got = _speedups(files[kind], schedulers, thr)
         assert got and _close(lo, min(got)) and _close(hi, max(got)), (pattern, lo, hi, min(got), max(got))
+
+
+def test_set_up_says_which_torch_is_tested_and_how_to_get_the_cpu_build():
+    """"`torch==2.13.0` pins the CPU build" held only where pip sees a local CPU wheel (elsewhere on Linux it brings
+    the CUDA build), and "any torch >= 2.4 works" was never tested: the set-up names the version CI pins as the one
+    tested, setup.py's lower bound as untested, PyTorch's CPU index, and what a CUDA machine needs."""
+    root = README.parent
+    setup = " ".join(_section("Set up").split())
+    ci_pin = re.search(r"TEST_CMD='pip install torch==([\d.]+) ", (root / ".ci" / "run").read_text()).group(1)
+    lower = re.search(r'"torch>=([\d.]+)"', (root / "setup.py").read_text()).group(1)
+    assert f"Tested: torch {ci_pin}, CPU build, by CI" in setup
+    assert f"torch >= {lower}, but no version other than those two has been tested" in setup
+    assert f"pip install torch=={ci_pin} --index-url https://download.pytorch.org/whl/cpu" in setup
+    assert "pins the CPU build" not in setup and "nvcc" in setup and "Triton" in setup
