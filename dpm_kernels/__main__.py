@@ -6,6 +6,7 @@ Bad options are answered with one line on stderr and exit status 2, before any w
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from . import _cli
@@ -185,9 +186,15 @@ def main(argv=None) -> int:
         if argv[:1] == ["bench"]:  # the benchmark has its own options (python -m dpm_kernels bench --help)
             from .benchmark import main as bench_main
 
-            return bench_main(argv[1:])
-        args = build_parser().parse_args(argv)
-        return args.fn(args)
+            rc = bench_main(argv[1:])
+        else:
+            args = build_parser().parse_args(argv)
+            rc = args.fn(args)
+        sys.stdout.flush()  # here, not at exit: a closed pipe (`| head`) is then caught below
+        return rc
+    except BrokenPipeError:  # the reader left (`| head`): stop quietly, as other command-line tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     except (ValueError, TypeError, OSError) as e:  # bad input the option checks could not see: one line, status 2
         print(_cli.error_line(prog, str(e)), end="", file=sys.stderr)
         return 2

@@ -226,3 +226,16 @@ def test_demo_picture_shows_every_point_and_says_why_few_steps_lose(monkeypatch)
     assert err[("DPM-Solver-3 (singlestep)", 6)] > err[("DDIM", 6)]  # what the note explains
     note = " ".join(t.get_text() for t in fig.axes[2].texts)
     assert "below 10 NFE" in note and "DPM-Solver-3 at 6 NFE" in note and "DDIM" in note
+
+
+def test_a_closed_pipe_ends_a_command_quietly():
+    """`python -m dpm_kernels info | head -1` ended with "error: [Errno 32] Broken pipe": a reader that leaves now
+    stops the command without a word on stderr."""
+    import subprocess
+
+    p = subprocess.Popen([sys.executable, "-m", "dpm_kernels", "info"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert p.stdout.readline().startswith(b"dpm_kernels ")
+    p.stdout.close()  # while info is still checking the backends
+    err = p.stderr.read()
+    p.wait(timeout=300)
+    assert b"Broken pipe" not in err and b"Traceback" not in err and b"Exception ignored" not in err, err
