@@ -69,7 +69,7 @@ class History:
         self.last_order = 0
         self._entries: list[tuple[int, C.Point, object]] = []  # (slot, point(s), cache key of the time), newest first
         self._t_end = None  # the previous step's t_next (a float or [B] times): where the next step must start
-        self._way = None  # the trajectory's direction in t per sample: -1 towards the data, +1 inversion, 0 not yet
+        self._way = 0  # the trajectory's direction in t (per sample: an array): -1 towards the data, +1 towards noise
 
     def slot(self, k: int) -> int:
         """Ring index of the k-th most recent output (k = 0: newest)."""
@@ -93,38 +93,34 @@ class History:
         end = self._t_end
         if end is None:
             return
-        if type(t) is float and type(end) is float:  # the per-step case: no numpy
-            gap = abs(t - end) > _CONTINUITY_RTOL * abs(end)
-            first, got = 0, t
+        if type(t) is float and type(t_next) is float and type(end) is float and type(self._way) is int:
+            gap, first, got = abs(t - end) > _CONTINUITY_RTOL * abs(end), None, t  # the per-step case: no numpy
+            way = (t_next > t) - (t_next < t)
+            turn = way != 0 and self._way != 0 and way != self._way
         else:
-            ta, ea = np.broadcast_arrays(np.asarray(t, dtype=np.float64), np.asarray(end, dtype=np.float64))
-            gaps = np.abs(ta - ea).reshape(-1) > _CONTINUITY_RTOL * np.abs(ea).reshape(-1)
-            gap = bool(gaps.any())
+            ta, ea, na = np.broadcast_arrays(*(np.asarray(v, dtype=np.float64) for v in (t, end, t_next)))
+            gaps = (np.abs(ta - ea) > _CONTINUITY_RTOL * np.abs(ea)).reshape(-1)
             first = int(np.argmax(gaps))
-            got, end = float(ta.reshape(-1)[first]), float(ea.reshape(-1)[first])
+            gap, got, end = bool(gaps[first]), float(ta.flat[first]), float(ea.flat[first])
+            way = np.sign(na - ta)
+            turn = bool(np.any((way != 0) & (self._way != 0) & (way != self._way)))
         if gap:
-            which = f" (sample {first})" if np.ndim(t) or np.ndim(end) else ""
+            which = "" if first is None or ta.ndim == 0 else f" (sample {first})"
             raise ValueError(f"t: {got}{which} does not continue this history's trajectory, whose last step ended at "
                              f"t_next = {end}; call history.reset() to start a new trajectory")
-        way = _direction(t, t_next)
-        if np.any((way != 0) & (self._way != 0) & (way != self._way)):
-            was = "towards the data" if np.any(self._way < 0) else "towards noise (an inversion)"
+        if turn:
+            was = "towards the data" if np.any(np.asarray(self._way) < 0) else "towards noise (an inversion)"
             raise ValueError(f"t_next: this step (t = {t} -> t_next = {t_next}) turns back on a trajectory that ran "
                              f"{was}; call history.reset() to start a new trajectory")
 
     def _advance(self, t, t_next) -> None:
         """Record a step taken: the next one starts at t_next, in the same direction."""
-        way = _direction(t, t_next)
-        if self._way is not None:
-            way = (way or self._way) if np.ndim(way) == 0 == np.ndim(self._way) else np.where(way != 0, way, self._way)
-        self._way, self._t_end = way, t_next
-
-
-def _direction(t, t_next):
-    """Per sample: -1 for a step towards the data, +1 towards noise, 0 for a zero-length step."""
-    if type(t) is float and type(t_next) is float:
-        return (t_next > t) - (t_next < t)
-    return np.sign(np.asarray(t_next, dtype=np.float64) - np.asarray(t, dtype=np.float64))
+        if type(t) is float and type(t_next) is float and type(self._way) is int:
+            self._way = ((t_next > t) - (t_next < t)) or self._way
+        else:
+            way = np.sign(np.asarray(t_next, dtype=np.float64) - np.asarray(t, dtype=np.float64))
+            self._way = np.where(way != 0, way, self._way)
+        self._t_end = t_next
 
 
 def _time_key(t, b: int, name: str):
