@@ -283,7 +283,7 @@ def multistep_update(
         step(x, model_output, coef, out, None if write is None else slots[write], h[0], h[1], None,
              noise if noisy else None, model_cond)
     except (ValueError, TypeError) as e:  # the op's rules, said with this function's argument names
-        raise type(e)(_OP_NAME.sub("model_output", str(e))) from None
+        raise (TypeError if isinstance(e, TypeError) else ValueError)(_OP_NAME.sub("model_output", str(e))) from None
     if write is not None:
         history._push(write, ps, ts if isinstance(ts, float) else None)
     history._advance(ts, tn)
