@@ -1,6 +1,6 @@
 // Argument checks of dpm_kernels::fused_step, shared by the CPU and the CUDA bindings.
 //
-// The same rules and messages as dpm_kernels/ops.py `check_step_args` (messages start with the argument's
+// The same rules and messages as dpm_kernels/opdef.py `check_step_args` (messages start with the argument's
 // name; TORCH_CHECK_TYPE / TORCH_CHECK_VALUE surface as TypeError / ValueError in Python), so the Python
 // wrapper can leave these checks to the C++ ops. Every check runs before anything is written. Torch-side
 // code (ATen headers); the kernels themselves stay torch-free.
@@ -45,11 +45,11 @@ inline bool is_half(at::ScalarType t) { return t == at::kHalf || t == at::kBFloa
 
 inline bool is_float(at::ScalarType t) { return is_half(t) || t == at::kFloat || t == at::kDouble; }
 
-// The dtype history tensors (hist1, hist2, hist_out) share, as ops.history_dtype: the first given one's when
-// it is x's, or float32 for a float16/bfloat16 x; else x's (the check then names the offending tensor).
+// The dtype history tensors (hist1, hist2, hist3, hist_out) share, as opdef.history_dtype: the first given one's
+// when it is x's, or float32 for a float16/bfloat16 x; else x's (the check then names the offending tensor).
 inline at::ScalarType history_dtype(at::ScalarType xt, const OptTensor& hist1, const OptTensor& hist2,
-                                    const OptTensor& hist_out) {
-  for (const OptTensor* t : {&hist1, &hist2, &hist_out}) {
+                                    const OptTensor& hist3, const OptTensor& hist_out) {
+  for (const OptTensor* t : {&hist1, &hist2, &hist3, &hist_out}) {
     if (const at::Tensor* h = present(*t)) {
       const at::ScalarType ht = h->scalar_type();
       return ht == xt || (ht == at::kFloat && is_half(xt)) ? ht : xt;
@@ -62,7 +62,7 @@ inline at::ScalarType history_dtype(at::ScalarType xt, const OptTensor& hist1, c
 // in host memory (reading device memory would synchronise; the planner checks them where it computes them).
 inline void check_step_args(const at::Tensor& x, const at::Tensor& model_out, const OptTensor& model_cond,
                             const OptTensor& x_eval, const OptTensor& hist1, const OptTensor& hist2,
-                            const OptTensor& noise, const at::Tensor& coef, int64_t cfg, bool threshold, double ratio,
+                            const OptTensor& hist3, const OptTensor& noise, const at::Tensor& coef, int64_t cfg, bool threshold, double ratio,
                             double lo, double hi, const at::Tensor& out, const OptTensor& hist_out,
                             c10::DeviceType device) {
   const auto dt = x.scalar_type();
@@ -70,17 +70,16 @@ inline void check_step_args(const at::Tensor& x, const at::Tensor& model_out, co
   TORCH_CHECK_VALUE(x.dim() >= 1, "x: expected a tensor with a batch dimension, got a 0-d tensor");
   TORCH_CHECK_VALUE(x.device().type() == device, "x: the ", c10::DeviceTypeName(device), " kernel got a tensor on ",
                     x.device());
-  TORCH_CHECK_VALUE(cfg == dpm::CFG_NONE || cfg == dpm::CFG_PAIR || cfg == dpm::CFG_STACKED,
-                    "cfg: expected 0 (none), 1 (pair) or 2 (stacked), got ", cfg);
+  TORCH_CHECK_VALUE(dpm::valid_cfg(cfg), "cfg: expected 0 (none), 1 (pair), 2 (stacked) or 3 (stacked3), got ", cfg);
   const int64_t b = x.size(0);
-  const auto hdt = history_dtype(dt, hist1, hist2, hist_out);
+  const auto hdt = history_dtype(dt, hist1, hist2, hist3, hist_out);
   const std::pair<const char*, const at::Tensor*> like_x[] = {
       {"model_out", &model_out}, {"model_cond", present(model_cond)}, {"x_eval", present(x_eval)},
-      {"hist1", present(hist1)}, {"hist2", present(hist2)}, {"noise", present(noise)},
+      {"hist1", present(hist1)}, {"hist2", present(hist2)}, {"hist3", present(hist3)}, {"noise", present(noise)},
       {"out", &out}, {"hist_out", present(hist_out)}};
   for (const auto& [name, t] : like_x) {
     if (t == nullptr) continue;
-    const bool history = t == present(hist1) || t == present(hist2) || t == present(hist_out);
+    const bool history = t == present(hist1) || t == present(hist2) || t == present(hist3) || t == present(hist_out);
     if (history) {
       TORCH_CHECK_TYPE(t->scalar_type() == hdt, name, ": dtype ", t->scalar_type(), ": history tensors share one ",
                        "dtype, x's (", dt, ") or float32 when x is float16/bfloat16");
@@ -89,7 +88,7 @@ inline void check_step_args(const at::Tensor& x, const at::Tensor& model_out, co
     }
     TORCH_CHECK_VALUE(t->device() == x.device(), name, ": on device ", t->device(), ", but x is on ", x.device());
     std::vector<int64_t> want = x.sizes().vec();
-    if (t == &model_out && cfg == dpm::CFG_STACKED) want[0] = 2 * b;
+    if (t == &model_out) want[0] = dpm::cfg_rows(cfg) * b;
     TORCH_CHECK_VALUE(t->sizes() == at::IntArrayRef(want), name, ": shape ", t->sizes(),
                       " does not match the expected ", at::IntArrayRef(want));
   }
@@ -97,6 +96,7 @@ inline void check_step_args(const at::Tensor& x, const at::Tensor& model_out, co
                     "model_cond: cfg='pair' needs the conditional output in model_cond");
   TORCH_CHECK_VALUE(cfg == dpm::CFG_PAIR || !present(model_cond), "model_cond: given, but cfg is not 'pair'");
   TORCH_CHECK_VALUE(!present(hist2) || present(hist1), "hist2: given without hist1 (history entries are newest first)");
+  TORCH_CHECK_VALUE(!present(hist3) || present(hist2), "hist3: given without hist2 (history entries are newest first)");
   TORCH_CHECK_TYPE(coef.scalar_type() == at::kDouble, "coef: expected float64 coefficients, got ", coef.scalar_type());
   TORCH_CHECK_VALUE(coef.device() == x.device(), "coef: on device ", coef.device(), ", but x is on ", x.device());
   TORCH_CHECK_VALUE((coef.dim() == 1 && coef.size(0) == dpm::NCOEF) ||
@@ -110,7 +110,8 @@ inline void check_step_args(const at::Tensor& x, const at::Tensor& model_out, co
   }
   const std::pair<const char*, const at::Tensor*> inputs[] = {
       {"x", &x}, {"model_out", &model_out}, {"model_cond", present(model_cond)}, {"x_eval", present(x_eval)},
-      {"hist1", present(hist1)}, {"hist2", present(hist2)}, {"noise", present(noise)}, {"coef", &coef}};
+      {"hist1", present(hist1)}, {"hist2", present(hist2)}, {"hist3", present(hist3)}, {"noise", present(noise)},
+      {"coef", &coef}};
   TORCH_CHECK_VALUE(at::has_internal_overlap(out) != at::MemOverlap::Yes, "out: has elements sharing memory");
   if (const at::Tensor* ho = present(hist_out)) {
     TORCH_CHECK_VALUE(at::has_internal_overlap(*ho) != at::MemOverlap::Yes, "hist_out: has elements sharing memory");
