@@ -73,8 +73,9 @@ OP_CASES = {
     "hist_out-dtype": (_with("hist_out", lambda a, d: torch.zeros(2, 8, dtype=torch.float16, device=d)), TypeError,
                        "hist_out"),
     "noise-shape": (_with("noise", lambda a, d: torch.randn(2, 7, device=d)), ValueError, "noise"),
-    "out-shape": (_with("out", lambda a, d: torch.empty(2, 9, device=d)), ValueError, "out"),
-    "out-dtype": (_with("out", lambda a, d: torch.empty(2, 8, dtype=torch.float64, device=d)), TypeError, "out"),
+    "out-shape": (_with("out", lambda a, d: torch.full((2, 9), SENTINEL, device=d)), ValueError, "out"),
+    "out-dtype": (_with("out", lambda a, d: torch.full((2, 8), SENTINEL, dtype=torch.float64, device=d)), TypeError,
+                  "out"),
     "coef-dtype": (_with("coef", lambda a, d: a["coef"].float()), TypeError, "coef"),
     "coef-shape": (_with("coef", lambda a, d: torch.zeros(3, L.NCOEF, dtype=torch.float64, device=d)), ValueError,
                    "coef"),
@@ -102,6 +103,8 @@ COEF_VALUE_CASES = ("coef-nan", "coef-inf")
 
 
 def _bad_args(device, which):
+    """The arguments of case `which`, the tensors it may write (each filled with values: uninitialised memory may hold
+    NaN, which never compares equal to itself) and their copies."""
     a = _good(device)
     mutate, exc, name = OP_CASES[which]
     mutate(a, device)

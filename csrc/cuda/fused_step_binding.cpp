@@ -1,4 +1,4 @@
-// CUDA implementation of dpm_kernels::fused_step for the dispatcher (schema: dpm_kernels/ops.py).
+// CUDA implementation of dpm_kernels::fused_step for the dispatcher (schema: dpm_kernels/opdef.py).
 //
 // The thin torch side: check the arguments (every check before any write, messages start with the
 // argument's name), stage strided tensors through contiguous ones, take the workspace from the caching
@@ -95,6 +95,9 @@ void fused_step_cuda(const at::Tensor& x, const at::Tensor& model_out, const Opt
   at::Tensor ws;
   if (ws_bytes > 0) ws = at::empty({static_cast<int64_t>(ws_bytes)}, x.options().dtype(at::kByte));
   int sms = 0;
+  // A CUDA error's message is formatted inside libc10_cuda (c10_cuda_check_implementation), not in this file's
+  // code, so it stays clear of the iostream problem error_text.h avoids; it keeps torch's exception type and
+  // device-side assertion report.
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, x.get_device()));
   C10_CUDA_CHECK(dpm_cuda_fused_step(&a, ws.defined() ? ws.mutable_data_ptr() : nullptr, ws_bytes, sms,
                                      c10::cuda::getCurrentCUDAStream().stream()));
