@@ -113,7 +113,7 @@ class Case:
             op = registry.checked(registry.by_name(backend))
         for i, ev in enumerate(self.plan.evals):
             h = [slots[s] for s in ev.read_slots] + [None]
-            op(x, eps, None, None, h[0], None, None, rows[i], 0, False, 0.0, 1.0, 1.0, x,
+            op(x, eps, None, None, h[0], None, None, None, rows[i], 0, False, 0.0, 1.0, 1.0, x,
                None if ev.write_slot is None else slots[ev.write_slot])
         return x
 

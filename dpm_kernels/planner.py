@@ -4,7 +4,7 @@ coefficient rows.
 A trajectory (points on the schedule, orders, algorithm, solver type, SDE options) becomes a `Plan`: one `Eval` per
 model evaluation (where the model is evaluated, which ring slots its fused step reads and writes) and the `Update`
 of each (a, c, noise; arrays over the evaluations). `Plan.table(conversion)` adds how the raw model output becomes
-the stored prediction (`Conversion`: model type, target, thresholding, guidance scale) and gives the [nfe, NCOEF]
+the stored prediction (`Conversion`: model type, target, thresholding, guidance scales) and gives the [nfe, NCOEF]
 float64 table; `DeviceTable` puts it on the sample's device once. A step is then a row of that table plus one op
 call. `coefficient_rows` is the row writer itself, public for code that builds its own steps: vectorized, one row
 per point (per step of a trajectory, or per sample with per-sample times).
@@ -131,7 +131,9 @@ class Conversion:
     """The conversion part of a row: raw output of `model_type` -> the solver's `target` ("x0" | "eps").
 
     With thresholding the output goes to x0 first, is thresholded, then goes to the target. `guidance_scale` is
-    the classifier-free guidance scale the kernel applies to (uncond, cond) pairs.
+    the classifier-free guidance scale the kernel applies to (uncond, cond) pairs; `pag_scale` the perturbed-attention
+    guidance scale it adds with the "stacked3" layout, ``+ pag_scale * (cond - perturbed)`` (diffusers' PAG pipelines,
+    Sana's "classifier-free_PAG"); the other layouts ignore it.
     """
 
     model_type: str = "noise"
@@ -139,6 +141,7 @@ class Conversion:
     thresholding: bool = False
     guidance_scale: float = 1.0
     sigma_data: float = 0.5  # EDM preconditioning only ("edm_noise", "edm_v")
+    pag_scale: float = 0.0
 
     @staticmethod
     def for_algorithm(model_type: str, algorithm_type: str, thresholding: bool = False,
@@ -159,7 +162,8 @@ def coefficient_rows(points: C.Point, conversion: Conversion, update: C.Update |
                      what: str = "t") -> np.ndarray:
     """Float64 coefficient rows [..., NCOEF] for model evaluations at `points` followed by `update`.
 
-    points and update broadcast (scalars: one row [NCOEF]). update None: no combination, the step's output is
+    points and update broadcast (scalars: one row [NCOEF]); update.c holds up to 4 weights, newest output first (m,
+    hist1, hist2, hist3: `layout.C_SLOTS`). update None: no combination, the step's output is
     the converted prediction itself (a = 0, c0 = 1). Non-finite rows raise ValueError naming `what`, the caller's
     argument that determined them.
     """
@@ -168,6 +172,7 @@ def coefficient_rows(points: C.Point, conversion: Conversion, update: C.Update |
     shape = np.broadcast_shapes(*(np.shape(f) for f in fields))
     rows = np.zeros(shape + (L.NCOEF,), dtype=np.float64)
     rows[..., L.GUIDE] = conversion.guidance_scale
+    rows[..., L.GUIDE2] = conversion.pag_scale
     sd = conversion.sigma_data
     if conversion.thresholding:
         rows[..., L.PX], rows[..., L.PM] = C.conversion(conversion.model_type, "x0", alpha, sigma, sd)
@@ -178,11 +183,11 @@ def coefficient_rows(points: C.Point, conversion: Conversion, update: C.Update |
     if update is None:
         rows[..., L.C0] = 1.0
     else:
-        if len(update.c) > 3:
-            raise ValueError(f"update: at most 3 model outputs are combined, got {len(update.c)}")
+        if len(update.c) > len(L.C_SLOTS):
+            raise ValueError(f"update: at most {len(L.C_SLOTS)} model outputs are combined, got {len(update.c)}")
         rows[..., L.A] = update.a
-        for j, c in enumerate(update.c):
-            rows[..., L.C0 + j] = c
+        for slot, c in zip(L.C_SLOTS, update.c, strict=False):
+            rows[..., slot] = c
         rows[..., L.CN] = update.noise
     if not np.isfinite(rows).all():
         bad = sorted({L.NAMES[j] for j in np.nonzero(~np.isfinite(rows.reshape(-1, L.NCOEF)))[1]})
@@ -246,7 +251,7 @@ class Eval:
     source: str  # "x": evaluate at x; "u": at the intermediate point u
     dest: str  # "x" (a solver step ends here) or "u"
     write_slot: int | None  # ring slot receiving the converted output (None: not needed later)
-    read_slots: tuple[int, ...]  # ring slots of hist1, hist2 (newest first)
+    read_slots: tuple[int, ...]  # ring slots of hist1, hist2, hist3 (newest first)
     order: int  # the order of the update this evaluation feeds
     step: int  # 1-based index of the solver step it belongs to
     noisy: bool  # the update adds noise
