@@ -3,7 +3,7 @@
 Drop-ins (each a subclass of the diffusers class named after "Fused"): FusedDPMSolverMultistepScheduler,
 FusedDPMSolverSinglestepScheduler, FusedDPMSolverMultistepInverseScheduler (`vp.py`),
 FusedEDMDPMSolverMultistepScheduler, FusedCosineDPMSolverMultistepScheduler (`ve.py`), FusedDPMSolverSDEScheduler
-(`sde.py`); what they share is `_common.py`.
+(`sde.py`), FusedUniPCMultistepScheduler (`unipc.py`); what they share is `_common.py`.
 
     from dpm_kernels.integrations.diffusers import FusedDPMSolverMultistepScheduler
     pipe.scheduler = FusedDPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
@@ -57,6 +57,7 @@ State: `step_index`, `lower_order_nums` and (singlestep) `sample` evolve as in d
 """
 
 from .sde import FusedDPMSolverSDEScheduler
+from .unipc import FusedUniPCMultistepScheduler
 from .ve import FusedCosineDPMSolverMultistepScheduler, FusedEDMDPMSolverMultistepScheduler
 from .vp import (
     FusedDPMSolverMultistepInverseScheduler,
@@ -71,4 +72,5 @@ __all__ = [
     "FusedDPMSolverSDEScheduler",
     "FusedDPMSolverSinglestepScheduler",
     "FusedEDMDPMSolverMultistepScheduler",
+    "FusedUniPCMultistepScheduler",
 ]
