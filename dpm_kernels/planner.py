@@ -392,8 +392,7 @@ def plan_unipc(points, orders: list[int], correct: list[bool], variant: str = "b
     coefficient, so x_c = x + sum_j d_j m_j with x the previous step's result (`coefficients.unipc_correction`), and
     the step is x_next = A x_c + sum_j c_j m_j = A x + sum_j (A d_j + c_j) m_j: one row, over the new output and the
     ring's (newest first; a corrector of order p reads p stored outputs). Zero-length steps: the identity (`_History`),
-    and no corrector over them. A step that ends at sigma = 0 is first order (higher orders have no finite limit), and
-    in the x0 form (x_next = m) needs no corrector.
+    and no corrector over them. A step that ends at sigma = 0 is first order (higher orders have no finite limit).
     `Plan.correction` keeps the d's (diffusers' `last_sample` is x_c).
     """
     pts = stack_points(points)
@@ -407,9 +406,7 @@ def plan_unipc(points, orders: list[int], correct: list[bool], variant: str = "b
     orders = [1 if sig[i + 1] == 0.0 else o for i, o in enumerate(orders)]
     lam = pts.lam.tolist()
     zero_len = [not abs(lam[i + 1] - lam[i]) > C.ZERO_STEP for i in range(n)]
-    # no corrector over a zero-length step, nor where the step's result does not depend on x (x0 form to sigma 0)
-    corr = [bool(correct[i]) and i > 0 and not zero_len[i - 1] and not (predict_x0 and sig[i + 1] == 0.0)
-            for i in range(n)]
+    corr = [bool(correct[i]) and i > 0 and not zero_len[i - 1] for i in range(n)]  # none over a zero-length step
     k = max(orders)
     # a corrector reads the outputs the previous step's predictor combined: as many as its order
     ring = _History(lam, orders, depth=k, extra_reads=lambda i, done: done[i - 1] if corr[i] else 0)
