@@ -98,8 +98,8 @@ class FusedStepMixin:
         super().__init_subclass__(**kwargs)
         parent = next((b for b in cls.__mro__[1:] if "set_timesteps" in vars(b) and not issubclass(b, FusedStepMixin)),
                       None)
-        if parent is None or "set_timesteps" in vars(cls):
-            return
+        if parent is None or any("set_timesteps" in vars(b) for b in cls.__mro__ if issubclass(b, FusedStepMixin)):
+            return  # this class or a drop-in it extends has its own (or already the wrapped one)
         original = parent.set_timesteps
 
         @functools.wraps(original)
