@@ -582,14 +582,17 @@ def _output_of_t(x, t):
 
 def test_repeated_sigma_is_the_identity():
     """num_train_timesteps=25 at 25 steps repeats timestep 12 (and its sigma): diffusers' corrector over the
-    zero-length step divides 0 by 0 (NaN from order 2 on). The drop-in takes that step as the identity (no corrector
-    over it, the history keeps distinct times): with an output that depends on t only, that is diffusers' run on the
-    grid without the repeated entry, step by step (the identity step's result is the corrected sample); at order 1,
-    where B(h) = 0 multiplies diffusers' NaN away, diffusers' own run too."""
+    zero-length step divides 0 by 0 (NaN from order 2 on, a singular solve at 3). The drop-in takes that step as the
+    identity (no corrector over it, the history keeps distinct times): with an output that depends on t only, that is
+    diffusers' run on the grid without the repeated entry, step by step (the identity step's result is the corrected
+    sample); at order 1, where B(h) = 0 multiplies diffusers' NaN away, diffusers' own run too."""
     cfg = dict(num_train_timesteps=25, prediction_type="sample")
     for o in ORDERS:
         c = {**cfg, "solver_order": o}
-        own, _ = run(UniPCMultistepScheduler, c, 25, torch.float64, model=_output_of_t)
+        try:
+            own, _ = run(UniPCMultistepScheduler, c, 25, torch.float64, model=_output_of_t)
+        except torch.linalg.LinAlgError:  # order 3: a singular system instead of NaN
+            own = [torch.full(SHAPE, float("nan"))]
         assert bool(torch.isfinite(own[-1]).all()) == (o == 1)
         ref = UniPCMultistepScheduler(**c)
         ref.set_timesteps(25)

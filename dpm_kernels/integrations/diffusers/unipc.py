@@ -32,7 +32,7 @@ UNIPC_GRID_KEYS = frozenset({"num_train_timesteps", "beta_start", "beta_end", "b
 UNIPC_STEP_KEYS = frozenset({"solver_order", "prediction_type", "thresholding", "dynamic_thresholding_ratio",
                              "sample_max_value", "predict_x0", "solver_type", "lower_order_final", "disable_corrector",
                              "solver_p", "use_flow_sigmas"})
-FUSED_ORDERS = (1, 2)  # a UniC of order 3 combines four outputs: the op's third history input (branch `op`)
+FUSED_ORDERS = (1, 2, 3)  # a UniC of order 3 combines four outputs: the op's third history input
 
 
 class _StateList(list):
