@@ -632,3 +632,25 @@ def test_a_backend_set_mid_trajectory_runs_the_next_step(backend):
     with pytest.raises(ValueError, match="^fused_backend: 'cuda' cannot serve cpu"):
         s.fused_backend = "cuda"
     assert s.fused_backend == backend
+
+
+def test_a_named_backend_does_not_hand_a_unipc_trajectory_over_silently():
+    """Writing UniPC's last_sample mid-trajectory hands the rest to diffusers' own step with "auto"; a named backend
+    promised every step, so the next step raises and says why."""
+    from dpm_kernels.integrations.diffusers import FusedUniPCMultistepScheduler
+
+    for backend in ("auto", "torch"):
+        s = FusedUniPCMultistepScheduler(solver_order=2)
+        s.fused_backend = backend
+        s.set_timesteps(6)
+        x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(0))
+        for t in s.timesteps[:3]:
+            x = s.step(toy_model(x, t), t, x).prev_sample
+        s.last_sample = 0.9 * s.last_sample
+        t = s.timesteps[3]
+        if backend == "auto":
+            s.step(toy_model(x, t), t, x)
+            assert "last_sample was set" in s.fused_reason
+        else:
+            with pytest.raises(ValueError, match="^fused_backend: 'torch' was named.*last_sample was set"):
+                s.step(toy_model(x, t), t, x)
