@@ -98,9 +98,10 @@ def _run(model, x: torch.Tensor, plan: P.Plan, model_sigmas, extra_args, callbac
             z = z.to(cur.dtype) if z is not None and ev.noisy else None
             # a callback may keep `x`: then a step's result goes to a second buffer instead of in place
             out = u if ev.dest == "u" else cur if spare is None else spare
-            h = [slots[j] for j in ev.read_slots] + [None, None]
+            x_eval = None if ev.source == "x" else u
+            h = ([x_eval] if ev.reads_eval else []) + [slots[j] for j in ev.read_slots] + [None, None]
             step(cur, denoised, rows[k], out, None if ev.write_slot is None else slots[ev.write_slot], h[0], h[1],
-                 None if ev.source == "x" else u, z)
+                 x_eval, z)
             if ev.dest == "x":
                 bar.update(1)
                 if spare is not None:
@@ -204,6 +205,82 @@ def sample_dpmpp_sde(model, x, sigmas, extra_args=None, callback=None, disable=N
 
     return _two_stage(model, x, sigmas, extra_args, callback, disable, "sde", eta, s_noise, r, noise_for_plan,
                       backend)
+
+
+def _dpm2(model, x, sigmas, extra_args, callback, disable, starts, mids, ends, noise, noise_for, sigma_hats,
+          backend):
+    """Run DPM2 (`planner.plan_two_stage` form "dpm2") on k-diffusion's own float values: per interval i the
+    (churned) start sigma, the midpoint, the end (sigma_{i+1} or sigma_down) and the noise scale after the interval
+    (0-d tensors or floats in the sigmas' dtype, as k-diffusion computes them)."""
+    f = [[float(v) for v in vals] for vals in (starts, mids, ends, noise)]
+    plan = _plans.get(("dpm2", *map(tuple, f)), lambda: P.plan_two_stage(
+        _sigmas(sigmas), "dpm2", starts=f[0], mids=f[1], ends=f[2], noise=f[3]))
+    return _run(model, x, plan, [ev.t for ev in plan.evals], extra_args, callback, disable, noise_for,
+                backend=backend, info=lambda i: {"sigma": sigmas[i], "sigma_hat": sigma_hats[i]})
+
+
+def _log_midpoint(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """k-diffusion's DPM2 midpoint exp(lerp(log a, log b, 1/2)), in the sigmas' dtype (0 where b = 0: not used)."""
+    return a.log().lerp(b.log(), 0.5).exp() if b != 0 else b
+
+
+@torch.no_grad()
+def sample_dpm_2(model, x, sigmas, extra_args=None, callback=None, disable=None, s_churn=0., s_tmin=0.,
+                 s_tmax=float("inf"), s_noise=1., *, backend="auto"):
+    """DPM2 (k-diffusion's "inspired by DPM-Solver-2" sampler and signature): per interval an Euler step to the
+    log-sigma midpoint and one from sigma_hat to sigma_{i+1} with the midpoint's derivative (a last step to 0:
+    Euler); Karras' churn (s_churn, s_tmin, s_tmax, s_noise) raises sigma_i to sigma_hat with noise drawn from the
+    global RNG in every step, as k-diffusion draws it. The churn of step i + 1 is added by step i's last fused op
+    (drawn after its model call, where k-diffusion draws it); only step 0's is a separate add."""
+    _check_x(x)
+    sig = _sigmas(sigmas)
+    n = len(sig) - 1
+    sg = sigmas.detach().cpu()
+    gammas = [min(s_churn / n, 2 ** 0.5 - 1) if s_tmin <= sg[i] <= s_tmax else 0. for i in range(n)]
+    hats = [sg[i] * (g + 1) for i, g in enumerate(gammas)]
+    churn = [(h ** 2 - sg[i] ** 2) ** 0.5 if g > 0 else 0.0 for i, (g, h) in enumerate(zip(gammas, hats, strict=True))]
+    eps = torch.randn_like(x) * s_noise  # k-diffusion's draw of step 0, before the first model call
+    if gammas[0] > 0:
+        x = x + eps * torch.as_tensor(churn[0]).to(x.device)
+    noise = [s_noise * float(churn[i + 1]) for i in range(n - 1)] + [0.0]
+
+    def noise_for(k, ev):  # step i + 1's draw, after step i's last model call
+        return torch.randn_like(x) if ev.dest == "x" and ev.step < n else None
+
+    return _dpm2(model, x, sigmas, extra_args, callback, disable, hats,
+                 [_log_midpoint(hats[i], sg[i + 1]) for i in range(n)], sg[1:], noise, noise_for, hats, backend)
+
+
+def _get_ancestral_step(sigma_from, sigma_to, eta):
+    """k-diffusion's `get_ancestral_step` in its own arithmetic (0-d tensors of the sigmas' dtype): the grid values
+    its DPM2 ancestral sampler steps to (`coefficients.ancestral` is the same split in float64)."""
+    if not eta:
+        return sigma_to, 0.0
+    up = min(sigma_to, eta * (sigma_to ** 2 * (sigma_from ** 2 - sigma_to ** 2) / sigma_from ** 2) ** 0.5)
+    return (sigma_to ** 2 - up ** 2) ** 0.5, up
+
+
+@torch.no_grad()
+def sample_dpm_2_ancestral(model, x, sigmas, extra_args=None, callback=None, disable=None, eta=1., s_noise=1.,
+                           noise_sampler=None, *, backend="auto"):
+    """Ancestral DPM2 (k-diffusion's signature): DPM2 from sigma_i to sigma_down, then
+    ``noise_sampler(sigmas[i], sigmas[i + 1]) * s_noise * sigma_up`` (default randn_like); where sigma_down = 0 one
+    Euler call to 0 and no noise, as k-diffusion."""
+    _check_x(x)
+    sig = _sigmas(sigmas)
+    n = len(sig) - 1
+    if noise_sampler is None:
+        noise_sampler = lambda sigma, sigma_next: torch.randn_like(x)  # noqa: E731
+    sg = sigmas.detach().cpu()
+    downs, ups = zip(*(_get_ancestral_step(sg[i], sg[i + 1], eta) for i in range(n)), strict=True)
+    noise = [0.0 if float(d) == 0 else s_noise * float(u) for d, u in zip(downs, ups, strict=True)]
+
+    def noise_for(k, ev):
+        i = ev.step - 1
+        return noise_sampler(sigmas[i], sigmas[i + 1]) if ev.source == "u" else None
+
+    return _dpm2(model, x, sigmas, extra_args, callback, disable, sg[:-1],
+                 [_log_midpoint(sg[i], downs[i]) for i in range(n)], downs, noise, noise_for, sg[:-1], backend)
 
 
 def _sigma_limits(sigma_min, sigma_max):

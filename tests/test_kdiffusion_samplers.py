@@ -92,7 +92,11 @@ TWO_STAGE = [("sample_dpmpp_2s_ancestral", {}), ("sample_dpmpp_2s_ancestral", di
              ("sample_dpmpp_sde", dict(eta=0.0)), ("sample_dpmpp_sde", dict(r=1.0)),
              ("sample_dpmpp_2m_sde", dict(solver_type="heun")),
              ("sample_dpmpp_2m_sde", dict(solver_type="heun", eta=0.7)),
-             ("sample_dpmpp_2m_sde", {}), ("sample_dpmpp_3m_sde", {}), ("sample_dpmpp_2m", {})]
+             ("sample_dpmpp_2m_sde", {}), ("sample_dpmpp_3m_sde", {}), ("sample_dpmpp_2m", {}),
+             ("sample_dpm_2", {}), ("sample_dpm_2", dict(s_churn=1.0)),
+             ("sample_dpm_2", dict(s_churn=10.0, s_tmin=0.5, s_tmax=5.0, s_noise=0.9)),
+             ("sample_dpm_2_ancestral", {}), ("sample_dpm_2_ancestral", dict(eta=0.5, s_noise=0.8)),
+             ("sample_dpm_2_ancestral", dict(eta=3.0)), ("sample_dpm_2_ancestral", dict(eta=0.0))]
 IDS = [f"{n[7:]}-{'-'.join(f'{k}={v}' for k, v in kw.items()) or 'default'}" for n, kw in TWO_STAGE]
 
 
@@ -104,7 +108,8 @@ def test_sigma_list_samplers(name, kw, dtype, grid):
     tol = 1e-12 if dtype == torch.float64 else 2e-6
     x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(0), dtype=torch.float64).to(dtype) * 10
     def noise():
-        return {"noise_sampler": Noise(dtype)} if name != "sample_dpmpp_2m" else {}
+        return {"noise_sampler": Noise(dtype)} if "noise_sampler" in inspect.signature(getattr(K, name)).parameters \
+            else {}
 
     if grid == "repeat" and not getattr(K, name)(model, x, sigmas, disable=True, **noise(), **kw).isfinite().all():
         # k-diffusion divides 0 by 0 at the zero-length step; ours is the identity there: the deduplicated grid's
@@ -118,8 +123,24 @@ def test_sigma_list_samplers(name, kw, dtype, grid):
         # ours adds no noise in a zero-length step
         assert not K.sample_dpmpp_sde(model, x, sigmas, disable=True, **kw).isfinite().all()
         assert dk.sample_dpmpp_sde(model, x, sigmas, disable=True, **kw).isfinite().all()
-    elif name != "sample_dpmpp_2m":
+    elif name not in ("sample_dpmpp_2m", "sample_dpm_2"):  # (sample_dpm_2 draws from the global RNG already)
         compare(name, (sigmas,), kw, dtype, tol, fixed_noise=False)  # the defaults, from the same global seed
+
+
+@pytest.mark.parametrize("name,kw", [("sample_dpm_2", {}), ("sample_dpm_2", dict(s_churn=2.0)),
+                                     ("sample_dpm_2_ancestral", {})])
+def test_dpm2_trailing_zero_sigma(name, kw):
+    # a grid ending 0, 0: k-diffusion's last interval divides by sigma = 0 (NaN); ours is a zero-length step, the
+    # identity, after the same steps as the grid without the repeat (and the same global-RNG draws)
+    x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 10
+    sigmas = torch.tensor([10.0, 2.0, 0.5, 0.0, 0.0], dtype=torch.float64)
+    torch.manual_seed(5)
+    assert not getattr(K, name)(model, x, sigmas, disable=True, **kw).isfinite().all()
+    torch.manual_seed(5)
+    want = getattr(K, name)(model, x, sigmas[:-1], disable=True, **kw)
+    torch.manual_seed(5)
+    got = getattr(dk, name)(model, x, sigmas, disable=True, **kw)
+    assert rel(got, want) <= 1e-12
 
 
 FAST = [dict(n=n, eta=eta) for n in (1, 2, 3, 6, 8, 10, 12) for eta in (0.0, 1.0)] + [dict(n=9, eta=0.5, s_noise=0.7)]
