@@ -56,6 +56,7 @@ State: `step_index`, `lower_order_nums` and (singlestep) `sample` evolve as in d
 (oldest first; None where no later step needs the output), valid until the next step.
 """
 
+from .kdpm2 import FusedKDPM2AncestralDiscreteScheduler, FusedKDPM2DiscreteScheduler
 from .sde import FusedDPMSolverSDEScheduler
 from .ve import FusedCosineDPMSolverMultistepScheduler, FusedEDMDPMSolverMultistepScheduler
 from .vp import (
@@ -71,4 +72,6 @@ __all__ = [
     "FusedDPMSolverSDEScheduler",
     "FusedDPMSolverSinglestepScheduler",
     "FusedEDMDPMSolverMultistepScheduler",
+    "FusedKDPM2AncestralDiscreteScheduler",
+    "FusedKDPM2DiscreteScheduler",
 ]
