@@ -574,3 +574,29 @@ def plan_singlestep_steps(algorithm_type: str, solver_type: str, points, orders:
                   read_slots=tuple((i - j) % k for j in range(1, orders[i])), order=orders[i], step=i + 1,
                   noisy=bool(noise[i] != 0.0)) for i in range(n)]
     return Plan(evals, pts[np.arange(n)], C.Update(a, tuple(c.T), noise), k, np.asarray(tl), list(orders))
+
+
+def plan_caller_steps(algorithm_type: str, solver_type: str, now, nxt, back, has_back, eta: float = 1.0) -> Plan:
+    """Independent steps whose history the caller holds (diffusers' CogVideoXDPMScheduler is passed the previous
+    step's x0 and its time with every call): step i goes from now[i] to nxt[i] with the output at now[i] and, where
+    has_back[i], the caller's previous output at back[i] (hist1 of the op) -- second order, or first order where
+    back[i] is at now[i]'s lambda (the divided difference would span h = 0). now, nxt, back: `Point`s of arrays [n]
+    (or lists of points); multistep updates of `algorithm_type` (SDE: eta, s_noise 1). One `Eval` per step."""
+    now, nxt, back = (stack_points(p) for p in (now, nxt, back))
+    n = np.shape(now.lam)[0]
+    has = np.broadcast_to(np.asarray(has_back, dtype=bool), (n,))
+    with np.errstate(invalid="ignore"):
+        orders = np.where(has & ~C.is_zero_step(now.lam - back.lam), 2, 1)
+    a, c, noise = _update_arrays(n)
+    sde = algorithm_type.startswith("sde")
+    for o in (1, 2):
+        idx = np.flatnonzero(orders == o)
+        if idx.size:
+            prev = [now[idx], back[idx]][:o]
+            u = (C.sde_multistep(algorithm_type, solver_type, o, prev, nxt[idx], eta) if sde
+                 else C.multistep(algorithm_type, solver_type, o, prev, nxt[idx]))
+            _store(a, c, noise, idx, u)
+    evals = [Eval(t=float(i), t_next=float(i + 1), source="x", dest="x", write_slot=None, read_slots=(),
+                  order=int(orders[i]), step=i + 1, noisy=bool(noise[i] != 0.0)) for i in range(n)]
+    return Plan(evals, now, C.Update(a, tuple(c.T), noise), 0, np.arange(n + 1, dtype=np.float64),
+                orders.tolist())

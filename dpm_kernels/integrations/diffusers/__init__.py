@@ -56,6 +56,7 @@ State: `step_index`, `lower_order_nums` and (singlestep) `sample` evolve as in d
 (oldest first; None where no later step needs the output), valid until the next step.
 """
 
+from .cogvideox import FusedCogVideoXDPMScheduler
 from .kdpm2 import FusedKDPM2AncestralDiscreteScheduler, FusedKDPM2DiscreteScheduler
 from .sde import FusedDPMSolverSDEScheduler
 from .ve import FusedCosineDPMSolverMultistepScheduler, FusedEDMDPMSolverMultistepScheduler
@@ -66,6 +67,7 @@ from .vp import (
 )
 
 __all__ = [
+    "FusedCogVideoXDPMScheduler",
     "FusedCosineDPMSolverMultistepScheduler",
     "FusedDPMSolverMultistepInverseScheduler",
     "FusedDPMSolverMultistepScheduler",
