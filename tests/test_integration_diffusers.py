@@ -298,6 +298,12 @@ FORMERLY_UNFUSED = [  # what fell back to diffusers' own step before, now fused:
     ("multi", dict(prediction_type="flow_prediction"), None),  # flow_prediction on VP sigmas: x0 = x - sigma_ve v
     ("multi", dict(variance_type="learned_range"), "learned"),
     ("single", dict(variance_type="learned", solver_order=3), "learned"),
+    # SDE noise drawn in the converted output's shape, as diffusers draws it (it was the raw output's 2C channels)
+    ("multi", dict(variance_type="learned_range", algorithm_type="sde-dpmsolver++", solver_order=3), "learned"),
+    ("multi", dict(variance_type="learned", algorithm_type="sde-dpmsolver", final_sigmas_type="sigma_min"),
+     "learned"),
+    ("single", dict(variance_type="learned_range", algorithm_type="sde-dpmsolver++", solver_order=2), "learned"),
+    ("single", dict(variance_type="learned", algorithm_type="sde-dpmsolver++", solver_order=3), "learned"),
 ]
 
 

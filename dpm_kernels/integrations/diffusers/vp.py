@@ -56,7 +56,9 @@ class FusedDPMSolverMultistepScheduler(_VPStep, StepWithVarianceNoise, DPMSolver
     def _noise(self, model_output, sample, generator, variance_noise, ev: P.Eval) -> torch.Tensor | None:
         if variance_noise is not None:
             return variance_noise.to(device=model_output.device, dtype=torch.float32)
-        return randn_tensor(model_output.shape, generator=generator, device=model_output.device, dtype=torch.float32)
+        # the shape of the converted output (diffusers draws after cutting a learned variance off)
+        return randn_tensor(self._prediction(model_output, sample).shape, generator=generator,
+                            device=model_output.device, dtype=torch.float32)
 
 
 class FusedDPMSolverMultistepInverseScheduler(_VPStep, StepWithVarianceNoise, DPMSolverMultistepInverseScheduler):
@@ -107,8 +109,8 @@ class FusedDPMSolverSinglestepScheduler(_VPStep, StepWithGenerator, DPMSolverSin
         return P.plan_singlestep_steps(self.config.algorithm_type, self.config.solver_type, points, orders)
 
     def _noise(self, model_output, sample, generator, variance_noise, ev: P.Eval) -> torch.Tensor | None:
-        return randn_tensor(model_output.shape, generator=generator, device=model_output.device,
-                            dtype=model_output.dtype)
+        return randn_tensor(self._prediction(model_output, sample).shape, generator=generator,
+                            device=model_output.device, dtype=model_output.dtype)
 
     def _start_point(self, ev: P.Eval, sample, x_now):
         if ev.order == 1:
