@@ -556,12 +556,17 @@ def plan_singlestep_steps(algorithm_type: str, solver_type: str, points, orders:
                                         pts[idx + 1]))
     # A block whose evaluation points repeat a time (a zero-length sub-step, e.g. a repeated timestep): of each
     # coincident pair only the newer output enters, at the order of the distinct points, so no divided difference
-    # spans h = 0 (the whole block repeating one time is the identity already).
+    # spans h = 0 (the whole block repeating one time is the identity already). The third-order update of the
+    # "dpmsolver" (midpoint) form divides only by the newest point's distance from the block start and does not read
+    # the middle output: it stays as it is (diffusers' result there is finite, and this is it).
     lam = pts.lam
+    midpoint = C.normalize_solver_type(solver_type) == "dpmsolver"
     for i in range(n):
         o, b = orders[i], i - orders[i] + 1
         kept = [j for j in range(o) if j == o - 1 or abs(lam[b + j + 1] - lam[b + j]) > C.ZERO_STEP]
         if len(kept) == o or not abs(lam[i + 1] - lam[b]) > C.ZERO_STEP:
+            continue
+        if o == 3 and midpoint and abs(lam[i] - lam[b]) > C.ZERO_STEP:
             continue
         u = update(len(kept), pts[b + kept[0]], [pts[b + j] for j in kept[1:]], pts[i + 1])
         a[i], noise[i], c[i] = u.a, u.noise, 0.0
