@@ -271,3 +271,18 @@ def test_adaptive_updates_are_the_singlestep_formulas():
                 assert close(got, w)
             assert low_from == order - 2 and close(low, want_low)
             assert [float(sig) for sig, _ in evals] == [float(torch.tensor(-v).exp()) for v in lam[:order]]
+
+
+@pytest.mark.parametrize("name,kw", [("sample_dpm_2", dict(s_churn=1.0)), ("sample_dpm_2_ancestral", dict(eta=0.5))])
+def test_dpm2_on_triton(name, kw):
+    """The DPM2 samplers on the Triton backend (its interpreter on this CPU): k-diffusion's results."""
+    backends = [b for b in backends_for("cpu") if b == "triton"]
+    assert backends or torch.cuda.is_available()
+    sigmas = K.get_sigmas_karras(5, 0.03, 10.0).double()
+    x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 10
+    for backend in backends:
+        outs = []
+        for mod, extra in ((K, {}), (dk, {"backend": backend})):
+            torch.manual_seed(5)
+            outs.append(getattr(mod, name)(model, x, sigmas, disable=True, **kw, **extra))
+        assert rel(outs[1], outs[0]) <= 1e-12
