@@ -10,15 +10,15 @@ thresholding off and on (sample_max_value 1.5), DPMSolverMultistepScheduler's de
 epsilon, 20 steps). `--schedulers` picks the scheduler classes (default: the multistep one; "all": every drop-in,
 SDE ones with a seeded generator, the cosine and SDE schedulers with diffusers' Brownian tree, whose queries are
 timed on both sides as part of the step; the KDPM2 classes take two step() calls per interval, each timed; the
-CogVideoX scheduler is passed its previous x0 and timestep back, as its pipelines do). Providers: "diffusers"
-(the diffusers class's step) and "fused-<backend>" (its drop-in with each backend that can serve the device). Only
-the scheduler is timed: the model output is a fixed tensor. Each provider runs `--reps` trajectories; every step()
-call is timed (CUDA events on a GPU). Reported: the median over the steady-state steps (index >= order, i.e. after the warm-up steps; this
-includes the first-order final step), their 20/80% quantiles, the median first step (the fused scheduler plans the
-whole trajectory there) and the speed-up of the median over diffusers'. A markdown table goes to stdout; CSV rows
-(device, torch and diffusers versions, date) are appended to <out>/diffusers_step-<device>-<date>.csv, and the
-table of this run is written beside it (.md); runs with other schedulers than the multistep one go to
-diffusers_family-<device>-<date>.*.
+CogVideoX scheduler is passed its previous x0 and timestep back, as its pipelines do). Providers: "diffusers" (the
+diffusers class's step) and "fused-<backend>" (its drop-in with each backend that can serve the device). Only the
+scheduler is timed: the model output is a fixed tensor. Each provider runs `--reps` trajectories; every step() call
+is timed (CUDA events on a GPU). Reported: the median over the steady-state steps (index >= order, i.e. after the
+warm-up steps; this includes the first-order final step), their 20/80% quantiles, the median first step (the fused
+scheduler plans the whole trajectory there) and the speed-up of the median over diffusers'. A markdown table goes to
+stdout; CSV rows (device, torch and diffusers versions, date) are appended to
+<out>/diffusers_step-<device>-<date>.csv, and the table of this run is written beside it (.md); runs with other
+schedulers than the multistep one go to diffusers_family-<device>-<date>.*.
 """
 
 from __future__ import annotations
