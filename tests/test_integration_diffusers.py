@@ -299,6 +299,12 @@ FORMERLY_UNFUSED = [  # what fell back to diffusers' own step before, now fused:
     ("multi", dict(prediction_type="flow_prediction"), None),  # flow_prediction on VP sigmas: x0 = x - sigma_ve v
     ("multi", dict(variance_type="learned_range"), "learned"),
     ("single", dict(variance_type="learned", solver_order=3), "learned"),
+    # SDE noise drawn in the converted output's shape, as diffusers draws it (it was the raw output's 2C channels)
+    ("multi", dict(variance_type="learned_range", algorithm_type="sde-dpmsolver++", solver_order=3), "learned"),
+    ("multi", dict(variance_type="learned", algorithm_type="sde-dpmsolver", final_sigmas_type="sigma_min"),
+     "learned"),
+    ("single", dict(variance_type="learned_range", algorithm_type="sde-dpmsolver++", solver_order=2), "learned"),
+    ("single", dict(variance_type="learned", algorithm_type="sde-dpmsolver++", solver_order=3), "learned"),
 ]
 
 
@@ -367,6 +373,20 @@ def test_where_diffusers_fails_the_drop_ins_do_better():
     x = torch.randn(SHAPE, requires_grad=True)
     s.step(toy_model(x, s.timesteps[0]), s.timesteps[0], x).prev_sample.sum().backward()
     assert "grad" in s.fused_reason and x.grad is not None
+
+
+@pytest.mark.parametrize("alg", ["sde-dpmsolver++", "dpmsolver++"])
+@pytest.mark.parametrize("n", [15, 50])
+def test_singlestep_midpoint_block_with_a_repeated_time(alg, n):
+    """num_train_timesteps = steps repeats one timestep; where the repeat falls on the two later points of a third-order
+    block, diffusers' midpoint update stays finite (it reads only the block start and the newest output): the drop-in
+    takes that same update there instead of lowering the order."""
+    cfg = dict(num_train_timesteps=n, algorithm_type=alg, solver_order=3, solver_type="midpoint")
+    xs, s = run(DPMSolverSinglestepScheduler, cfg, n)
+    ts = s.timesteps.tolist()
+    i = next(k for k in range(1, n) if ts[k] == ts[k - 1])
+    assert s.order_list[i] == 3 and xs[-1].isfinite().all()
+    check("single", cfg, steps=n)
 
 
 def test_shape_change_within_a_trajectory_raises():

@@ -280,7 +280,7 @@ class FusedStepMixin:
         x_now = sample if sample.dtype == w else sample.to(w)
         x, x_eval = self._start_point(ev, sample, x_now)
         slots = traj.slots
-        h = [slots[s] for s in ev.read_slots] + [None, None, None]
+        h = ([x_eval] if ev.reads_eval else []) + [slots[s] for s in ev.read_slots] + [None, None, None]
         out = torch.empty_like(x_now, memory_format=torch.contiguous_format)
         traj.step(x, mo if mo.dtype == w else mo.to(w), traj.table.rows[k], out, self._hist_out(ev, slots), h[0],
                   h[1], x_eval, z.to(w) if z is not None and ev.noisy else None, hist3=h[2])
