@@ -90,3 +90,27 @@ def test_one_level_down_block_is_one_step():
     want = p_t.sigma / p_s.sigma * x - p_t.alpha * math.expm1(-h) * (x0 + 0.5 * (x0 - x0_prev) * h / h0)
     torch.testing.assert_close(g["x_next"], want, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(g["x0_slot"], x0, rtol=1e-13, atol=1e-13)
+
+
+def test_fork_drop_in_block_is_sanas_sampling():
+    """The README's SANA block (DPMS with flow matching, interval guidance, progress, the shifted flow grid) computes
+    the forks' rules as tests/test_forks.py states them."""
+    from test_forks import COND, UNCOND, Net, rel, sana_flow_reference, x_T
+
+    from dpm_kernels.forks import sana
+
+    ns = sana.NoiseScheduleFlow("discrete_flow")
+    net = Net(ns, "flow")
+
+    class Model:
+        def forward_with_dpmsolver(self, x, t, cond, mask=None):
+            assert mask == "m"
+            return net(x, t, cond)
+
+    seen = []
+    g = {"model": Model(), "caption_embs": COND, "null_y": UNCOND, "model_kwargs": {"mask": "m"}, "z": x_T(),
+         "progress_fn": lambda step, total: seen.append((step, total))}
+    exec(_block("Drop-in for the authors' code"), g)  # noqa: S102
+    ref = sana_flow_reference(Net(ns, "flow"), 20, 2, 3.0, (0.0, 1.0), g=4.5)
+    assert rel(g["samples"], ref) < 1e-9
+    assert seen == [(i, 21) for i in range(1, 22)]
