@@ -298,6 +298,7 @@ def test_discrete_flow_network_time():
     np.testing.assert_allclose(torch.stack([t[0] for _, t in net.calls]).numpy(), flow_grid(6, 3.0)[:-1] * 1000.0,
                                rtol=1e-14)
     assert dk.NoiseScheduleFlow().schedule == "flow"  # the package's own flow schedule feeds t itself
+    assert sana.NoiseScheduleFlow().schedule == "discrete_flow"  # SANA's default
 
 
 # ---------------- perturbed-attention guidance ----------------

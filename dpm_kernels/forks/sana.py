@@ -25,11 +25,19 @@ import contextlib
 import torch
 
 from .. import model_wrapper as _mw
-from ..schedule import NoiseScheduleFlow, NoiseScheduleVP
+from .. import schedule as _schedule
+from ..schedule import NoiseScheduleVP
 from ._base import ForkDPMSolver, named_betas
 
 DPM_Solver = ForkDPMSolver
 SCHEDULES = ("VP", "FLOW")
+
+
+class NoiseScheduleFlow(_schedule.NoiseScheduleFlow):
+    """`dpm_kernels.NoiseScheduleFlow` with SANA's default: schedule="discrete_flow" (the network gets t * 1000)."""
+
+    def __init__(self, schedule: str = "discrete_flow", t_max: float = 1.0) -> None:
+        super().__init__(schedule, t_max)
 
 __all__ = ["DPMS", "DPM_Solver", "NoiseScheduleFlow", "NoiseScheduleVP", "model_wrapper", "sana_pag_hook"]
 
