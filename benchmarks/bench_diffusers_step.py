@@ -52,6 +52,7 @@ SCHEDULERS = {
     "edm-sde": ("EDMDPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}, 2),
     "cosine": ("CosineDPMSolverMultistepScheduler", {}, 2),
     "sde": ("DPMSolverSDEScheduler", {"noise_sampler_seed": 0}, 2),
+    "unipc": ("UniPCMultistepScheduler", {}, 3),
 }
 
 

@@ -5,10 +5,11 @@
 // (dpm_kernels/backends/triton_math.py). The Python side of the contract is dpm_kernels/layout.py.
 //
 //   raw = model_out                               | uncond + g * (cond - uncond)     (guided)
+//       | uncond + g * (cond - uncond) + g2 * (cond - perturbed)                     (guided3: stacked3)
 //   y   = px * x_eval + pm * raw                                                     (convert)
 //   y   = qx * x_eval + qm * (clamp(y, -s, s) / s)  when thresholding               (threshold)
 //   m   = y                                       -> written to the history slot
-//   out = a * x + c0 * m + c1 * h1 + c2 * h2 + cn * z                                (combine)
+//   out = a * x + c0 * m + c1 * h1 + c2 * h2 + c3 * h3 + cn * z                      (combine)
 //
 // T is the arithmetic type: float for half/bfloat16/float inputs, double for double inputs.
 #pragma once
@@ -25,14 +26,21 @@
 namespace dpm {
 
 // Index of each coefficient in a float64 coefficient row (dpm_kernels/layout.py).
-enum CoefIndex : int { GUIDE = 0, PX = 1, PM = 2, QX = 3, QM = 4, A = 5, C0 = 6, C1 = 7, C2 = 8, CN = 9, NCOEF = 10 };
+// Slots added later sit at the end of the row, so earlier indices never move.
+enum CoefIndex : int {
+  GUIDE = 0, PX = 1, PM = 2, QX = 3, QM = 4, A = 5, C0 = 6, C1 = 7, C2 = 8, CN = 9, C3 = 10, GUIDE2 = 11, NCOEF = 12
+};
 
-// How classifier-free guidance outputs are laid out (dpm_kernels/layout.py).
-enum CfgMode : int { CFG_NONE = 0, CFG_PAIR = 1, CFG_STACKED = 2 };
+// How the guidance outputs are laid out (dpm_kernels/layout.py): model_out holds cfg_rows(cfg) batches.
+enum CfgMode : int { CFG_NONE = 0, CFG_PAIR = 1, CFG_STACKED = 2, CFG_STACKED3 = 3 };
 
+DPM_HD bool valid_cfg(int64_t cfg) { return cfg >= CFG_NONE && cfg <= CFG_STACKED3; }
+DPM_HD int64_t cfg_rows(int64_t cfg) { return cfg == CFG_STACKED3 ? 3 : cfg == CFG_STACKED ? 2 : 1; }
+
+// In row order.
 template <typename T>
 struct Coef {
-  T guide, px, pm, qx, qm, a, c0, c1, c2, cn;
+  T guide, px, pm, qx, qm, a, c0, c1, c2, cn, c3, guide2;
 };
 
 // Read one float64 row and round it once to the arithmetic type.
@@ -49,6 +57,8 @@ DPM_HD Coef<T> load_coef(const double* row) {
   c.c1 = static_cast<T>(row[C1]);
   c.c2 = static_cast<T>(row[C2]);
   c.cn = static_cast<T>(row[CN]);
+  c.c3 = static_cast<T>(row[C3]);
+  c.guide2 = static_cast<T>(row[GUIDE2]);
   return c;
 }
 
@@ -60,6 +70,10 @@ DPM_HD T max_(T a, T b) { return a < b ? b : a; }
 // Classifier-free guidance on the raw outputs (exact: the conversion below is affine with weights summing to 1).
 template <typename T>
 DPM_HD T guided(T uncond, T cond, T g) { return uncond + g * (cond - uncond); }
+
+// The same plus perturbed-attention guidance (cfg stacked3); with g2 = 0 exactly `guided` for finite inputs.
+template <typename T>
+DPM_HD T guided3(T uncond, T cond, T perturbed, T g, T g2) { return guided(uncond, cond, g) + g2 * (cond - perturbed); }
 
 // Conversion of a raw output to the solver's prediction (or to x0 before thresholding).
 template <typename T>

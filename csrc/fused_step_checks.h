@@ -1,9 +1,13 @@
 // Argument checks of dpm_kernels::fused_step, shared by the CPU and the CUDA bindings.
 //
-// The same rules and messages as dpm_kernels/ops.py `check_step_args` (messages start with the argument's
+// The same rules and messages as dpm_kernels/opdef.py `check_step_args` (messages start with the argument's
 // name; TORCH_CHECK_TYPE / TORCH_CHECK_VALUE surface as TypeError / ValueError in Python), so the Python
 // wrapper can leave these checks to the C++ ops. Every check runs before anything is written. Torch-side
 // code (ATen headers); the kernels themselves stay torch-free.
+//
+// Every message is formatted by error_text.h into one C string (DPM_CHECK_VALUE / DPM_CHECK_TYPE), never by
+// TORCH_CHECK's own joining of several parts, which goes through an ostringstream (error_text.h says why);
+// tests/test_error_paths.py checks that no other TORCH_CHECK form appears in csrc/.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -16,8 +20,17 @@
 #include <vector>
 
 #include "dpm_math.h"
+#include "error_text.h"
+
+#define DPM_CHECK_VALUE(cond, ...) TORCH_CHECK_VALUE(cond, ::dpm_text::Text(__VA_ARGS__).c_str())
+#define DPM_CHECK_TYPE(cond, ...) TORCH_CHECK_TYPE(cond, ::dpm_text::Text(__VA_ARGS__).c_str())
 
 namespace dpm_checks {
+
+// Torch values as the parts error_text.h formats (a Device as d.str().c_str(): the temporary string lives until
+// the check's throw has copied the message).
+inline const char* dtype_name(at::ScalarType t) { return c10::toString(t); }
+inline dpm_text::Dims dims(at::IntArrayRef s) { return {s.data(), static_cast<int64_t>(s.size())}; }
 
 using OptTensor = std::optional<at::Tensor>;
 
@@ -45,11 +58,11 @@ inline bool is_half(at::ScalarType t) { return t == at::kHalf || t == at::kBFloa
 
 inline bool is_float(at::ScalarType t) { return is_half(t) || t == at::kFloat || t == at::kDouble; }
 
-// The dtype history tensors (hist1, hist2, hist_out) share, as ops.history_dtype: the first given one's when
-// it is x's, or float32 for a float16/bfloat16 x; else x's (the check then names the offending tensor).
+// The dtype history tensors (hist1, hist2, hist3, hist_out) share, as opdef.history_dtype: the first given one's
+// when it is x's, or float32 for a float16/bfloat16 x; else x's (the check then names the offending tensor).
 inline at::ScalarType history_dtype(at::ScalarType xt, const OptTensor& hist1, const OptTensor& hist2,
-                                    const OptTensor& hist_out) {
-  for (const OptTensor* t : {&hist1, &hist2, &hist_out}) {
+                                    const OptTensor& hist3, const OptTensor& hist_out) {
+  for (const OptTensor* t : {&hist1, &hist2, &hist3, &hist_out}) {
     if (const at::Tensor* h = present(*t)) {
       const at::ScalarType ht = h->scalar_type();
       return ht == xt || (ht == at::kFloat && is_half(xt)) ? ht : xt;
@@ -62,75 +75,81 @@ inline at::ScalarType history_dtype(at::ScalarType xt, const OptTensor& hist1, c
 // in host memory (reading device memory would synchronise; the planner checks them where it computes them).
 inline void check_step_args(const at::Tensor& x, const at::Tensor& model_out, const OptTensor& model_cond,
                             const OptTensor& x_eval, const OptTensor& hist1, const OptTensor& hist2,
-                            const OptTensor& noise, const at::Tensor& coef, int64_t cfg, bool threshold, double ratio,
-                            double lo, double hi, const at::Tensor& out, const OptTensor& hist_out,
-                            c10::DeviceType device) {
+                            const OptTensor& hist3, const OptTensor& noise, const at::Tensor& coef, int64_t cfg,
+                            bool threshold, double ratio, double lo, double hi, const at::Tensor& out,
+                            const OptTensor& hist_out, c10::DeviceType device) {
   const auto dt = x.scalar_type();
-  TORCH_CHECK_TYPE(is_float(dt), "x: expected float16, bfloat16, float32 or float64, got ", dt);
-  TORCH_CHECK_VALUE(x.dim() >= 1, "x: expected a tensor with a batch dimension, got a 0-d tensor");
-  TORCH_CHECK_VALUE(x.device().type() == device, "x: the ", c10::DeviceTypeName(device), " kernel got a tensor on ",
-                    x.device());
-  TORCH_CHECK_VALUE(cfg == dpm::CFG_NONE || cfg == dpm::CFG_PAIR || cfg == dpm::CFG_STACKED,
-                    "cfg: expected 0 (none), 1 (pair) or 2 (stacked), got ", cfg);
+  DPM_CHECK_TYPE(is_float(dt), "x: expected float16, bfloat16, float32 or float64, got ", dtype_name(dt));
+  DPM_CHECK_VALUE(x.dim() >= 1, "x: expected a tensor with a batch dimension, got a 0-d tensor");
+  DPM_CHECK_VALUE(x.device().type() == device, "x: the ", c10::DeviceTypeName(device).c_str(),
+                  " kernel got a tensor on ", x.device().str().c_str());
+  DPM_CHECK_VALUE(dpm::valid_cfg(cfg), "cfg: expected 0 (none), 1 (pair), 2 (stacked) or 3 (stacked3), got ", cfg);
   const int64_t b = x.size(0);
-  const auto hdt = history_dtype(dt, hist1, hist2, hist_out);
+  const auto hdt = history_dtype(dt, hist1, hist2, hist3, hist_out);
   const std::pair<const char*, const at::Tensor*> like_x[] = {
       {"model_out", &model_out}, {"model_cond", present(model_cond)}, {"x_eval", present(x_eval)},
-      {"hist1", present(hist1)}, {"hist2", present(hist2)}, {"noise", present(noise)},
+      {"hist1", present(hist1)}, {"hist2", present(hist2)}, {"hist3", present(hist3)}, {"noise", present(noise)},
       {"out", &out}, {"hist_out", present(hist_out)}};
   for (const auto& [name, t] : like_x) {
     if (t == nullptr) continue;
-    const bool history = t == present(hist1) || t == present(hist2) || t == present(hist_out);
+    const bool history = t == present(hist1) || t == present(hist2) || t == present(hist3) || t == present(hist_out);
     if (history) {
-      TORCH_CHECK_TYPE(t->scalar_type() == hdt, name, ": dtype ", t->scalar_type(), ": history tensors share one ",
-                       "dtype, x's (", dt, ") or float32 when x is float16/bfloat16");
+      DPM_CHECK_TYPE(t->scalar_type() == hdt, name, ": dtype ", dtype_name(t->scalar_type()),
+                     ": history tensors share one dtype, x's (", dtype_name(dt), ") or float32 when x is ",
+                     "float16/bfloat16");
     } else {
-      TORCH_CHECK_TYPE(t->scalar_type() == dt, name, ": dtype ", t->scalar_type(), " does not match x's dtype ", dt);
+      DPM_CHECK_TYPE(t->scalar_type() == dt, name, ": dtype ", dtype_name(t->scalar_type()),
+                     " does not match x's dtype ", dtype_name(dt));
     }
-    TORCH_CHECK_VALUE(t->device() == x.device(), name, ": on device ", t->device(), ", but x is on ", x.device());
+    DPM_CHECK_VALUE(t->device() == x.device(), name, ": on device ", t->device().str().c_str(), ", but x is on ",
+                    x.device().str().c_str());
     std::vector<int64_t> want = x.sizes().vec();
-    if (t == &model_out && cfg == dpm::CFG_STACKED) want[0] = 2 * b;
-    TORCH_CHECK_VALUE(t->sizes() == at::IntArrayRef(want), name, ": shape ", t->sizes(),
-                      " does not match the expected ", at::IntArrayRef(want));
+    if (t == &model_out) want[0] = dpm::cfg_rows(cfg) * b;
+    DPM_CHECK_VALUE(t->sizes() == at::IntArrayRef(want), name, ": shape ", dims(t->sizes()),
+                    " does not match the expected ", dims(want));
   }
-  TORCH_CHECK_VALUE(cfg != dpm::CFG_PAIR || present(model_cond),
-                    "model_cond: cfg='pair' needs the conditional output in model_cond");
-  TORCH_CHECK_VALUE(cfg == dpm::CFG_PAIR || !present(model_cond), "model_cond: given, but cfg is not 'pair'");
-  TORCH_CHECK_VALUE(!present(hist2) || present(hist1), "hist2: given without hist1 (history entries are newest first)");
-  TORCH_CHECK_TYPE(coef.scalar_type() == at::kDouble, "coef: expected float64 coefficients, got ", coef.scalar_type());
-  TORCH_CHECK_VALUE(coef.device() == x.device(), "coef: on device ", coef.device(), ", but x is on ", x.device());
-  TORCH_CHECK_VALUE((coef.dim() == 1 && coef.size(0) == dpm::NCOEF) ||
-                        (coef.dim() == 2 && coef.size(0) == b && coef.size(1) == dpm::NCOEF),
-                    "coef: expected shape (", int(dpm::NCOEF), ",) or (", b, ", ", int(dpm::NCOEF), "), got ",
-                    coef.sizes());
+  DPM_CHECK_VALUE(cfg != dpm::CFG_PAIR || present(model_cond),
+                  "model_cond: cfg='pair' needs the conditional output in model_cond");
+  DPM_CHECK_VALUE(cfg == dpm::CFG_PAIR || !present(model_cond), "model_cond: given, but cfg is not 'pair'");
+  DPM_CHECK_VALUE(!present(hist2) || present(hist1), "hist2: given without hist1 (history entries are newest first)");
+  DPM_CHECK_VALUE(!present(hist3) || present(hist2), "hist3: given without hist2 (history entries are newest first)");
+  DPM_CHECK_TYPE(coef.scalar_type() == at::kDouble, "coef: expected float64 coefficients, got ",
+                 dtype_name(coef.scalar_type()));
+  DPM_CHECK_VALUE(coef.device() == x.device(), "coef: on device ", coef.device().str().c_str(), ", but x is on ",
+                  x.device().str().c_str());
+  DPM_CHECK_VALUE((coef.dim() == 1 && coef.size(0) == dpm::NCOEF) ||
+                      (coef.dim() == 2 && coef.size(0) == b && coef.size(1) == dpm::NCOEF),
+                  "coef: expected shape (", int(dpm::NCOEF), ",) or (", b, ", ", int(dpm::NCOEF), "), got ",
+                  dims(coef.sizes()));
   if (threshold) {
-    TORCH_CHECK_VALUE(ratio >= 0.0 && ratio <= 1.0, "thr_ratio: the thresholding quantile must lie in [0, 1], got ",
-                      ratio);
-    TORCH_CHECK_VALUE(lo > 0.0 && hi > 0.0, "thr_min: thresholding bounds must be > 0, got (", lo, ", ", hi, ")");
+    DPM_CHECK_VALUE(ratio >= 0.0 && ratio <= 1.0, "thr_ratio: the thresholding quantile must lie in [0, 1], got ",
+                    ratio);
+    DPM_CHECK_VALUE(lo > 0.0 && hi > 0.0, "thr_min: thresholding bounds must be > 0, got (", lo, ", ", hi, ")");
   }
   const std::pair<const char*, const at::Tensor*> inputs[] = {
       {"x", &x}, {"model_out", &model_out}, {"model_cond", present(model_cond)}, {"x_eval", present(x_eval)},
-      {"hist1", present(hist1)}, {"hist2", present(hist2)}, {"noise", present(noise)}, {"coef", &coef}};
-  TORCH_CHECK_VALUE(at::has_internal_overlap(out) != at::MemOverlap::Yes, "out: has elements sharing memory");
+      {"hist1", present(hist1)}, {"hist2", present(hist2)}, {"hist3", present(hist3)}, {"noise", present(noise)},
+      {"coef", &coef}};
+  DPM_CHECK_VALUE(at::has_internal_overlap(out) != at::MemOverlap::Yes, "out: has elements sharing memory");
   if (const at::Tensor* ho = present(hist_out)) {
-    TORCH_CHECK_VALUE(at::has_internal_overlap(*ho) != at::MemOverlap::Yes, "hist_out: has elements sharing memory");
-    TORCH_CHECK_VALUE(!overlap(*ho, out), "hist_out: overlaps out");
+    DPM_CHECK_VALUE(at::has_internal_overlap(*ho) != at::MemOverlap::Yes, "hist_out: has elements sharing memory");
+    DPM_CHECK_VALUE(!overlap(*ho, out), "hist_out: overlaps out");
     for (const auto& [name, t] : inputs) {
-      TORCH_CHECK_VALUE(t == nullptr || !overlap(*ho, *t), "hist_out: overlaps ", name,
-                        "; the history slot written must not be read");
+      DPM_CHECK_VALUE(t == nullptr || !overlap(*ho, *t), "hist_out: overlaps ", name,
+                      "; the history slot written must not be read");
     }
   }
   for (const auto& [name, t] : inputs) {
     if (t == nullptr) continue;
     const bool may_alias = (t == &x || t == present(x_eval)) && same_view(out, *t);
-    TORCH_CHECK_VALUE(may_alias || !overlap(out, *t), "out: overlaps ", name,
-                      "; out may be x or x_eval itself, nothing else it reads");
+    DPM_CHECK_VALUE(may_alias || !overlap(out, *t), "out: overlaps ", name,
+                    "; out may be x or x_eval itself, nothing else it reads");
   }
   if (coef.device().is_cpu()) {
     const at::Tensor cc = coef.contiguous();
     const double* cd = cc.const_data_ptr<double>();
     for (int64_t i = 0; i < cc.numel(); ++i) {
-      TORCH_CHECK_VALUE(std::isfinite(cd[i]), "coef: non-finite coefficient at flat index ", i);
+      DPM_CHECK_VALUE(std::isfinite(cd[i]), "coef: non-finite coefficient at flat index ", i);
     }
   }
 }

@@ -106,7 +106,7 @@ def copy_bandwidth(footprint: int, dtype: torch.dtype, device: torch.device) -> 
 
 def _reference_step(x, eps, coef, hist_out, h1, h2, thr: bool) -> None:
     """The eager PyTorch step, in place like the fused one (x <- x_next, hist_out <- m)."""
-    o, m = reference.fused_step(x, eps, coef, None, None, h1, h2, None, L.CFG_NONE, thr, *THR)
+    o, m = reference.fused_step(x, eps, coef, None, None, h1, h2, None, None, L.CFG_NONE, thr, *THR)
     x.copy_(o)
     hist_out.copy_(m)
 

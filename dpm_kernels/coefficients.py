@@ -514,3 +514,125 @@ def conversion(model_type: str, target: str, alpha, sigma, sigma_data: float = 0
     if model_type == "flow_ve":
         return (1.0 - alpha) / sigma, 1.0  # eps = (x - alpha x0) / sigma with x0 = x - (sigma / alpha) v
     return 0.0, -sigma  # score
+
+
+# ---- UniPC (Zhao et al. 2023), as diffusers' UniPCMultistepScheduler computes it (docs/math.md, "UniPC") ----
+
+UNIPC_VARIANTS = ("bh1", "bh2")
+_PHI_SERIES_TERMS = 24  # |x| < 1: the series' remainder is below 1/25!, far under float64 rounding
+
+
+def _x_phi(x, k: int):
+    """x * phi_{k+1}(x) for k = 1..3, with phi_1(x) = expm1(x)/x and phi_{j+1}(x) = (phi_j(x) - 1/j!)/x.
+
+    The recursion loses ~(k+1)/|x| of its digits per level for small |x| (1000 steps: |x| ~ 0.01, so ~1e-10 left of
+    phi_4 in float64); there the Taylor series sum_j x^(j+1)/(j+k+1)! is used instead, by Horner's rule."""
+    x = _f64(x)
+    with np.errstate(all="ignore"):
+        rec = np.expm1(x) / x
+        fact = 1.0
+        for j in range(1, k + 1):
+            fact *= j
+            rec = rec - 1.0 / fact if j == k else (rec - 1.0 / fact) / x
+        ser = 0.0
+        for j in range(_PHI_SERIES_TERMS, -1, -1):
+            ser = ser * x + 1.0 / _factorial(j + k + 1)
+        ser = ser * x
+    return _where(np.abs(x) < 1.0, ser, rec)
+
+
+def _factorial(n: int) -> float:
+    out = 1.0
+    for j in range(2, n + 1):
+        out *= j
+    return out
+
+
+def _vandermonde_solve(nodes: list, rhs: list) -> list:
+    """The solution rho of sum_i nodes[i]^j rho_i = rhs[j], j = 0..m-1 (diffusers' R rho = b), per broadcast
+    element (np.linalg.solve on a stack of m x m systems)."""
+    m = len(nodes)
+    shape = np.broadcast_shapes(*(np.shape(v) for v in nodes + rhs))
+    cols = [np.broadcast_to(np.asarray(v, dtype=np.float64), shape) for v in nodes]
+    mat = np.stack([np.stack([c**j for c in cols], -1) for j in range(m)], -2)
+    vec = np.stack([np.broadcast_to(np.asarray(v, dtype=np.float64), shape) for v in rhs], -1)[..., None]
+    sol = np.linalg.solve(mat, vec)[..., 0]
+    return [sol[..., i][()] for i in range(m)]
+
+
+def _unipc_setup(variant: str, predict_x0: bool, order: int, prev: list[Point], pt: Point):
+    """What UniP and UniC share over one interval prev[0] -> pt: (zero, a, k, hh, B(h), h_phi_1, r, b)."""
+    if variant not in UNIPC_VARIANTS:
+        raise ValueError(f"solver_type: expected one of {UNIPC_VARIANTS}, got {variant!r}")
+    _check_order(order, len(prev))
+    s0 = prev[0]
+    zero, h = _step_length(s0, pt)
+    hh = -h if predict_x0 else h
+    a, k = (pt.sigma / s0.sigma, pt.alpha) if predict_x0 else (pt.alpha / s0.alpha, pt.sigma)
+    big_b = hh if variant == "bh1" else np.expm1(hh)
+    r = [(p.lam - s0.lam) / h for p in prev[1:order]]
+    b = [_x_phi(hh, j) * _factorial(j) / big_b for j in range(1, order + 1)]
+    return zero, a, k, big_b, np.expm1(hh), r, b
+
+
+def _unipc_rhos(order: int, r: list, b: list, corrector: bool) -> list:
+    """diffusers' rhos: UniP-p solves the leading (p-1) x (p-1) system (p = 2: exactly 1/2), UniC-p the full p x p
+    one over (r_1 .. r_{p-1}, 1) (p = 1: exactly 1/2)."""
+    if corrector:
+        return [0.5] if order == 1 else _vandermonde_solve(r + [1.0], b)
+    if order == 1:
+        return []
+    return [0.5] if order == 2 else _vandermonde_solve(r, b[:-1])
+
+
+@np.errstate(all="ignore")
+def unipc_predictor(variant: str, predict_x0: bool, order: int, prev: list[Point], pt: Point) -> Update:
+    """UniP-``order`` (B(h) variant "bh1" | "bh2") from prev[0] to pt over the outputs at prev (newest first):
+    x0 outputs when predict_x0 (hh = -h), eps outputs otherwise (hh = h),
+        x_t = a x - k expm1(hh) m0 - k B(h) sum_l rho_l (m_l - m0) / r_l,
+    a = sigma_t/sigma_s0, k = alpha_t (x0) or a = alpha_t/alpha_s0, k = sigma_t (eps). Order 1 is DDIM (also to
+    sigma = 0, as its finite limit); higher orders cannot end at sigma = 0."""
+    if order == 1:
+        if variant not in UNIPC_VARIANTS:
+            raise ValueError(f"solver_type: expected one of {UNIPC_VARIANTS}, got {variant!r}")
+        return multistep("dpmsolver++" if predict_x0 else "dpmsolver", "dpmsolver", 1, prev, pt)
+    _check_finite_step(order, pt)
+    zero, a, k, big_b, phi1, r, b = _unipc_setup(variant, predict_x0, order, prev, pt)
+    rho = _unipc_rhos(order, r, b, corrector=False)
+    c = [-k * phi1 + k * big_b * sum(rl / rk for rl, rk in zip(rho, r, strict=True))]
+    c += [-k * big_b * rl / rk for rl, rk in zip(rho, r, strict=True)]
+    return _identity_where(zero, Update(a, tuple(c)))
+
+
+def _check_corrector_end(pt: Point) -> None:
+    if _fast_any(pt.sigma == 0.0):
+        raise ValueError("t: a UniC corrector cannot end at sigma = 0 (its h is infinite)")
+
+
+@np.errstate(all="ignore")
+def unipc_corrector(variant: str, predict_x0: bool, order: int, prev: list[Point], pt: Point) -> Update:
+    """UniC-``order``: the corrected sample at pt from the predictor's start (`last_sample`), over the outputs
+    (m_t, m0, m_1, ..., m_{order-1}): m_t at pt, the others at prev (newest first), as `unipc_predictor`'s update
+    with D_t = m_t - m0 (r = 1) added and the rhos of the full system."""
+    _check_corrector_end(pt)
+    zero, a, k, big_b, phi1, r, b = _unipc_setup(variant, predict_x0, order, prev, pt)
+    rho = _unipc_rhos(order, r, b, corrector=True)
+    terms = [rl / rk for rl, rk in zip(rho[:-1], r, strict=True)]
+    c = [-k * big_b * rho[-1], -k * phi1 + k * big_b * (sum(terms) + rho[-1])] + [-k * big_b * t for t in terms]
+    return _identity_where(zero, Update(a, tuple(c)))
+
+
+@np.errstate(all="ignore")
+def unipc_correction(variant: str, predict_x0: bool, order: int, prev: list[Point], pt: Point) -> Update:
+    """UniC-``order`` relative to UniP-``order`` of the same interval: x_c = x_pred + sum_j d_j m_j over (m_t, m0,
+    ..., m_{order-1}), returned as Update(1, d). UniC and UniP share the x coefficient, the m0 term and the
+    differences D_l, so d is formed from the rhos' differences directly (no cancellation of the shared terms).
+    A zero-length interval is no correction (d = 0)."""
+    _check_corrector_end(pt)
+    zero, a, k, big_b, phi1, r, b = _unipc_setup(variant, predict_x0, order, prev, pt)
+    rc = _unipc_rhos(order, r, b, corrector=True)
+    rp = _unipc_rhos(order, r, b, corrector=False) or [0.0] * (order - 1)
+    diff = [c_ - p_ for c_, p_ in zip(rc[:-1], rp, strict=True)]
+    d = [-k * big_b * rc[-1], k * big_b * (sum(dl / rk for dl, rk in zip(diff, r, strict=True)) + rc[-1])]
+    d += [-k * big_b * dl / rk for dl, rk in zip(diff, r, strict=True)]
+    return _identity_where(zero, Update(1.0, tuple(d)))

@@ -20,14 +20,14 @@ from . import layout as L
 
 NAMESPACE = "dpm_kernels"
 SCHEMA = (
-    "(Tensor x, Tensor model_out, Tensor? model_cond, Tensor? x_eval, Tensor? hist1, Tensor? hist2, "
+    "(Tensor x, Tensor model_out, Tensor? model_cond, Tensor? x_eval, Tensor? hist1, Tensor? hist2, Tensor? hist3, "
     "Tensor? noise, Tensor coef, int cfg, bool threshold, float thr_ratio, float thr_min, float thr_max, "
     "Tensor(a!) out, Tensor(b!)? hist_out) -> ()"
 )
 OP = "fused_step"
 MUTATES = ("out", "hist_out")
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-HISTORY_ARGS = ("hist1", "hist2", "hist_out")
+HISTORY_ARGS = ("hist1", "hist2", "hist3", "hist_out")
 
 _lib = torch.library.Library(NAMESPACE, "DEF")
 _lib.define(OP + SCHEMA)
@@ -92,6 +92,7 @@ def check_step_args(
     x_eval: torch.Tensor | None,
     hist1: torch.Tensor | None,
     hist2: torch.Tensor | None,
+    hist3: torch.Tensor | None,
     noise: torch.Tensor | None,
     coef: torch.Tensor,
     cfg: int,
@@ -115,12 +116,12 @@ def check_step_args(
         raise TypeError(f"x: expected a floating dtype in {FLOAT_DTYPES}, got {x.dtype}")
     if x.dim() < 1:
         raise ValueError("x: expected a tensor with a batch dimension, got a 0-d tensor")
-    if cfg not in (L.CFG_NONE, L.CFG_PAIR, L.CFG_STACKED):
-        raise ValueError(f"cfg: expected 0 (none), 1 (pair) or 2 (stacked), got {cfg}")
+    if cfg not in L.CFG_ROWS:
+        raise ValueError(f"cfg: expected 0 (none), 1 (pair), 2 (stacked) or 3 (stacked3), got {cfg}")
     b = x.shape[0]
-    hdt = history_dtype(x.dtype, hist1, hist2, hist_out)
+    hdt = history_dtype(x.dtype, hist1, hist2, hist3, hist_out)
     for name, t in (("model_out", model_out), ("model_cond", model_cond), ("x_eval", x_eval), ("hist1", hist1),
-                    ("hist2", hist2), ("noise", noise), ("out", out), ("hist_out", hist_out)):
+                    ("hist2", hist2), ("hist3", hist3), ("noise", noise), ("out", out), ("hist_out", hist_out)):
         if t is None:
             continue
         if not isinstance(t, torch.Tensor):
@@ -134,8 +135,8 @@ def check_step_args(
         if t.device != x.device:
             raise ValueError(f"{name}: on device {t.device}, but x is on {x.device}")
         want = x.shape
-        if name == "model_out" and cfg == L.CFG_STACKED:
-            want = torch.Size((2 * b,) + tuple(x.shape[1:]))
+        if name == "model_out" and L.CFG_ROWS[cfg] > 1:
+            want = torch.Size((L.CFG_ROWS[cfg] * b,) + tuple(x.shape[1:]))
         if t.shape != want:
             raise ValueError(f"{name}: shape {tuple(t.shape)} does not match the expected {tuple(want)}")
     if cfg == L.CFG_PAIR and model_cond is None:
@@ -144,6 +145,8 @@ def check_step_args(
         raise ValueError("model_cond: given, but cfg is not 'pair'")
     if hist2 is not None and hist1 is None:
         raise ValueError("hist2: given without hist1 (history entries are newest first)")
+    if hist3 is not None and hist2 is None:
+        raise ValueError("hist3: given without hist2 (history entries are newest first)")
     if coef.dtype != torch.float64:
         raise TypeError(f"coef: expected float64 coefficients, got {coef.dtype}")
     if coef.device != x.device:
@@ -156,7 +159,7 @@ def check_step_args(
         if math.isnan(thr_min) or math.isnan(thr_max) or thr_min <= 0.0 or thr_max <= 0.0:
             raise ValueError(f"thr_min: thresholding bounds must be > 0, got ({thr_min}, {thr_max})")
     if _has_storage(x):  # fake tensors (tracing) share one storage and have no addresses
-        _check_overlaps(x, model_out, model_cond, x_eval, hist1, hist2, noise, coef, out, hist_out)
+        _check_overlaps(x, model_out, model_cond, x_eval, hist1, hist2, hist3, noise, coef, out, hist_out)
     if check_values and coef.device.type == "cpu" and type(coef) is torch.Tensor:
         finite = np.isfinite(coef.detach().numpy())
         if not finite.all():
@@ -164,12 +167,12 @@ def check_step_args(
             raise ValueError(f"coef: non-finite coefficients ({', '.join(sorted(set(bad)))})")
 
 
-def _check_overlaps(x, model_out, model_cond, x_eval, hist1, hist2, noise, coef, out, hist_out) -> None:
+def _check_overlaps(x, model_out, model_cond, x_eval, hist1, hist2, hist3, noise, coef, out, hist_out) -> None:
     if _self_overlapping(out):
         raise ValueError("out: has elements sharing memory (an expanded view); it must be writable element by element")
     inputs = [(name, t, _span(t)) for name, t in (("x", x), ("model_out", model_out), ("model_cond", model_cond),
                                                    ("x_eval", x_eval), ("hist1", hist1), ("hist2", hist2),
-                                                   ("noise", noise), ("coef", coef)) if t is not None]
+                                                   ("hist3", hist3), ("noise", noise), ("coef", coef)) if t is not None]
     so = _span(out)
     if hist_out is not None:
         if _self_overlapping(hist_out):
@@ -186,10 +189,10 @@ def _check_overlaps(x, model_out, model_cond, x_eval, hist1, hist2, noise, coef,
             raise ValueError(f"out: overlaps {name}; out may be x or x_eval itself, nothing else it reads")
 
 
-def _fake(x, model_out, model_cond, x_eval, hist1, hist2, noise, coef, cfg, threshold, thr_ratio, thr_min, thr_max,
-          out, hist_out) -> None:
-    check_step_args(x, model_out, model_cond, x_eval, hist1, hist2, noise, coef, cfg, threshold, thr_ratio, thr_min,
-                    thr_max, out, hist_out, check_values=False)
+def _fake(x, model_out, model_cond, x_eval, hist1, hist2, hist3, noise, coef, cfg, threshold, thr_ratio, thr_min,
+          thr_max, out, hist_out) -> None:
+    check_step_args(x, model_out, model_cond, x_eval, hist1, hist2, hist3, noise, coef, cfg, threshold, thr_ratio,
+                    thr_min, thr_max, out, hist_out, check_values=False)
 
 
 torch.library.register_fake(f"{NAMESPACE}::{OP}", _fake, lib=_lib)

@@ -45,7 +45,8 @@ def threshold_args(threshold, name: str = "threshold") -> tuple[bool, float, flo
 class BoundStep:
     """A fused step with its backend chosen and its guidance layout and thresholding fixed.
 
-    ``step(x, model_out, coef, out, hist_out=None, hist1=None, hist2=None, x_eval=None, noise=None, model_cond=None)``
+    ``step(x, model_out, coef, out, hist_out=None, hist1=None, hist2=None, x_eval=None, noise=None, model_cond=None,
+    hist3=None)``
     writes x_next into `out` (and the converted output into `hist_out`) and returns `out`; arguments as in
     `fused_step`, checked by the op's rules (by the C++ kernels themselves, else here) before anything is written.
     """
@@ -58,14 +59,15 @@ class BoundStep:
         self._check = not self.backend.self_checking
 
     def __call__(self, x, model_out, coef, out, hist_out=None, hist1=None, hist2=None, x_eval=None, noise=None,
-                 model_cond=None):
+                 model_cond=None, hist3=None):
         cfg, thr, ratio, lo, hi = self._fixed
         if self._check and not torch.compiler.is_compiling():
             # traced: shapes and dtypes are checked by the fake implementation; overlaps and coefficient values
             # are data the tracer cannot read (checked on the eager path, and by the planner)
-            check_step_args(x, model_out, model_cond, x_eval, hist1, hist2, noise, coef, cfg, thr, ratio, lo, hi,
-                            out, hist_out)
-        self._impl(x, model_out, model_cond, x_eval, hist1, hist2, noise, coef, cfg, thr, ratio, lo, hi, out, hist_out)
+            check_step_args(x, model_out, model_cond, x_eval, hist1, hist2, hist3, noise, coef, cfg, thr, ratio, lo,
+                            hi, out, hist_out)
+        self._impl(x, model_out, model_cond, x_eval, hist1, hist2, hist3, noise, coef, cfg, thr, ratio, lo, hi, out,
+                   hist_out)
         return out
 
 
@@ -88,11 +90,15 @@ def bind(backend: str, device: torch.device, cfg: str = "none", threshold=None,
     return step
 
 
-def split_history(hist: Sequence[torch.Tensor]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+MAX_HISTORY = 3  # hist1, hist2, hist3 of the op
+
+
+def split_history(hist: Sequence[torch.Tensor]) -> tuple[torch.Tensor | None, ...]:
+    """(hist1, hist2, hist3) from a list of up to MAX_HISTORY earlier outputs, newest first (None where absent)."""
     hist = tuple(hist)
-    if len(hist) > 2:
-        raise ValueError(f"hist: at most 2 earlier outputs are combined, got {len(hist)}")
-    return (hist + (None, None))[:2]
+    if len(hist) > MAX_HISTORY:
+        raise ValueError(f"hist: at most {MAX_HISTORY} earlier outputs are combined, got {len(hist)}")
+    return (hist + (None,) * MAX_HISTORY)[:MAX_HISTORY]
 
 
 def fused_step(
@@ -114,18 +120,19 @@ def fused_step(
 
     Args:
         x: [B, ...] the sample the update starts from (``a * x``).
-        model_out: [B, ...] raw network output at ``x_eval`` (default ``x``); [2B, ...] with cfg="stacked"
-            (unconditional half first).
+        model_out: [B, ...] raw network output at ``x_eval`` (default ``x``); [2B, ...] = cat([uncond, cond]) with
+            cfg="stacked"; [3B, ...] = cat([uncond, cond, perturbed]) with cfg="stacked3".
         coef: float64 [NCOEF] or [B, NCOEF] coefficient rows, on x's device, from `dpm_kernels.planner`
             (`coefficient_rows`; the slots are named in `dpm_kernels.layout`).
         out: [B, ...] destination of x_next; may be ``x`` itself. Allocated when None.
         hist_out: [B, ...] destination of the converted output m (a ring-buffer slot), or None.
-        hist: up to two earlier converted outputs [B, ...], newest first (C1, C2). History tensors (hist and
+        hist: up to three earlier converted outputs [B, ...], newest first (C1, C2, C3). History tensors (hist and
             hist_out) share one dtype: x's, or float32 when x is float16/bfloat16.
         model_cond: [B, ...] conditional output for cfg="pair".
         x_eval: [B, ...] the point the model was evaluated at, when it is not ``x`` (singlestep solvers).
         noise: [B, ...] standard normal noise for SDE solvers (CN).
-        cfg: "none" | "pair" | "stacked": how classifier-free guidance outputs are laid out.
+        cfg: "none" | "pair" | "stacked" | "stacked3": how the guidance outputs are laid out; stacked3 combines
+            uncond + GUIDE (cond - uncond) + GUIDE2 (cond - perturbed) (perturbed-attention guidance).
         threshold: (ratio, lo, hi) to apply dynamic thresholding to the converted prediction:
             s = clamp(quantile(|y|, ratio), lo, hi) per sample, y = clamp(y, -s, s) / s.
         backend: one of `registry.CHOICES`: "auto" (deterministic: the first backend that can serve x's device),
@@ -136,8 +143,8 @@ def fused_step(
     """
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x: expected a torch.Tensor, got {type(x).__name__}")
-    hist1, hist2 = split_history(hist)
+    hist1, hist2, hist3 = split_history(hist)
     if out is None:
         out = torch.empty_like(x, memory_format=torch.contiguous_format)
     return bind(backend, x.device, cfg, threshold)(x, model_out, coef, out, hist_out, hist1, hist2, x_eval, noise,
-                                                   model_cond)
+                                                   model_cond, hist3)

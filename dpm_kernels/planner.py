@@ -4,7 +4,7 @@ coefficient rows.
 A trajectory (points on the schedule, orders, algorithm, solver type, SDE options) becomes a `Plan`: one `Eval` per
 model evaluation (where the model is evaluated, which ring slots its fused step reads and writes) and the `Update`
 of each (a, c, noise; arrays over the evaluations). `Plan.table(conversion)` adds how the raw model output becomes
-the stored prediction (`Conversion`: model type, target, thresholding, guidance scale) and gives the [nfe, NCOEF]
+the stored prediction (`Conversion`: model type, target, thresholding, guidance scales) and gives the [nfe, NCOEF]
 float64 table; `DeviceTable` puts it on the sample's device once. A step is then a row of that table plus one op
 call. `coefficient_rows` is the row writer itself, public for code that builds its own steps: vectorized, one row
 per point (per step of a trajectory, or per sample with per-sample times).
@@ -145,7 +145,9 @@ class Conversion:
     """The conversion part of a row: raw output of `model_type` -> the solver's `target` ("x0" | "eps").
 
     With thresholding the output goes to x0 first, is thresholded, then goes to the target. `guidance_scale` is
-    the classifier-free guidance scale the kernel applies to (uncond, cond) pairs.
+    the classifier-free guidance scale the kernel applies to (uncond, cond) pairs; `pag_scale` the perturbed-attention
+    guidance scale it adds with the "stacked3" layout, ``+ pag_scale * (cond - perturbed)`` (diffusers' PAG pipelines,
+    Sana's "classifier-free_PAG"); the other layouts ignore it.
     """
 
     model_type: str = "noise"
@@ -153,6 +155,7 @@ class Conversion:
     thresholding: bool = False
     guidance_scale: float = 1.0
     sigma_data: float = 0.5  # EDM preconditioning only ("edm_noise", "edm_v")
+    pag_scale: float = 0.0
 
     @staticmethod
     def for_algorithm(model_type: str, algorithm_type: str, thresholding: bool = False,
@@ -173,7 +176,8 @@ def coefficient_rows(points: C.Point, conversion: Conversion, update: C.Update |
                      what: str = "t") -> np.ndarray:
     """Float64 coefficient rows [..., NCOEF] for model evaluations at `points` followed by `update`.
 
-    points and update broadcast (scalars: one row [NCOEF]). update None: no combination, the step's output is
+    points and update broadcast (scalars: one row [NCOEF]); update.c holds up to 4 weights, newest output first (m,
+    hist1, hist2, hist3: `layout.C_SLOTS`). update None: no combination, the step's output is
     the converted prediction itself (a = 0, c0 = 1). Non-finite rows raise ValueError naming `what`, the caller's
     argument that determined them.
     """
@@ -182,6 +186,7 @@ def coefficient_rows(points: C.Point, conversion: Conversion, update: C.Update |
     shape = np.broadcast_shapes(*(np.shape(f) for f in fields))
     rows = np.zeros(shape + (L.NCOEF,), dtype=np.float64)
     rows[..., L.GUIDE] = conversion.guidance_scale
+    rows[..., L.GUIDE2] = conversion.pag_scale
     sd = conversion.sigma_data
     if conversion.thresholding:
         rows[..., L.PX], rows[..., L.PM] = C.conversion(conversion.model_type, "x0", alpha, sigma, sd)
@@ -192,11 +197,11 @@ def coefficient_rows(points: C.Point, conversion: Conversion, update: C.Update |
     if update is None:
         rows[..., L.C0] = 1.0
     else:
-        if len(update.c) > 3:
-            raise ValueError(f"update: at most 3 model outputs are combined, got {len(update.c)}")
+        if len(update.c) > len(L.C_SLOTS):
+            raise ValueError(f"update: at most {len(L.C_SLOTS)} model outputs are combined, got {len(update.c)}")
         rows[..., L.A] = update.a
-        for j, c in enumerate(update.c):
-            rows[..., L.C0 + j] = c
+        for slot, c in zip(L.C_SLOTS, update.c, strict=False):
+            rows[..., slot] = c
         rows[..., L.CN] = update.noise
     if not np.isfinite(rows).all():
         bad = sorted({L.NAMES[j] for j in np.nonzero(~np.isfinite(rows.reshape(-1, L.NCOEF)))[1]})
@@ -260,10 +265,11 @@ class Eval:
     source: str  # "x": evaluate at x; "u": at the intermediate point u
     dest: str  # "x" (a solver step ends here) or "u"
     write_slot: int | None  # ring slot receiving the converted output (None: not needed later)
-    read_slots: tuple[int, ...]  # ring slots of hist1, hist2 (newest first)
+    read_slots: tuple[int, ...]  # ring slots of hist1, hist2, hist3 (newest first)
     order: int  # the order of the update this evaluation feeds
     step: int  # 1-based index of the solver step it belongs to
     noisy: bool  # the update adds noise
+    corrected: bool = False  # UniPC: the step first corrects the previous step's result, which must be its x
 
 
 @dataclass
@@ -275,7 +281,10 @@ class Plan:
     times: np.ndarray  # the solver-step boundaries t_0 = t_start, ..., t_end
     orders: list[int]  # order of each solver step (multistep: as run, after the caps of zero-length steps)
     needs_u: bool = False
-    kind: str = "multistep"  # "multistep" | "singlestep"
+    kind: str = "multistep"  # "multistep" | "singlestep" | "unipc"
+    # UniPC: per evaluation, the corrector's terms d (newest output first) with x_c = x + sum_j d_j m_j -- the
+    # corrected sample diffusers keeps as `last_sample`, which the fused step never writes
+    correction: np.ndarray | None = None
     _uploads: dict = field(default_factory=dict, repr=False, compare=False)  # (what, device, ...) -> device tensors
 
     @property
@@ -316,6 +325,42 @@ def _store(a, c, noise, idx, u: C.Update) -> None:
     noise[idx] = u.noise
 
 
+class _History:
+    """The ring of converted outputs a multistep trajectory keeps (module doc: distinct times only).
+
+    Walks the n evaluations at lam[0..n-1] (step i goes to lam[i + 1]): a zero-length step has order 1 (its update is
+    the identity) and stores nothing; any other step's order is orders[i] capped by the stored outputs + 1, and its
+    output is stored, in a slot no read of the same step uses. Step i reads the first `reads` stored outputs, newest
+    first: order - 1 of them (its update's history), or more where `extra_reads(i, orders so far)` asks (at most
+    `depth`).
+    Attributes, per step: zero, order, prev (evaluations whose outputs the update combines, its own first), reads
+    (ring slots read), and the ring size n_slots = depth + 1; `write_slot(i)` is None where no later step reads it.
+    """
+
+    def __init__(self, lam: list[float], orders: list[int], depth: int, extra_reads=None):
+        self.zero, self.order, self.prev, self.reads, self.n_slots = [], [], [], [], depth + 1
+        self._slots, self._read = [], set()
+        entries: list[tuple[int, int]] = []  # (evaluation, ring slot) of the stored outputs, newest first
+        for i, want in enumerate(orders):
+            z = not abs(lam[i + 1] - lam[i]) > C.ZERO_STEP
+            o = 1 if z else min(want, len(entries) + 1)
+            n_read = max(o - 1, extra_reads(i, self.order) if extra_reads is not None else 0)
+            self.zero.append(z)
+            self.order.append(o)
+            self.prev.append([i] + [e for e, _ in entries[:o - 1]])
+            self.reads.append(tuple(s for _, s in entries[:n_read]))
+            self._read.update(e for e, _ in entries[:n_read])
+            slot = None
+            if not z:
+                taken = {s for _, s in entries[:depth]}
+                slot = next(s for s in range(self.n_slots) if s not in taken)
+                entries = [(i, slot)] + entries[:depth]
+            self._slots.append(slot)
+
+    def write_slot(self, i: int) -> int | None:
+        return self._slots[i] if i in self._read else None
+
+
 def plan_multistep(ns, algorithm_type, solver_type, times, orders, eta=0.0, s_noise=1.0, multistep3="standard",
                    points=None) -> Plan:
     """Multistep: evaluation i at times[i] feeds update i -> i+1 (a ring of max(orders) slots).
@@ -336,44 +381,83 @@ def plan_multistep(ns, algorithm_type, solver_type, times, orders, eta=0.0, s_no
     pts = stack_points(points) if points is not None else point(ns, np.asarray(times, dtype=np.float64))
     if np.shape(pts.lam) != (n + 1,):
         raise ValueError(f"points: expected {n + 1} points, got {np.shape(pts.lam)}")
-    lam = pts.lam.tolist()
     k = max(orders)
-    entries: list[tuple[int, int]] = []  # (evaluation, ring slot) of the stored outputs, newest first
-    prev = np.zeros((n, 3), dtype=np.int64)
-    eff, reads, slots, zero = [], [], [], []
-    for i in range(n):
-        z = not abs(lam[i + 1] - lam[i]) > C.ZERO_STEP
-        o = 1 if z or lam[i + 1] == math.inf else min(orders[i], len(entries) + 1)
-        used = entries[:o - 1]
-        prev[i, :o] = [i] + [e for e, _ in used]
-        eff.append(o)
-        reads.append(tuple(s for _, s in used))
-        zero.append(z)
-        slot = None
-        if not z:
-            taken = {s for _, s in entries[:k - 1]}
-            slot = next(s for s in range(k) if s not in taken)
-            entries = [(i, slot)] + entries[:k - 1]
-        slots.append(slot)
-    read_evals = {int(e) for i in range(n) for e in prev[i, 1:eff[i]]}
+    lam = pts.lam.tolist()
+    # a step into sigma = 0 (lambda = +inf) is first order: the only update with a finite limit there
+    orders = [1 if lam[i + 1] == math.inf else o for i, o in enumerate(orders)]
+    ring = _History(lam, orders, depth=k - 1)
+    zero, eff, prev = ring.zero, ring.order, ring.prev
     a, c, noise = _update_arrays(n)
     sde = algorithm_type.startswith("sde")
     for o in (1, 2, 3):
         idx = np.array([i for i in range(n) if eff[i] == o and not zero[i]], dtype=np.int64)
         if idx.size == 0:
             continue
-        before = [pts[prev[idx, j]] for j in range(o)]
+        before = [pts[np.array([prev[i][j] for i in idx])] for j in range(o)]
         if sde:
             u = C.sde_multistep(algorithm_type, solver_type, o, before, pts[idx + 1], eta, s_noise, multistep3)
         else:
             u = C.multistep(algorithm_type, solver_type, o, before, pts[idx + 1], multistep3)
         _store(a, c, noise, idx, u)
     tl = np.asarray(times, dtype=np.float64).tolist()
-    evals = [Eval(t=tl[i], t_next=tl[i + 1], source="x", dest="x",
-                  write_slot=slots[i] if i in read_evals else None, read_slots=reads[i], order=eff[i], step=i + 1,
-                  noisy=bool(noise[i] != 0.0)) for i in range(n)]
-    return Plan(evals, pts[np.arange(n)], C.Update(a, tuple(c.T), noise), k, np.asarray(times, dtype=np.float64),
-                eff)
+    evals = [Eval(t=tl[i], t_next=tl[i + 1], source="x", dest="x", write_slot=ring.write_slot(i),
+                  read_slots=ring.reads[i], order=eff[i], step=i + 1, noisy=bool(noise[i] != 0.0)) for i in range(n)]
+    return Plan(evals, pts[np.arange(n)], C.Update(a, tuple(c.T), noise), ring.n_slots,
+                np.asarray(times, dtype=np.float64), eff)
+
+
+def plan_unipc(points, orders: list[int], correct: list[bool], variant: str = "bh2", predict_x0: bool = True,
+               times=None) -> Plan:
+    """UniPC as diffusers' UniPCMultistepScheduler steps it, one fused step per model evaluation.
+
+    Evaluation i at points[i] first corrects the previous step's result (UniC, where correct[i]: diffusers' corrector,
+    which the caller's warm-up and disable_corrector decide), then predicts points[i + 1] (UniP of orders[i]). The
+    corrected sample is never stored: UniC and the previous UniP start from the same sample with the same x
+    coefficient, so x_c = x + sum_j d_j m_j with x the previous step's result (`coefficients.unipc_correction`), and
+    the step is x_next = A x_c + sum_j c_j m_j = A x + sum_j (A d_j + c_j) m_j: one row, over the new output and the
+    ring's (newest first; a corrector of order p reads p stored outputs). Zero-length steps: the identity (`_History`),
+    and no corrector over them. A step that ends at sigma = 0 is first order (higher orders have no finite limit).
+    `Plan.correction` keeps the d's (diffusers' `last_sample` is x_c).
+    """
+    pts = stack_points(points)
+    n = len(orders)
+    if np.shape(pts.lam) != (n + 1,) or len(correct) != n:
+        raise ValueError(f"points: expected {n + 1} points and {n} corrector flags, got {np.shape(pts.lam)}, "
+                         f"{len(correct)}")
+    if variant not in C.UNIPC_VARIANTS:
+        raise ValueError(f"solver_type: expected one of {C.UNIPC_VARIANTS}, got {variant!r}")
+    sig = pts.sigma.tolist()
+    orders = [1 if sig[i + 1] == 0.0 else o for i, o in enumerate(orders)]
+    lam = pts.lam.tolist()
+    zero_len = [not abs(lam[i + 1] - lam[i]) > C.ZERO_STEP for i in range(n)]
+    corr = [bool(correct[i]) and i > 0 and not zero_len[i - 1] for i in range(n)]  # none over a zero-length step
+    k = max(orders)
+    # a corrector reads the outputs the previous step's predictor combined: as many as its order
+    ring = _History(lam, orders, depth=k, extra_reads=lambda i, done: done[i - 1] if corr[i] else 0)
+    eff, prev = ring.order, ring.prev
+    width = max(1 + len(r) for r in ring.reads)
+    a, c, d = np.ones(n), np.zeros((n, width)), np.zeros((n, width))
+    for o in sorted(set(eff)):
+        idx = np.array([i for i in range(n) if eff[i] == o and not ring.zero[i]], dtype=np.int64)
+        if idx.size:
+            u = C.unipc_predictor(variant, predict_x0, o, [pts[np.array([prev[i][j] for i in idx])] for j in range(o)],
+                                  pts[idx + 1])
+            a[idx] = u.a
+            for j, cj in enumerate(u.c):
+                c[idx, j] = cj
+        idx = np.array([i for i in range(n) if corr[i] and eff[i - 1] == o], dtype=np.int64)
+        if idx.size:
+            u = C.unipc_correction(variant, predict_x0, o,
+                                   [pts[np.array([prev[i - 1][j] for i in idx])] for j in range(o)], pts[idx])
+            for j, dj in enumerate(u.c):
+                d[idx, j] = dj
+    c = c + a[:, None] * d
+    tl = (np.zeros(n + 1) if times is None else np.asarray(times, dtype=np.float64)).tolist()
+    evals = [Eval(t=tl[i], t_next=tl[i + 1], source="x", dest="x", write_slot=ring.write_slot(i),
+                  read_slots=ring.reads[i], order=eff[i], step=i + 1, noisy=False, corrected=corr[i])
+             for i in range(n)]
+    return Plan(evals, pts[np.arange(n)], C.Update(a, tuple(c.T), np.zeros(n)), ring.n_slots, np.asarray(tl), eff,
+                kind="unipc", correction=d)
 
 
 def plan_singlestep(ns, algorithm_type, solver_type, outer, orders, skip_type="time_uniform", u2_form="taylor",

@@ -402,8 +402,7 @@ class DPMSolver(AuthorsUpdatesMixin):
             thresholding = self._threshold_for(target == "x0") is not None
         if guidance is None:
             guidance = Guidance(self._spec.cfg, self._spec.guidance_scale)
-        extra = {"pag_scale": guidance.scale2} if guidance.layout == "stacked3" else {}
-        return P.Conversion(self._spec.raw_type, target, thresholding, guidance.scale, **extra)
+        return P.Conversion(self._spec.raw_type, target, thresholding, guidance.scale, pag_scale=guidance.scale2)
 
     def _threshold_for(self, data_prediction: bool):
         """(ratio, lo, hi) when the fused step must threshold this prediction, else None."""

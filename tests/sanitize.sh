@@ -30,9 +30,11 @@ print("sanitize: instrumented kernels loaded from", so[0])
 PYEOF
 [ "${PIPESTATUS[0]}" -eq 0 ] || { echo "sanitize: the instrumented build failed" >&2; exit 1; }
 
-# cpu-cpu: the C++ backend's cases of the shared matrices; test_cpu_backend: 2^24+ samples, strides, threads
+# cpu-cpu: the C++ backend's cases of the shared matrices; test_cpu_backend: 2^24+ samples, strides, threads;
+# test_error_paths: the C++ error messages, in a child process that inherits the instrumented build
 $PY -m pytest -q -p no:cacheprovider -x -k "cpu-cpu or not (cpu-torch or cpu-triton)" \
   tests/test_fused_step.py tests/test_properties.py tests/test_op_errors.py tests/test_cpu_backend.py \
+  tests/test_error_paths.py \
   2>&1 | tee -a "$LOG"
 status=${PIPESTATUS[0]}
 if compgen -G "$LOGDIR/asan.*" >/dev/null || compgen -G "$LOGDIR/ubsan.*" >/dev/null \

@@ -20,10 +20,10 @@ pytestmark = [pytest.mark.slow,  # compiler runs: two builds and a wheel
               pytest.mark.skipif(os.environ.get("DPM_KERNELS_NO_EXT") == "1", reason="DPM_KERNELS_NO_EXT=1")]
 
 CPU_STEP = """
-    import sys, torch, dpm_kernels
+    import sys, torch, dpm_kernels, dpm_kernels.layout
     from dpm_kernels.backends import registry
     x = torch.randn(2, 8)
-    c = torch.zeros(10, dtype=torch.float64)
+    c = torch.zeros(dpm_kernels.layout.NCOEF, dtype=torch.float64)
     c[5] = 1.0
     y = dpm_kernels.ops.fused_step(x, x.clone(), c, backend="cpu")
     assert torch.equal(y, x)
@@ -57,13 +57,13 @@ def test_build_key_follows_sources_location_and_torch(tmp_path, monkeypatch):
 
 
 EIGHT_THREADS = """
-    import threading, torch, dpm_kernels
+    import threading, torch, dpm_kernels, dpm_kernels.layout
     from dpm_kernels.backends import registry
     start, results, errors = threading.Barrier(8), [None] * 8, []
 
     def first_step(i):
         x = torch.full((2, 64), float(i))
-        c = torch.zeros(10, dtype=torch.float64)
+        c = torch.zeros(dpm_kernels.layout.NCOEF, dtype=torch.float64)
         c[5] = 2.0
         start.wait()  # all eight at the same moment, before anything is built or loaded
         try:

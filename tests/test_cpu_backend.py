@@ -49,9 +49,11 @@ def _args(
     x_eval=False,
     dtype=torch.float32,
     hist_dtype=None,
+    hist3=False,
     seed=0,
 ):
-    """Positional op arguments (schema order), outputs freshly allocated; history in hist_dtype (default x's)."""
+    """Positional op arguments (schema order), outputs freshly allocated; history in hist_dtype (default x's): hist1
+    and hist2, and hist3 when asked."""
     gen = torch.Generator().manual_seed(seed)
     hdt = hist_dtype or dtype
 
@@ -60,7 +62,7 @@ def _args(
 
     b = shape[0]
     x = rnd(*shape)
-    model_out = rnd(*((2 * b,) + tuple(shape[1:]))) if cfg == "stacked" else rnd(*shape)
+    model_out = rnd(*((L.CFG_ROWS[L.CFG_MODES[cfg]] * b,) + tuple(shape[1:])))
     model_cond = rnd(*shape) if cfg == "pair" else None
     hist1, hist2 = rnd(*shape, dt=hdt), rnd(*shape, dt=hdt)
     coef = _coef(b if per_sample else None, seed, noise=noise)
@@ -72,6 +74,7 @@ def _args(
         rnd(*shape) if x_eval else None,
         hist1,
         hist2,
+        rnd(*shape, dt=hdt) if hist3 else None,
         rnd(*shape) if noise else None,
         coef,
         L.CFG_MODES[cfg],
@@ -88,6 +91,7 @@ OPCHECK_CASES = {
     "plain": {},
     "thresholded": {"thr": THR},
     "stacked-cfg": {"cfg": "stacked", "thr": (0.995, 1.0, math.inf)},
+    "stacked3-cfg-hist3": {"cfg": "stacked3", "hist3": True, "thr": THR},
     "pair-cfg-x_eval": {"cfg": "pair", "x_eval": True},
     "per-sample-coef": {"per_sample": True, "thr": THR},
     "noise": {"noise": True},
@@ -175,7 +179,7 @@ def test_quantile_of_one_sample_above_torch_quantile_limit():
     ids=["one-large-sample", "three-samples", "many-small-samples", "plain", "median"],
 )
 def test_bitwise_identical_with_one_and_two_threads(shape, thr):
-    base = _args(shape, cfg="stacked", thr=thr, noise=True, per_sample=True, seed=5)
+    base = _args(shape, cfg="stacked3", thr=thr, noise=True, per_sample=True, hist3=True, seed=5)
     saved = torch.get_num_threads()
     results = []
     try:
@@ -205,10 +209,10 @@ def test_large_samples_match_the_reference_bitwise(dtype):
     coef = _coef(None, 7)
     for ratio in (0.0, 0.37, 0.995, 1.0):
         want_out, want_m = reference.fused_step(
-            x, mo, coef, None, None, None, None, None, L.CFG_NONE, True, ratio, 0.05, 3.0
+            x, mo, coef, None, None, None, None, None, None, L.CFG_NONE, True, ratio, 0.05, 3.0
         )
         out, m = torch.empty_like(x), torch.empty_like(x)
-        OP(x, mo, None, None, None, None, None, coef, L.CFG_NONE, True, ratio, 0.05, 3.0, out, m)
+        OP(x, mo, None, None, None, None, None, None, coef, L.CFG_NONE, True, ratio, 0.05, 3.0, out, m)
         torch.testing.assert_close(out, want_out, rtol=0, atol=0, equal_nan=True, msg=f"ratio={ratio}")
         torch.testing.assert_close(m, want_m, rtol=0, atol=0, equal_nan=True, msg=f"ratio={ratio}")
 
@@ -250,8 +254,13 @@ def test_direct_op_call_validates_before_writing():
     with pytest.raises(TypeError, match="hist2"):
         OP(*bad)
     bad = list(args)
-    bad[7] = args[7].clone()
-    bad[7][L.A] = math.inf
+    bad[6] = args[5].clone()  # hist3 without hist2
+    bad[5] = None
+    with pytest.raises(ValueError, match="hist3"):
+        OP(*bad)
+    bad = list(args)
+    bad[8] = args[8].clone()
+    bad[8][L.A] = math.inf
     with pytest.raises(ValueError, match="coef"):
         OP(*bad)
     assert bool((args[-2] == 5.0).all()) and bool((args[-1] == 5.0).all())
@@ -302,7 +311,7 @@ def test_vector_conversions_match_c10(dtype, cpu_width):
     coef = torch.zeros(L.NCOEF, dtype=torch.float64)
     coef[L.PM] = 1.0
     out, m = torch.empty_like(x), torch.full(raw.shape, math.nan)
-    OP(x, raw, None, None, None, None, None, coef, L.CFG_NONE, False, 0.0, 1.0, 1.0, out, m)
+    OP(x, raw, None, None, None, None, None, None, coef, L.CFG_NONE, False, 0.0, 1.0, 1.0, out, m)
     assert _same_bits(m, 0.0 + raw.float())
     # Store: out = 0 * x + 0 * m + 1 * h1 with h1 float32: the kernel's rounding of every float above.
     h1 = _special_floats()[None]
@@ -310,7 +319,7 @@ def test_vector_conversions_match_c10(dtype, cpu_width):
     coef = torch.zeros(L.NCOEF, dtype=torch.float64)
     coef[L.C1] = 1.0
     out = torch.empty_like(x)
-    OP(x, torch.zeros_like(x), None, None, h1, None, None, coef, L.CFG_NONE, False, 0.0, 1.0, 1.0, out, None)
+    OP(x, torch.zeros_like(x), None, None, h1, None, None, None, coef, L.CFG_NONE, False, 0.0, 1.0, 1.0, out, None)
     want = (0.0 + h1).to(dtype)
     finite = ~want.isnan()
     assert _same_bits(out[finite], want[finite])
@@ -319,6 +328,10 @@ def test_vector_conversions_match_c10(dtype, cpu_width):
 
 WIDTH_CASES = {
     "float32-thr-cfg": {"dtype": torch.float32, "cfg": "stacked", "thr": THR, "noise": True},
+    "float32-thr-stacked3-hist3": {"dtype": torch.float32, "cfg": "stacked3", "thr": THR, "hist3": True},
+    "bfloat16-stacked3-hist3": {"dtype": torch.bfloat16, "hist_dtype": torch.float32, "cfg": "stacked3",
+                                "hist3": True, "noise": True},
+    "float16-hist3-thr": {"dtype": torch.float16, "hist3": True, "thr": THR, "per_sample": True},
     "float64-pair": {"dtype": torch.float64, "cfg": "pair", "x_eval": True},
     "bfloat16-thr": {"dtype": torch.bfloat16, "hist_dtype": torch.float32, "thr": THR, "noise": True},
     "bfloat16-own-history": {"dtype": torch.bfloat16, "cfg": "pair"},
@@ -366,10 +379,10 @@ def test_sample_quantile_matches_the_reference_bitwise(n, kind):
     coef[L.PX], coef[L.PM] = 1.0, 0.0  # y = x: the sample's own values are thresholded
     for ratio in (0.0, 0.37, 0.5, 0.995, 1.0):
         want_out, want_m = reference.fused_step(
-            x, mo, coef, None, None, None, None, None, L.CFG_NONE, True, ratio, 1e-30, math.inf
+            x, mo, coef, None, None, None, None, None, None, L.CFG_NONE, True, ratio, 1e-30, math.inf
         )
         out, m = torch.full_like(x, 7.0), torch.full_like(x, 7.0)
-        OP(x, mo, None, None, None, None, None, coef, L.CFG_NONE, True, ratio, 1e-30, math.inf, out, m)
+        OP(x, mo, None, None, None, None, None, None, coef, L.CFG_NONE, True, ratio, 1e-30, math.inf, out, m)
         tol = 0.0 if ratio in (0.0, 1.0) else 3e-7
         torch.testing.assert_close(out, want_out, rtol=tol, atol=0, equal_nan=True, msg=f"ratio={ratio}")
         torch.testing.assert_close(m, want_m, rtol=tol, atol=0, equal_nan=True, msg=f"ratio={ratio}")

@@ -239,7 +239,7 @@ def test_binding_checks_the_history_dtype():
     out = torch.full_like(x, 7.0)
 
     def call(hist1, hist_out):
-        op(x, x.clone(), None, None, hist1, None, None, coef, 0, False, 0.5, 1.0, 1.0, out, hist_out)
+        op(x, x.clone(), None, None, hist1, None, None, None, coef, 0, False, 0.5, 1.0, 1.0, out, hist_out)
 
     f32, f64, f16 = (torch.zeros(2, 8, device="cuda", dtype=d) for d in (torch.float32, torch.float64, torch.float16))
     for hist1, hist_out, name in ((f32, f16.clone(), "hist_out"), (f16, f32.clone(), "hist_out"), (f64, None, "hist1"),
@@ -249,7 +249,8 @@ def test_binding_checks_the_history_dtype():
         assert bool((out == 7.0).all())
     xf = torch.randn(2, 8, device="cuda")
     with pytest.raises((TypeError, RuntimeError), match="hist1"):  # float32 x: history must be float32 too
-        op(xf, xf.clone(), None, None, f16, None, None, coef, 0, False, 0.5, 1.0, 1.0, torch.empty_like(xf), None)
+        op(xf, xf.clone(), None, None, f16, None, None, None, coef, 0, False, 0.5, 1.0, 1.0, torch.empty_like(xf),
+           None)
     call(f32, f32.clone())  # the mixed pair is accepted
 
 
@@ -265,6 +266,6 @@ def test_inputs_on_two_devices_are_refused():
     # The binding checks too, without the Python entry point in front of it.
     ops.fused_step(x, x.clone(), coef, backend="cuda")  # loads the extension
     with pytest.raises((ValueError, RuntimeError), match="model_out"):
-        torch.ops.dpm_kernels.fused_step(x, other, None, None, None, None, None, coef, 0, False, 0.5, 1.0, 1.0, out,
-                                         None)
+        torch.ops.dpm_kernels.fused_step(x, other, None, None, None, None, None, None, coef, 0, False, 0.5, 1.0, 1.0,
+                                         out, None)
     assert bool((out == 7.0).all())

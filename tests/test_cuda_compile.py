@@ -203,9 +203,14 @@ int main(void) {
   a.dtype = DPM_BF16; a.hist_dtype = DPM_F64; EXPECT(dpm_cuda_fused_step(&a, NULL, 0, 1, 0) == cudaErrorInvalidValue);
   a.dtype = DPM_F32; a.hist_dtype = DPM_F32;
   a.numel = -1; EXPECT(dpm_cuda_fused_step(&a, NULL, 0, 1, 0) == cudaErrorInvalidValue); a.numel = 8;
-  a.cfg = 3; EXPECT(dpm_cuda_fused_step(&a, NULL, 0, 1, 0) == cudaErrorInvalidValue);
+  a.cfg = 4; EXPECT(dpm_cuda_fused_step(&a, NULL, 0, 1, 0) == cudaErrorInvalidValue);
+  a.cfg = -1; EXPECT(dpm_cuda_fused_step(&a, NULL, 0, 1, 0) == cudaErrorInvalidValue);
   a.cfg = 1; EXPECT(dpm_cuda_fused_step(&a, NULL, 0, 1, 0) == cudaErrorInvalidValue); a.cfg = 0;
   a.hist2 = a.x; EXPECT(dpm_cuda_fused_step(&a, NULL, 0, 1, 0) == cudaErrorInvalidValue); a.hist2 = NULL;
+  a.hist1 = a.hist2 = NULL; a.hist3 = a.x;  /* hist3 without hist2 */
+  EXPECT(dpm_cuda_fused_step(&a, NULL, 0, 1, 0) == cudaErrorInvalidValue);
+  a.hist1 = a.x; EXPECT(dpm_cuda_fused_step(&a, NULL, 0, 1, 0) == cudaErrorInvalidValue);
+  a.hist1 = NULL; a.hist3 = NULL;
   a.out = NULL; EXPECT(dpm_cuda_fused_step(&a, NULL, 0, 1, 0) == cudaErrorInvalidValue); a.out = (void*)0x2000;
   a.threshold = 1; a.thr_ratio = 0.5; a.thr_min = 1.0; a.thr_max = INFINITY;
   EXPECT(dpm_cuda_fused_step(&a, NULL, 0, 1, 0) == cudaErrorInvalidValue);          /* no workspace */
@@ -229,6 +234,10 @@ int main(void) {
     a.dtype = DPM_BF16; EXPECT(dpm_cuda_fused_step(&a, NULL, 0, 132, 0) != cudaErrorInvalidValue);
     a.dtype = DPM_F16; a.hist_dtype = DPM_F16;
     EXPECT(dpm_cuda_fused_step(&a, NULL, 0, 132, 0) != cudaErrorInvalidValue);
+    /* three history entries and the stacked3 layout pass validation too */
+    a.hist2 = a.hist3 = (const void*)0x6000; a.cfg = 3;
+    EXPECT(dpm_cuda_fused_step(&a, NULL, 0, 132, 0) != cudaErrorInvalidValue);
+    a.cfg = 0;
   }
   printf("%s: %d failures\n", fails ? "FAIL" : "OK", fails);
   return fails ? 1 : 0;

@@ -303,16 +303,8 @@ def test_discrete_flow_network_time():
 
 # ---------------- perturbed-attention guidance ----------------
 
-# PAG's three-way combination needs the op's "stacked3" layout (branch `op`): until it is merged those cases must
-# fail where the row is built (TypeError), and run as soon as it is
-NEEDS_STACKED3 = pytest.mark.xfail("stacked3" not in dk.layout.CFG_MODES, raises=TypeError, strict=True,
-                                   reason="the op's stacked3 guidance layout (branch op) is not merged here yet")
-
-
-@pytest.mark.parametrize("rule,g", [("classifier-free_PAG", 1.0),
-                                    pytest.param("classifier-free_PAG_seq", 1.0, marks=NEEDS_STACKED3),
-                                    pytest.param("classifier-free_PAG", 4.5, marks=NEEDS_STACKED3),
-                                    pytest.param("classifier-free_PAG_seq", 4.5, marks=NEEDS_STACKED3)])
+@pytest.mark.parametrize("rule", ["classifier-free_PAG", "classifier-free_PAG_seq"])
+@pytest.mark.parametrize("g", [1.0, 4.5])
 def test_pag_combination_matches_reference(rule, g):
     """PAG's three-way combination (two-way at g = 1), fused, against the reference; the interval does not apply to
     "classifier-free_PAG"; "_PAG_seq" switches at t = 0.5."""
@@ -334,7 +326,7 @@ def test_pag_combination_matches_reference(rule, g):
         assert [n for n, _ in net.calls] == want
 
 
-@pytest.mark.parametrize("g,name", [(1.0, "pag"), pytest.param(3.0, "pagcfg", marks=NEEDS_STACKED3)])
+@pytest.mark.parametrize("g,name", [(1.0, "pag"), (3.0, "pagcfg")])
 def test_sana_pag_hook_swaps_sanas_attention_processors(monkeypatch, g, name):
     """Without a hook, SANA's model_wrapper swaps the attention of pag_applied_layers for SANA's identity processor
     (the two-chunk one at g = 1, the CFG one otherwise) during the stacked call and back afterwards."""

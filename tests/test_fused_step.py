@@ -29,8 +29,13 @@ DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
 
 
 def _coef_row(gen: torch.Generator, nhist: int, noise: bool, thr: bool) -> torch.Tensor:
+    """Random weights; the slots of absent inputs zeroed, except GUIDE2, which layouts other than stacked3 must
+    ignore whatever its value."""
     r = (torch.rand(L.NCOEF, generator=gen, dtype=torch.float64) * 2 - 1) * 1.5
     r[L.GUIDE] = 1.0 + 6.0 * torch.rand((), generator=gen, dtype=torch.float64)
+    r[L.GUIDE2] = 3.0 * torch.rand((), generator=gen, dtype=torch.float64)
+    if nhist < 3:
+        r[L.C3] = 0.0
     if nhist < 2:
         r[L.C2] = 0.0
     if nhist < 1:
@@ -54,7 +59,7 @@ def make_case(shape, dtype, device, *, nhist=2, cfg="none", thr=None, noise=Fals
 
     case = {
         "x": rnd(*shape),
-        "model_out": rnd(*((2 * b,) + tuple(shape[1:])) if cfg == "stacked" else shape, scale=2.0),
+        "model_out": rnd(*((L.CFG_ROWS[L.CFG_MODES[cfg]] * b,) + tuple(shape[1:])), scale=2.0),
         "model_cond": rnd(*shape, scale=2.0) if cfg == "pair" else None,
         "x_eval": rnd(*shape) if x_eval else None,
         "hist": [rnd(*shape, dt=hdt) for _ in range(nhist)],
@@ -94,10 +99,10 @@ def run_reference(case, dtype=torch.float64):
         return None if t is None else t.to(dt)
 
     thr = case["threshold"]
-    h = [cv(t, hdt) for t in case["hist"]] + [None, None]
+    h = [cv(t, hdt) for t in case["hist"]] + [None, None, None]
     return reference.fused_step(
         cv(case["x"]), cv(case["model_out"]), case["coef"], cv(case["model_cond"]), cv(case["x_eval"]),
-        h[0], h[1], cv(case["noise"]), L.CFG_MODES[case["cfg"]], thr is not None,
+        h[0], h[1], h[2], cv(case["noise"]), L.CFG_MODES[case["cfg"]], thr is not None,
         *(thr if thr is not None else (0.0, 1.0, 1.0)), hdt,
     )
 
@@ -113,8 +118,11 @@ def naive_lowp(case):
         k = [float(v) for v in rows[i]]
         xi = case["x"][i]
         xe = xi if case["x_eval"] is None else case["x_eval"][i]
-        if case["cfg"] == "stacked":
-            b = case["x"].shape[0]
+        b = case["x"].shape[0]
+        if case["cfg"] == "stacked3":
+            u, cd, pt = case["model_out"][i], case["model_out"][b + i], case["model_out"][2 * b + i]
+            raw = u + k[L.GUIDE] * (cd - u) + k[L.GUIDE2] * (cd - pt)
+        elif case["cfg"] == "stacked":
             u, cd = case["model_out"][i], case["model_out"][b + i]
             raw = u + k[L.GUIDE] * (cd - u)
         elif case["cfg"] == "pair":
@@ -130,8 +138,8 @@ def naive_lowp(case):
             y = torch.clamp(y, -s, s) / s
             y = k[L.QX] * xe + k[L.QM] * y
         o = k[L.A] * xi + k[L.C0] * y
-        for j, hh in enumerate(case["hist"]):
-            o = o + k[L.C1 + j] * hh[i]
+        for slot, hh in zip(L.C_SLOTS[1:], case["hist"], strict=False):
+            o = o + k[slot] * hh[i]
         if case["noise"] is not None:
             o = o + k[L.CN] * case["noise"][i]
         outs.append(o)
@@ -150,7 +158,10 @@ def term_scale(case) -> tuple[float, float]:
         return cc[:, i].abs().reshape(shape)
 
     b = case["x"].shape[0]
-    if case["cfg"] == "stacked":
+    if case["cfg"] == "stacked3":
+        u, cd, pt = d["model_out"][:b].abs(), d["model_out"][b:2 * b].abs(), d["model_out"][2 * b:].abs()
+        raw = u + col(L.GUIDE) * (cd + u) + col(L.GUIDE2) * (cd + pt)
+    elif case["cfg"] == "stacked":
         raw = d["model_out"][:b].abs() + col(L.GUIDE) * (d["model_out"][b:].abs() + d["model_out"][:b].abs())
     elif case["cfg"] == "pair":
         raw = d["model_out"].abs() + col(L.GUIDE) * (d["model_cond"].abs() + d["model_out"].abs())
@@ -161,8 +172,8 @@ def term_scale(case) -> tuple[float, float]:
     if case["threshold"] is not None:
         sm = col(L.QX) * xe + col(L.QM) * (1.0 + sm)
     so = col(L.A) * d["x"].abs() + col(L.C0) * sm
-    for j, hh in enumerate(case["hist"]):
-        so = so + col(L.C1 + j) * hh.double().abs()
+    for slot, hh in zip(L.C_SLOTS[1:], case["hist"], strict=False):
+        so = so + col(slot) * hh.double().abs()
     if case["noise"] is not None:
         so = so + col(L.CN) * d["noise"].abs()
     return float(so.max()) if so.numel() else 0.0, float(sm.max()) if sm.numel() else 0.0
@@ -202,7 +213,7 @@ def _check(got, ref64, same, naive, scale, what):
 
 def _matrix():
     """A covering subset of shapes x dtypes x flags (the full product is tested for the reference elsewhere)."""
-    flags = list(itertools.product([0, 1, 2], ["none", "pair", "stacked"], [None, AUTHORS_THR, DIFFUSERS_THR, LOW_THR],
+    flags = list(itertools.product([0, 1, 2, 3], list(L.CFG_MODES), [None, AUTHORS_THR, DIFFUSERS_THR, LOW_THR],
                                    [False, True], [False, True], [False, True]))
     cases = []
     for i, (nhist, cfg, thr, noise, x_eval, per_sample) in enumerate(flags):
@@ -240,17 +251,19 @@ def test_matrix_against_float64_reference(device, backend, case_spec):
 
 @pytest.mark.parametrize("device,backend", ALL_BACKEND_CASES, ids=IDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_every_dtype_with_thresholding_and_guidance(device, backend, dtype):
+@pytest.mark.parametrize("nhist,cfg", [(2, "stacked"), (3, "stacked3")], ids=["h2-stacked", "h3-stacked3"])
+def test_every_dtype_with_thresholding_and_guidance(device, backend, dtype, nhist, cfg):
     for shape in SHAPES:
-        case = make_case(shape, dtype, device, nhist=2, cfg="stacked", thr=LOW_THR, noise=True, seed=7)
+        case = make_case(shape, dtype, device, nhist=nhist, cfg=cfg, thr=LOW_THR, noise=True, seed=7)
         out, m = run_backend(case, backend)
         assert_close_to_reference(case, out, m)
 
 
 @pytest.mark.parametrize("device,backend", ALL_BACKEND_CASES, ids=IDS)
 @pytest.mark.parametrize("thr", [None, LOW_THR], ids=["plain", "thresholded"])
-def test_out_aliases_x(device, backend, thr):
-    case = make_case((3, 5, 7, 11), torch.float32, device, nhist=2, thr=thr, noise=True, seed=3)
+@pytest.mark.parametrize("nhist,cfg", [(2, "none"), (3, "stacked3")], ids=["h2", "h3-stacked3"])
+def test_out_aliases_x(device, backend, thr, nhist, cfg):
+    case = make_case((3, 5, 7, 11), torch.float32, device, nhist=nhist, cfg=cfg, thr=thr, noise=True, seed=3)
     ref_out, ref_m = run_reference(case)
     x = case["x"].clone()
     case["x"] = x
@@ -324,3 +337,39 @@ def test_float32_history_with_half_inputs(device, backend, dtype):
         out, m = run_backend(case, backend)
         assert out.dtype == dtype and m.dtype == torch.float32
         assert_close_to_reference(case, out, m)
+
+
+@pytest.mark.parametrize("device,backend", ALL_BACKEND_CASES, ids=IDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_stacked3_without_perturbed_guidance_is_the_two_way_step(device, backend, dtype):
+    """GUIDE2 = 0: cfg="stacked3" on [uncond, cond, anything] gives the bits of cfg="stacked" on [uncond, cond]
+    (g2 * (cond - perturbed) adds an exact zero)."""
+    for i, (shape, thr) in enumerate([((2, 1023), LOW_THR), ((3, 5, 7, 11), None)]):
+        case = make_case(shape, dtype, device, nhist=3, cfg="stacked3", thr=thr, noise=True, per_sample=True,
+                         seed=60 + i)
+        case["coef"][:, L.GUIDE2] = 0.0
+        out3, m3 = run_backend(case, backend)
+        two = dict(case, cfg="stacked", model_out=case["model_out"][: 2 * shape[0]])
+        out2, m2 = run_backend(two, backend)
+        assert torch.equal(out3, out2) and torch.equal(m3, m2)
+
+
+@pytest.mark.parametrize("device,backend", ALL_BACKEND_CASES, ids=IDS)
+def test_stacked3_guidance_equals_diffusers_pag(device, backend):
+    """The raw output the kernels guide with equals diffusers' perturbed-attention guidance on the same chunks
+    (PAGMixin._apply_perturbed_attention_guidance, float64): the row passes raw through (px = 0, pm = 1, c0 = 1)."""
+    pag_utils = pytest.importorskip("diffusers.pipelines.pag.pag_utils")
+
+    class Pag(pag_utils.PAGMixin):
+        def __init__(self, scale):
+            self._pag_scale, self._pag_adaptive_scale, self.pag_applied_layers = scale, 0.0, []
+
+    gen = torch.Generator().manual_seed(70)
+    mo = torch.randn(6, 4, 9, generator=gen, dtype=torch.float64)
+    for g, g2 in ((4.5, 2.0), (1.0, 0.0), (7.0, 3.5)):
+        want = Pag(g2)._apply_perturbed_attention_guidance(mo, True, g, 999)
+        coef = torch.zeros(L.NCOEF, dtype=torch.float64)
+        coef[L.GUIDE], coef[L.GUIDE2], coef[L.PM], coef[L.QM], coef[L.C0] = g, g2, 1.0, 1.0, 1.0
+        out = ops.fused_step(torch.zeros_like(want).to(device), mo.to(device), coef.to(device), cfg="stacked3",
+                             backend=backend)
+        torch.testing.assert_close(out.cpu(), want, rtol=1e-15, atol=1e-14)

@@ -14,6 +14,7 @@ import torch
 from conftest import ALL_BACKEND_CASES, IDS
 
 import dpm_kernels as dk
+from dpm_kernels import layout as L
 from dpm_kernels import planner as P
 from dpm_kernels.k_diffusion import sample_dpmpp_2m, sample_dpmpp_2m_sde, sample_dpmpp_3m_sde
 
@@ -131,7 +132,7 @@ def test_half_precision_close_to_float32(device, backend, dtype, bound):
 def test_coefficients_are_float64_on_the_host():
     s = dk.DPMSolver(model_fn(NS_DISC), NS_DISC, backend="torch")
     rows = s.plan(steps=10, order=3).table(s.conversion())
-    assert rows.dtype == np.float64 and rows.shape == (10, 10)
+    assert rows.dtype == np.float64 and rows.shape == (10, L.NCOEF)
 
 
 @pytest.mark.parametrize("device,backend", ALL_BACKEND_CASES, ids=IDS)

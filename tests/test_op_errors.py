@@ -21,8 +21,8 @@ from dpm_kernels import ops
 from dpm_kernels.backends import registry
 
 SENTINEL = 12345.0
-ARGS = ("x", "model_out", "model_cond", "x_eval", "hist1", "hist2", "noise", "coef", "cfg", "threshold", "thr_ratio",
-        "thr_min", "thr_max", "out", "hist_out")
+ARGS = ("x", "model_out", "model_cond", "x_eval", "hist1", "hist2", "hist3", "noise", "coef", "cfg", "threshold",
+        "thr_ratio", "thr_min", "thr_max", "out", "hist_out")
 
 
 def _good(device, dtype=torch.float32, b=2, n=8) -> dict:
@@ -31,7 +31,7 @@ def _good(device, dtype=torch.float32, b=2, n=8) -> dict:
     coef = torch.zeros(L.NCOEF, dtype=torch.float64)
     coef[L.A], coef[L.C0], coef[L.PX], coef[L.PM], coef[L.QM], coef[L.C1] = 0.5, 0.5, 1.0, -0.3, 1.0, 0.2
     base = torch.full((b, n + 1), SENTINEL, dtype=dtype, device=device)  # out lives in a bigger buffer
-    return dict(x=rnd(), model_out=rnd(), model_cond=None, x_eval=None, hist1=rnd(), hist2=None, noise=None,
+    return dict(x=rnd(), model_out=rnd(), model_cond=None, x_eval=None, hist1=rnd(), hist2=None, hist3=None, noise=None,
                 coef=coef.to(device), cfg=L.CFG_NONE, threshold=False, thr_ratio=0.9, thr_min=1.0, thr_max=2.0,
                 out=base[:, :n], hist_out=torch.full((b, n), SENTINEL, dtype=dtype, device=device), _base=base)
 
@@ -52,6 +52,13 @@ OP_CASES = {
     "model_out-shape": (_with("model_out", lambda a, d: torch.randn(2, 9, device=d)), ValueError, "model_out"),
     "model_out-dtype": (_with("model_out", lambda a, d: a["model_out"].double()), TypeError, "model_out"),
     "stacked-model_out-shape": (_set(cfg=L.CFG_STACKED), ValueError, "model_out"),
+    "stacked3-model_out-B": (_set(cfg=L.CFG_STACKED3), ValueError, "model_out"),
+    "stacked3-model_out-2B": (lambda a, d: a.update(cfg=L.CFG_STACKED3, model_out=torch.randn(4, 8, device=d)),
+                              ValueError, "model_out"),
+    "stacked-model_out-3B": (lambda a, d: a.update(cfg=L.CFG_STACKED, model_out=torch.randn(6, 8, device=d)),
+                             ValueError, "model_out"),
+    "model_cond-with-stacked3": (lambda a, d: a.update(cfg=L.CFG_STACKED3, model_out=torch.randn(6, 8, device=d),
+                                                      model_cond=a["x"].clone()), ValueError, "model_cond"),
     "model_cond-without-pair": (_with("model_cond", lambda a, d: a["x"].clone()), ValueError, "model_cond"),
     "pair-without-model_cond": (_set(cfg=L.CFG_PAIR), ValueError, "model_cond"),
     "x_eval-shape": (_with("x_eval", lambda a, d: torch.randn(3, 8, device=d)), ValueError, "x_eval"),
@@ -59,11 +66,16 @@ OP_CASES = {
     "hist1-shape": (_with("hist1", lambda a, d: torch.randn(3, 8, device=d)), ValueError, "hist1"),
     "hist1-dtype": (_with("hist1", lambda a, d: a["hist1"].double()), TypeError, "hist1"),
     "hist2-without-hist1": (lambda a, d: a.update(hist2=a["hist1"], hist1=None), ValueError, "hist2"),
+    "hist3-without-hist2": (lambda a, d: a.update(hist3=a["hist1"].clone()), ValueError, "hist3"),
+    "hist3-shape": (lambda a, d: a.update(hist2=a["hist1"].clone(), hist3=torch.randn(2, 7, device=d)), ValueError,
+                    "hist3"),
+    "hist3-dtype": (lambda a, d: a.update(hist2=a["hist1"].clone(), hist3=a["hist1"].double()), TypeError, "hist3"),
     "hist_out-dtype": (_with("hist_out", lambda a, d: torch.zeros(2, 8, dtype=torch.float16, device=d)), TypeError,
                        "hist_out"),
     "noise-shape": (_with("noise", lambda a, d: torch.randn(2, 7, device=d)), ValueError, "noise"),
-    "out-shape": (_with("out", lambda a, d: torch.empty(2, 9, device=d)), ValueError, "out"),
-    "out-dtype": (_with("out", lambda a, d: torch.empty(2, 8, dtype=torch.float64, device=d)), TypeError, "out"),
+    "out-shape": (_with("out", lambda a, d: torch.full((2, 9), SENTINEL, device=d)), ValueError, "out"),
+    "out-dtype": (_with("out", lambda a, d: torch.full((2, 8), SENTINEL, dtype=torch.float64, device=d)), TypeError,
+                  "out"),
     "coef-dtype": (_with("coef", lambda a, d: a["coef"].float()), TypeError, "coef"),
     "coef-shape": (_with("coef", lambda a, d: torch.zeros(3, L.NCOEF, dtype=torch.float64, device=d)), ValueError,
                    "coef"),
@@ -77,16 +89,22 @@ OP_CASES = {
     "hist_out-expanded": (_with("hist_out", lambda a, d: torch.full((1, 8), SENTINEL, device=d).expand(2, 8)),
                           ValueError, "hist_out"),
     "hist_out-aliases-hist1": (_with("hist_out", lambda a, d: a["hist1"]), ValueError, "hist_out"),
+    "hist_out-aliases-hist3": (lambda a, d: a.update(hist2=a["hist1"].clone(), hist3=a["hist_out"]), ValueError,
+                               "hist_out"),
     "hist_out-aliases-out": (_with("hist_out", lambda a, d: a["out"]), ValueError, "hist_out"),
     "hist_out-aliases-x": (_with("hist_out", lambda a, d: a["x"]), ValueError, "hist_out"),
     "out-overlaps-model_out": (_with("out", lambda a, d: a["model_out"]), ValueError, "out"),
     "out-overlaps-hist1": (_with("out", lambda a, d: a["hist1"]), ValueError, "out"),
+    "out-overlaps-hist3": (lambda a, d: a.update(hist2=a["hist1"].clone(), hist3=a["_base"][:, 1:]), ValueError,
+                           "out"),
     "out-shifted-view-of-x": (lambda a, d: a.update(x=a["_base"][:, :8], out=a["_base"][:, 1:]), ValueError, "out"),
 }
 COEF_VALUE_CASES = ("coef-nan", "coef-inf")
 
 
 def _bad_args(device, which):
+    """The arguments of case `which`, the tensors it may write (each filled with values: uninitialised memory may hold
+    NaN, which never compares equal to itself) and their copies."""
     a = _good(device)
     mutate, exc, name = OP_CASES[which]
     mutate(a, device)
@@ -107,9 +125,10 @@ def _positional(a):
 
 
 def _keywords(a, backend):
-    hist = [t for t in (a["hist1"], a["hist2"]) if t is not None]
-    if a["hist1"] is None and a["hist2"] is not None:
-        pytest.skip("fused_step's hist list cannot express hist2 without hist1")
+    given = [a[k] is not None for k in ("hist1", "hist2", "hist3")]
+    if given != sorted(given, reverse=True):
+        pytest.skip("fused_step's hist list cannot express a history entry without the newer ones")
+    hist = [a[k] for k in ("hist1", "hist2", "hist3") if a[k] is not None]
     cfg = {v: k for k, v in L.CFG_MODES.items()}.get(a["cfg"])
     if cfg is None:
         pytest.skip("fused_step takes cfg by name; the op-level integer is checked through the op")
@@ -157,7 +176,7 @@ PY_CASES = {
     "threshold-pair": (dict(threshold=(0.995, 1.0)), TypeError, "threshold"),
     "threshold-float": (dict(threshold=0.995), TypeError, "threshold"),
     "threshold-strings": (dict(threshold=("a", "b", "c")), TypeError, "threshold"),
-    "hist-too-many": (dict(hist="three"), ValueError, "hist"),
+    "hist-too-many": (dict(hist="four"), ValueError, "hist"),
     "backend-unknown": (dict(backend="fortran"), ValueError, "backend"),
 }
 
@@ -167,8 +186,8 @@ def test_fused_step_arguments(which):
     a = _good("cpu")
     kw, exc, name = PY_CASES[which]
     kw = dict(kw)
-    if kw.get("hist") == "three":
-        kw["hist"] = [a["hist1"]] * 3
+    if kw.get("hist") == "four":
+        kw["hist"] = [a["hist1"]] * 4
     x = kw.pop("x", a["x"])
     before = a["out"].clone()
     with pytest.raises(exc) as info:

@@ -52,6 +52,27 @@ def test_vectorized_rows_equal_rows_one_at_a_time():
     np.testing.assert_array_equal(rows[2, [L.A, L.C0, L.C1, L.CN]], [1.0, 0.0, 0.0, 0.0])
 
 
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+def test_four_weights_and_the_pag_scale_reach_their_slots(backend):
+    """An update of four outputs (m, hist1-3) and a PAG scale: the row holds each in its slot, and the op combines
+    them as written out by hand (raw guided three ways, passed through by the x_start -> x0 conversion)."""
+    conv = P.Conversion("x_start", "x0", guidance_scale=4.0, pag_scale=1.5)
+    u = C.Update(0.7, (0.4, -0.3, 0.2, -0.1), 0.05)
+    row = P.coefficient_rows(P.point(NS, 0.5), conv, u)
+    np.testing.assert_array_equal(row[list(L.C_SLOTS)], u.c)
+    assert (row[L.GUIDE], row[L.GUIDE2], row[L.A], row[L.CN]) == (4.0, 1.5, 0.7, 0.05)
+    gen = torch.Generator().manual_seed(3)
+    x, z, *hist = (torch.randn(2, 5, generator=gen, dtype=torch.float64) for _ in range(5))
+    un, co, pe = torch.randn(3, 2, 5, generator=gen, dtype=torch.float64)
+    out = dk.ops.fused_step(x, torch.cat([un, co, pe]), torch.from_numpy(row), hist=hist, noise=z, cfg="stacked3",
+                            backend=backend)
+    raw = un + 4.0 * (co - un) + 1.5 * (co - pe)
+    want = 0.7 * x + 0.4 * raw - 0.3 * hist[0] + 0.2 * hist[1] - 0.1 * hist[2] + 0.05 * z
+    torch.testing.assert_close(out, want, rtol=1e-14, atol=1e-14)
+    with pytest.raises(ValueError, match="^update: at most 4"):
+        P.coefficient_rows(P.point(NS, 0.5), conv, C.Update(0.7, (0.1,) * 5))
+
+
 def test_non_finite_rows_name_the_argument():
     bad = C.Update(float("nan"), (1.0,))
     with pytest.raises(ValueError, match="^sigmas:"):
@@ -131,7 +152,7 @@ def test_one_row_writer():
     writers = []
     for f in pkg.rglob("*.py"):
         text = f.read_text()
-        if re.search(r"\[\s*(\.\.\.,\s*)?L\.(A|C0|C1|C2|CN|PX|PM|QX|QM|GUIDE)\s*\]\s*=", text) or re.search(
+        if re.search(r"\[\s*(\.\.\.,\s*)?L\.(A|C0|C1|C2|C3|CN|PX|PM|QX|QM|GUIDE|GUIDE2)\s*\]\s*=", text) or re.search(
                 r"\brow\[L\.\w+\]\s*=", text):
             writers.append(f.relative_to(pkg).as_posix())
     assert writers == ["planner.py"], writers

@@ -38,8 +38,8 @@ def step_cases(draw):
     if draw(st.booleans()) and ndim >= 2:
         shape[-1] = draw(st.sampled_from([1, 7, 33, 130]))
     dtype = draw(st.sampled_from(DTYPES))
-    nhist = draw(st.integers(0, 2))
-    cfg = draw(st.sampled_from(["none", "pair", "stacked"]))
+    nhist = draw(st.integers(0, 3))
+    cfg = draw(st.sampled_from(list(L.CFG_MODES)))
     thr = draw(st.sampled_from([None, (0.995, 1.0, math.inf), (0.5, 0.1, 2.0), (1.0, 1e-3, 1e3), (0.0, 0.5, 0.5)]))
     noise = draw(st.booleans())
     x_eval = draw(st.booleans())
@@ -72,7 +72,7 @@ def build(p, device):
         t = (torch.randn(*s, generator=gen, dtype=torch.float64) * scale).to(dtype).to(device)
         return _relayout(t, p["layout"])
 
-    mo_shape = ((2 * b,) + tuple(shape[1:])) if p["cfg"] == "stacked" else shape
+    mo_shape = (L.CFG_ROWS[L.CFG_MODES[p["cfg"]]] * b,) + tuple(shape[1:])
     rows = (torch.rand((b, L.NCOEF) if p["per_sample"] else (L.NCOEF,), generator=gen, dtype=torch.float64) * 2 - 1)
     rows = rows * p["scale"]
     return {

@@ -29,16 +29,18 @@ def _run_fresh(code: str, **env) -> str:
 STEP = """
     import torch
     import dpm_kernels
+    from dpm_kernels import layout
     from dpm_kernels.backends import reference
 
     x = torch.randn(3, 64, generator=torch.Generator().manual_seed(0))
     eps = torch.randn(3, 64, generator=torch.Generator().manual_seed(1))
-    coef = torch.zeros(10, dtype=torch.float64)
+    coef = torch.zeros(layout.NCOEF, dtype=torch.float64)
     coef[1], coef[2], coef[4], coef[5], coef[6] = 1.0, -0.4, 1.0, 0.8, 0.3   # px, pm, qm, a, c0
     want = reference.fused_step(x, eps, coef)[0]
 
     def step(x, eps, coef, out, m):
-        torch.ops.dpm_kernels.fused_step(x, eps, None, None, None, None, None, coef, 0, False, 0.0, 1.0, 1.0, out, m)
+        torch.ops.dpm_kernels.fused_step(x, eps, None, None, None, None, None, None, coef, 0, False, 0.0, 1.0, 1.0, out,
+                                         m)
         return out
 """
 

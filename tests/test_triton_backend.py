@@ -162,10 +162,15 @@ def test_registered_schema_is_the_contract():
     assert len(got.returns) == len(want.returns) == 0
 
 
-def test_opcheck():
+@pytest.mark.parametrize("three", [False, True], ids=["plain", "stacked3-hist3"])
+def test_opcheck(three):
     x, model_out, coef = _thresholded_case((2, 3, 5))
-    args = (x, model_out, None, None, x.clone(), None, None, coef, L.CFG_NONE, True, 0.9, 0.5, 2.0,
-            torch.empty_like(x), torch.empty_like(x))
+    if three:  # [uncond, cond, perturbed] and three history entries
+        args = (x, torch.cat([model_out, -model_out, x]), None, None, x.clone(), x + 1, x * 2, None, coef,
+                L.CFG_STACKED3, True, 0.9, 0.5, 2.0, torch.empty_like(x), torch.empty_like(x))
+    else:
+        args = (x, model_out, None, None, x.clone(), None, None, None, coef, L.CFG_NONE, True, 0.9, 0.5, 2.0,
+                torch.empty_like(x), torch.empty_like(x))
     op = torch.ops.dpm_kernels.fused_step_triton.default
     torch.library.opcheck(op, args, test_utils=("test_schema", "test_autograd_registration"))
     # tracing into the kernels (aot_dispatch) needs compiled kernels: only where a GPU runs them
@@ -229,8 +234,8 @@ def _mixed_case(shape, dtype, seed, nhist=2, per_sample=False):
     hist = [rnd(torch.float32) for _ in range(nhist)]
     rows = shape[0] if per_sample else 1
     coef = (torch.rand(rows, L.NCOEF, generator=gen, dtype=torch.float64) * 2 - 1) * 1.5
-    coef[:, L.C2] *= nhist >= 2
-    coef[:, L.C1] *= nhist >= 1
+    for j, slot in enumerate(L.C_SLOTS[1:]):
+        coef[:, slot] *= nhist > j
     return x, model_out, noise, hist, (coef if per_sample else coef[0]).to(DEVICE)
 
 
@@ -241,13 +246,13 @@ def test_float32_history_layouts(dtype):
     and written but not read. m is stored from float32 arithmetic, never rounded to x's dtype on the way."""
     thr = (0.7, 0.05, 3.0)
     eps = torch.finfo(dtype).eps
-    for nhist, write, per_sample, thresh, alias in ((2, True, True, True, True), (1, True, False, False, False),
+    for nhist, write, per_sample, thresh, alias in ((3, True, True, True, True), (1, True, False, False, False),
                                                     (0, True, False, True, False), (2, False, True, False, True)):
         x, model_out, noise, hist, coef = _mixed_case((3, 5, 12), dtype, seed=7 + nhist, nhist=nhist,
                                                       per_sample=per_sample)
         hist = [h.transpose(1, 2).contiguous().transpose(1, 2) for h in hist]  # same values, strided
         ref_out, ref_m = reference.fused_step(
-            x.double(), model_out.double(), coef, None, None, *[h.double() for h in hist] + [None] * (2 - nhist),
+            x.double(), model_out.double(), coef, None, None, *[h.double() for h in hist] + [None] * (3 - nhist),
             noise.double(), L.CFG_NONE, thresh, *(thr if thresh else (0.0, 1.0, 1.0)))
         big = torch.full((3, 5, 24), math.nan, dtype=torch.float32, device=DEVICE)
         hist_out = big[:, :, ::2] if write else None  # a strided float32 slot

@@ -49,6 +49,10 @@ CASES = {
     "bf16-f32hist-everything": ((2, 4, 32, 32), torch.bfloat16, torch.float32,
                                 dict(hist=2, thr=True, cfg=L.CFG_STACKED, noise=True, x_eval=True, per_sample=True)),
     "f16-own-history-pair": ((2, 4, 32, 32), torch.float16, None, dict(hist=1, cfg=L.CFG_PAIR)),
+    "bf16-f32hist-stacked3-hist3": ((2, 4, 32, 32), torch.bfloat16, torch.float32,
+                                    dict(hist=3, thr=True, cfg=L.CFG_STACKED3, noise=True, x_eval=True,
+                                         per_sample=True)),
+    "f32-stacked3-hist3-huge-path": ((1, 1 << 18), torch.float32, None, dict(hist=3, thr=True, cfg=L.CFG_STACKED3)),
     "f64-thr": ((2, 4, 32, 32), torch.float64, None, dict(hist=2, thr=True)),
     "f64-thr-huge-path": ((2, 1 << 18), torch.float64, None, dict(hist=1, thr=True)),
     "f32-odd-sample": ((2, 1003), torch.float32, None, dict(hist=1, thr=True, per_sample=True)),
@@ -60,11 +64,11 @@ def _record_case(shape, dtype, hdt, o, launches):
     e = lambda dt=dtype: torch.empty(shape, dtype=dt)  # noqa: E731  never read: the launches are not run
     hdt = hdt or dtype
     b = shape[0]
-    mo = torch.empty((2 * b, *shape[1:]), dtype=dtype) if o.get("cfg") == L.CFG_STACKED else e()
+    mo = torch.empty((L.CFG_ROWS[o.get("cfg", L.CFG_NONE)] * b, *shape[1:]), dtype=dtype)
     coef = torch.zeros((b, L.NCOEF) if o.get("per_sample") else (L.NCOEF,), dtype=torch.float64)
-    hist = [e(hdt) for _ in range(o.get("hist", 0))] + [None, None]
+    hist = [e(hdt) for _ in range(o.get("hist", 0))] + [None, None, None]
     triton_kernels.fused_step(e(), mo, e() if o.get("cfg") == L.CFG_PAIR else None, e() if o.get("x_eval") else None,
-                              hist[0], hist[1], e() if o.get("noise") else None, coef, o.get("cfg", L.CFG_NONE),
+                              *hist[:3], e() if o.get("noise") else None, coef, o.get("cfg", L.CFG_NONE),
                               bool(o.get("thr")), 0.995, 1.0, 2.0, e(), e(hdt))
 
 

@@ -3,7 +3,7 @@
 // One pass over memory for a plain step; with dynamic thresholding the per-sample quantile first needs a
 // selection pass (rarely more) that reads only the inputs of y (quantile_select.h). Arithmetic in float for
 // half/bfloat16/float tensors and in double for double tensors, stored in the input dtype; the history
-// (hist1, hist2, hist_out) may be float32 for half/bfloat16 inputs.
+// (hist1, hist2, hist3, hist_out) may be float32 for half/bfloat16 inputs.
 // The schema is defined from Python, so this file registers only the CPU implementation.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -90,10 +90,10 @@ void run(const dpm_cpu::StepPtrs<S, H>& p, int64_t nb, int64_t n, const at::Tens
 }
 
 void fused_step_cpu(const at::Tensor& x, const at::Tensor& model_out, const OptTensor& model_cond,
-                    const OptTensor& x_eval, const OptTensor& hist1, const OptTensor& hist2, const OptTensor& noise,
-                    const at::Tensor& coef, int64_t cfg, bool threshold, double thr_ratio, double thr_min,
-                    double thr_max, const at::Tensor& out, const OptTensor& hist_out) {
-  dpm_checks::check_step_args(x, model_out, model_cond, x_eval, hist1, hist2, noise, coef, cfg, threshold,
+                    const OptTensor& x_eval, const OptTensor& hist1, const OptTensor& hist2, const OptTensor& hist3,
+                    const OptTensor& noise, const at::Tensor& coef, int64_t cfg, bool threshold, double thr_ratio,
+                    double thr_min, double thr_max, const at::Tensor& out, const OptTensor& hist_out) {
+  dpm_checks::check_step_args(x, model_out, model_cond, x_eval, hist1, hist2, hist3, noise, coef, cfg, threshold,
                               thr_ratio, thr_min, thr_max, out, hist_out, c10::DeviceType::CPU);
   const int64_t nb = x.size(0);
   if (x.numel() == 0) return;
@@ -102,14 +102,15 @@ void fused_step_cpu(const at::Tensor& x, const at::Tensor& model_out, const OptT
   // temporaries copied back at the end (after every input was read: out may be x or x_eval).
   auto contig = [](const OptTensor& t) { return present(t) ? t->contiguous() : at::Tensor(); };
   const at::Tensor xc = x.contiguous(), moc = model_out.contiguous(), mcc = contig(model_cond),
-                   xec = contig(x_eval), h1c = contig(hist1), h2c = contig(hist2), zc = contig(noise);
+                   xec = contig(x_eval), h1c = contig(hist1), h2c = contig(hist2), h3c = contig(hist3),
+                   zc = contig(noise);
   const at::Tensor* ho = present(hist_out);
   at::Tensor oc = out.is_contiguous() ? out : at::empty_like(out, at::MemoryFormat::Contiguous);
   at::Tensor hoc;
   if (ho != nullptr) hoc = ho->is_contiguous() ? *ho : at::empty_like(*ho, at::MemoryFormat::Contiguous);
 
-  const bool float_history = is_half(x.scalar_type()) && history_dtype(x.scalar_type(), hist1, hist2, hist_out) ==
-                                                            at::kFloat;
+  const bool float_history =
+      is_half(x.scalar_type()) && history_dtype(x.scalar_type(), hist1, hist2, hist3, hist_out) == at::kFloat;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fused_step_cpu", [&] {
     auto launch = [&](auto history_zero) {
       using H = decltype(history_zero);
@@ -119,9 +120,11 @@ void fused_step_cpu(const at::Tensor& x, const at::Tensor& model_out, const OptT
       p.x = ptr(xc);
       p.xe = xec.defined() ? ptr(xec) : p.x;
       p.uncond = ptr(moc);
-      p.cond = cfg == dpm::CFG_PAIR ? ptr(mcc) : cfg == dpm::CFG_STACKED ? p.uncond + nb * n : nullptr;
+      p.cond = cfg == dpm::CFG_PAIR ? ptr(mcc) : dpm::cfg_rows(cfg) > 1 ? p.uncond + nb * n : nullptr;
+      p.perturbed = cfg == dpm::CFG_STACKED3 ? p.uncond + 2 * nb * n : nullptr;
       p.h1 = hptr(h1c);
       p.h2 = hptr(h2c);
+      p.h3 = hptr(h3c);
       p.z = ptr(zc);
       p.out = oc.mutable_data_ptr<scalar_t>();
       p.hout = hoc.defined() ? hoc.mutable_data_ptr<H>() : nullptr;

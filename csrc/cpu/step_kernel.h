@@ -32,16 +32,19 @@ namespace dpm_cpu {
 constexpr int kBlock = 64;
 
 // Base pointers of B * n contiguous elements each (element i of sample b is at b * n + i); null when the
-// tensor is absent. `cond` is model_cond (cfg pair) or the second half of model_out (cfg stacked).
-// S is x's dtype; H the history's (hist1, hist2, hist_out): S, or float for half/bfloat16 x.
+// tensor is absent. `cond` is model_cond (cfg pair) or the second batch of model_out (cfg stacked, stacked3);
+// `perturbed` the third batch of model_out (cfg stacked3 only).
+// S is x's dtype; H the history's (hist1, hist2, hist3, hist_out): S, or float for half/bfloat16 x.
 template <typename S, typename H = S>
 struct StepPtrs {
   const S* x = nullptr;
   const S* xe = nullptr;  // x_eval, or x when none is given
   const S* uncond = nullptr;
   const S* cond = nullptr;
+  const S* perturbed = nullptr;
   const H* h1 = nullptr;
   const H* h2 = nullptr;
+  const H* h3 = nullptr;
   const S* z = nullptr;
   S* out = nullptr;
   H* hout = nullptr;
@@ -53,7 +56,14 @@ template <typename S, typename H, typename T>
 DPM_CPU_INLINE void convert_block(const StepPtrs<S, H>& p, int64_t i, int len, const dpm::Coef<T>& c, T* y) {
   const S* u = p.uncond + i;
   const S* xe = p.xe + i;
-  if (p.cond != nullptr) {
+  if (p.perturbed != nullptr) {
+    const S* g = p.cond + i;
+    const S* q = p.perturbed + i;
+    for (int j = 0; j < len; ++j) {
+      const T raw = dpm::guided3(static_cast<T>(u[j]), static_cast<T>(g[j]), static_cast<T>(q[j]), c.guide, c.guide2);
+      y[j] = dpm::convert(static_cast<T>(xe[j]), raw, c.px, c.pm);
+    }
+  } else if (p.cond != nullptr) {
     const S* g = p.cond + i;
     for (int j = 0; j < len; ++j) {
       const T raw = dpm::guided(static_cast<T>(u[j]), static_cast<T>(g[j]), c.guide);
@@ -85,6 +95,10 @@ DPM_CPU_INLINE void step_block(const StepPtrs<S, H>& p, int64_t i, int len, cons
     const H* h = p.h2 + i;
     for (int j = 0; j < len; ++j) acc[j] = dpm::add_term(acc[j], c.c2, static_cast<T>(h[j]));
   }
+  if (p.h3 != nullptr) {
+    const H* h = p.h3 + i;
+    for (int j = 0; j < len; ++j) acc[j] = dpm::add_term(acc[j], c.c3, static_cast<T>(h[j]));
+  }
   if (p.z != nullptr) {
     const S* z = p.z + i;
     for (int j = 0; j < len; ++j) acc[j] = dpm::add_term(acc[j], c.cn, static_cast<T>(z[j]));
@@ -113,15 +127,20 @@ DPM_CPU_INLINE void block_range(const StepPtrs<S, H>& pp, int64_t begin, int64_t
 // The coefficients splat into vectors once per range.
 template <typename V, typename T>
 DPM_CPU_INLINE dpm::Coef<V> splat_coef(const dpm::Coef<T>& c) {
-  return dpm::Coef<V>{splat<V>(c.guide), splat<V>(c.px), splat<V>(c.pm), splat<V>(c.qx), splat<V>(c.qm),
-                      splat<V>(c.a),     splat<V>(c.c0), splat<V>(c.c1), splat<V>(c.c2), splat<V>(c.cn)};
+  return dpm::Coef<V>{splat<V>(c.guide), splat<V>(c.px), splat<V>(c.pm), splat<V>(c.qx),
+                      splat<V>(c.qm),    splat<V>(c.a),  splat<V>(c.c0), splat<V>(c.c1),
+                      splat<V>(c.c2),    splat<V>(c.cn), splat<V>(c.c3), splat<V>(c.guide2)};
 }
 
 // y = convert(guided(raw)) of the N elements at i, as convert_block computes them lane by lane.
 template <typename V, typename S, typename H>
 DPM_CPU_INLINE V convert_vec(const StepPtrs<S, H>& p, int64_t i, const dpm::Coef<V>& k, V& xe) {
   V raw = load_as<V>(p.uncond + i);
-  if (p.cond != nullptr) raw = dpm::guided(raw, load_as<V>(p.cond + i), k.guide);
+  if (p.perturbed != nullptr) {
+    raw = dpm::guided3(raw, load_as<V>(p.cond + i), load_as<V>(p.perturbed + i), k.guide, k.guide2);
+  } else if (p.cond != nullptr) {
+    raw = dpm::guided(raw, load_as<V>(p.cond + i), k.guide);
+  }
   xe = load_as<V>(p.xe + i);
   return dpm::convert(xe, raw, k.px, k.pm);
 }
@@ -143,6 +162,7 @@ DPM_CPU_INLINE void simd_range(const StepPtrs<S, H>& pp, int64_t begin, int64_t 
     V acc = dpm::combine(load_as<V>(p.x + i), y, k.a, k.c0);
     if (p.h1 != nullptr) acc = dpm::add_term(acc, k.c1, load_as<V>(p.h1 + i));
     if (p.h2 != nullptr) acc = dpm::add_term(acc, k.c2, load_as<V>(p.h2 + i));
+    if (p.h3 != nullptr) acc = dpm::add_term(acc, k.c3, load_as<V>(p.h3 + i));
     if (p.z != nullptr) acc = dpm::add_term(acc, k.cn, load_as<V>(p.z + i));
     if (p.hout != nullptr) store_as(p.hout + i, y);
     store_as(p.out + i, acc);

@@ -1,4 +1,4 @@
-// CUDA implementation of dpm_kernels::fused_step for the dispatcher (schema: dpm_kernels/ops.py).
+// CUDA implementation of dpm_kernels::fused_step for the dispatcher (schema: dpm_kernels/opdef.py).
 //
 // The thin torch side: check the arguments (every check before any write, messages start with the
 // argument's name), stage strided tensors through contiguous ones, take the workspace from the caching
@@ -44,10 +44,10 @@ int dtype_code(at::ScalarType t) {
 }
 
 void fused_step_cuda(const at::Tensor& x, const at::Tensor& model_out, const OptTensor& model_cond,
-                     const OptTensor& x_eval, const OptTensor& hist1, const OptTensor& hist2, const OptTensor& noise,
-                     const at::Tensor& coef, int64_t cfg, bool threshold, double thr_ratio, double thr_min,
-                     double thr_max, const at::Tensor& out, const OptTensor& hist_out) {
-  dpm_checks::check_step_args(x, model_out, model_cond, x_eval, hist1, hist2, noise, coef, cfg, threshold,
+                     const OptTensor& x_eval, const OptTensor& hist1, const OptTensor& hist2, const OptTensor& hist3,
+                     const OptTensor& noise, const at::Tensor& coef, int64_t cfg, bool threshold, double thr_ratio,
+                     double thr_min, double thr_max, const at::Tensor& out, const OptTensor& hist_out) {
+  dpm_checks::check_step_args(x, model_out, model_cond, x_eval, hist1, hist2, hist3, noise, coef, cfg, threshold,
                               thr_ratio, thr_min, thr_max, out, hist_out, c10::DeviceType::CUDA);
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t nb = x.size(0);
@@ -59,7 +59,7 @@ void fused_step_cuda(const at::Tensor& x, const at::Tensor& model_out, const Opt
   auto contig = [](const OptTensor& t) { return present(t) != nullptr ? t->contiguous() : at::Tensor(); };
   const at::Tensor xc = x.contiguous(), moc = model_out.contiguous(), cc = coef.contiguous();
   const at::Tensor mcc = contig(model_cond), xec = contig(x_eval), h1c = contig(hist1), h2c = contig(hist2),
-                   zc = contig(noise);
+                   h3c = contig(hist3), zc = contig(noise);
   const at::Tensor* ho = present(hist_out);
   const at::Tensor oc = out.is_contiguous() ? out : at::empty_like(out, at::MemoryFormat::Contiguous);
   at::Tensor hoc;
@@ -69,7 +69,7 @@ void fused_step_cuda(const at::Tensor& x, const at::Tensor& model_out, const Opt
   DpmStepArgs a{};
   a.dtype = dtype_code(x.scalar_type());
   // check_args: every present history tensor has this dtype (x's, or float32 for a half x)
-  a.hist_dtype = dtype_code(history_dtype(x.scalar_type(), hist1, hist2, hist_out));
+  a.hist_dtype = dtype_code(history_dtype(x.scalar_type(), hist1, hist2, hist3, hist_out));
   a.batch = nb;
   a.numel = n;
   a.x = ptr(xc);
@@ -78,6 +78,7 @@ void fused_step_cuda(const at::Tensor& x, const at::Tensor& model_out, const Opt
   a.x_eval = ptr(xec);
   a.hist1 = ptr(h1c);
   a.hist2 = ptr(h2c);
+  a.hist3 = ptr(h3c);
   a.noise = ptr(zc);
   a.coef = cc.const_data_ptr<double>();
   a.coef_per_sample = cc.dim() == 2 ? 1 : 0;
@@ -94,6 +95,9 @@ void fused_step_cuda(const at::Tensor& x, const at::Tensor& model_out, const Opt
   at::Tensor ws;
   if (ws_bytes > 0) ws = at::empty({static_cast<int64_t>(ws_bytes)}, x.options().dtype(at::kByte));
   int sms = 0;
+  // A CUDA error's message is formatted inside libc10_cuda (c10_cuda_check_implementation), not in this file's
+  // code, so it stays clear of the iostream problem error_text.h avoids; it keeps torch's exception type and
+  // device-side assertion report.
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, x.get_device()));
   C10_CUDA_CHECK(dpm_cuda_fused_step(&a, ws.defined() ? ws.mutable_data_ptr() : nullptr, ws_bytes, sms,
                                      c10::cuda::getCurrentCUDAStream().stream()));

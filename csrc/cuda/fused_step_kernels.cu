@@ -57,9 +57,10 @@ __device__ __forceinline__ void update_group(const Tensors<S>& t, const History<
   }
 #pragma unroll
   for (int j = 0; j < V; ++j) acc[j] = dpm::combine(acc[j], m[j], c.a, c.c0);
-  // Same accumulation order as the reference: + c1*h1, + c2*h2, + cn*z.
+  // Same accumulation order as the reference: + c1*h1, + c2*h2, + c3*h3, + cn*z.
   if (hs.h1 != nullptr) add_input<H>(acc, hs.h1, c.c1, off, cnt, sh.vec);
   if (hs.h2 != nullptr) add_input<H>(acc, hs.h2, c.c2, off, cnt, sh.vec);
+  if (hs.h3 != nullptr) add_input<H>(acc, hs.h3, c.c3, off, cnt, sh.vec);
   if (t.z != nullptr) add_input<S>(acc, t.z, c.cn, off, cnt, sh.vec);
   store_group<S>(t.out, off, cnt, sh.vec, acc);
 }
@@ -109,15 +110,17 @@ cudaError_t run(const DpmStepArgs& a, void* workspace, int num_sms, cudaStream_t
   Tensors<S> t;
   t.x = static_cast<const S*>(a.x);
   t.mo = static_cast<const S*>(a.model_out);
-  t.mc = a.cfg == dpm::CFG_STACKED ? t.mo + a.batch * a.numel
-         : a.cfg == dpm::CFG_PAIR  ? static_cast<const S*>(a.model_cond)
-                                   : nullptr;
+  t.mc = dpm::cfg_rows(a.cfg) > 1     ? t.mo + a.batch * a.numel
+         : a.cfg == dpm::CFG_PAIR ? static_cast<const S*>(a.model_cond)
+                                  : nullptr;
+  t.mp = a.cfg == dpm::CFG_STACKED3 ? t.mo + 2 * a.batch * a.numel : nullptr;
   t.xe = static_cast<const S*>(a.x_eval);
   t.z = static_cast<const S*>(a.noise);
   t.out = static_cast<S*>(a.out);
   History<H> hs;
   hs.h1 = static_cast<const H*>(a.hist1);
   hs.h2 = static_cast<const H*>(a.hist2);
+  hs.h3 = static_cast<const H*>(a.hist3);
   hs.hout = static_cast<H*>(a.hist_out);
 
   StepShape sh;
@@ -126,6 +129,7 @@ cudaError_t run(const DpmStepArgs& a, void* workspace, int num_sms, cudaStream_t
   sh.coef = a.coef;
   sh.coef_stride = a.coef_per_sample ? dpm::NCOEF : 0;
   sh.guided = a.cfg != dpm::CFG_NONE;
+  sh.perturbed = a.cfg == dpm::CFG_STACKED3;
   if (!a.threshold && !a.coef_per_sample) {
     sh.n = a.batch * a.numel;  // nothing per sample: one flat run vectorises across sample borders
     sh.batch = 1;
@@ -133,7 +137,7 @@ cudaError_t run(const DpmStepArgs& a, void* workspace, int num_sms, cudaStream_t
   // Every tensor's own base address is checked, the float32 history's as well as the half samples' (one
   // misaligned tensor sends the whole step to the scalar path): group offsets are multiples of V, which
   // keeps an aligned base aligned for either element size.
-  const void* ptrs[] = {t.x, t.mo, t.mc, t.xe, t.z, t.out, hs.h1, hs.h2, hs.hout};
+  const void* ptrs[] = {t.x, t.mo, t.mc, t.mp, t.xe, t.z, t.out, hs.h1, hs.h2, hs.h3, hs.hout};
   bool ok = sh.n % V == 0 || sh.batch == 1;  // every sample starts on a vector boundary
   for (const void* p : ptrs) ok = ok && aligned16(p);  // nullptr counts as aligned
   sh.vec = ok;
@@ -179,11 +183,12 @@ bool valid_hist_dtype(int dtype, int hist_dtype) {
 bool valid(const DpmStepArgs* a) {
   if (a == nullptr || a->dtype < DPM_F16 || a->dtype > DPM_F64 || a->batch < 0 || a->numel < 0) return false;
   if (!valid_hist_dtype(a->dtype, a->hist_dtype)) return false;
-  if (a->numel > 0 && a->batch > (INT64_MAX / 4) / a->numel) return false;  // 2B*n and offsets fit
+  if (a->numel > 0 && a->batch > (INT64_MAX / 4) / a->numel) return false;  // 3B*n and offsets fit
   if (a->x == nullptr || a->model_out == nullptr || a->out == nullptr || a->coef == nullptr) return false;
-  if (a->cfg != dpm::CFG_NONE && a->cfg != dpm::CFG_PAIR && a->cfg != dpm::CFG_STACKED) return false;
+  if (!dpm::valid_cfg(a->cfg)) return false;
   if (a->cfg == dpm::CFG_PAIR && a->model_cond == nullptr) return false;
   if (a->hist2 != nullptr && a->hist1 == nullptr) return false;
+  if (a->hist3 != nullptr && a->hist2 == nullptr) return false;
   if (a->threshold) {
     if (!(a->thr_ratio >= 0.0 && a->thr_ratio <= 1.0)) return false;
     if (!(a->thr_min > 0.0) || !(a->thr_max > 0.0)) return false;  // also refuses NaN

@@ -4,10 +4,11 @@
 // without CUDA PyTorch; fused_step_binding.cpp is the only file that sees both worlds.
 //
 // Every tensor is dense row-major over [B, n] (n = elements per sample) and has the storage dtype
-// `dtype`, except the history tensors (hist1, hist2, hist_out), which share `hist_dtype`: `dtype` itself,
-// or DPM_F32 when `dtype` is DPM_F16 / DPM_BF16 (mixed precision: half samples, float32 history; m is
-// rounded once, from the float32 arithmetic, to the history dtype). model_out is [2B, n] with
-// cfg == DPM_CFG_STACKED (unconditional half first). Semantics: dpm_kernels/layout.py, csrc/dpm_math.h.
+// `dtype`, except the history tensors (hist1, hist2, hist3, hist_out), which share `hist_dtype`: `dtype`
+// itself, or DPM_F32 when `dtype` is DPM_F16 / DPM_BF16 (mixed precision: half samples, float32 history; m
+// is rounded once, from the float32 arithmetic, to the history dtype). model_out is [2B, n] = [uncond, cond]
+// with cfg == 2 (stacked) and [3B, n] = [uncond, cond, perturbed] with cfg == 3 (stacked3).
+// Semantics: dpm_kernels/layout.py, csrc/dpm_math.h.
 #pragma once
 
 #include <cuda_runtime_api.h>
@@ -22,19 +23,20 @@ enum DpmDtype { DPM_F16 = 0, DPM_BF16 = 1, DPM_F32 = 2, DPM_F64 = 3 };
 
 typedef struct DpmStepArgs {
   int dtype;          // DpmDtype of every tensor below but the history
-  int hist_dtype;     // DpmDtype of hist1, hist2, hist_out: dtype, or DPM_F32 with a DPM_F16/DPM_BF16 dtype
+  int hist_dtype;     // DpmDtype of hist1-3, hist_out: dtype, or DPM_F32 with a DPM_F16/DPM_BF16 dtype
   int64_t batch;      // B
   int64_t numel;      // n: elements per sample
   const void* x;           // [B, n]
-  const void* model_out;   // [B, n], or [2B, n] when cfg == 2 (stacked)
+  const void* model_out;   // [B, n], [2B, n] when cfg == 2 (stacked), [3B, n] when cfg == 3 (stacked3)
   const void* model_cond;  // [B, n] when cfg == 1 (pair), else NULL
   const void* x_eval;      // [B, n] or NULL (then x)
   const void* hist1;       // [B, n] or NULL (hist_dtype)
-  const void* hist2;       // [B, n] or NULL (hist_dtype)
+  const void* hist2;       // [B, n] or NULL (hist_dtype; NULL when hist1 is)
+  const void* hist3;       // [B, n] or NULL (hist_dtype; NULL when hist2 is)
   const void* noise;       // [B, n] or NULL
   const double* coef;      // device float64: [NCOEF] (coef_per_sample == 0) or [B, NCOEF]
   int coef_per_sample;
-  int cfg;                 // 0 none, 1 pair, 2 stacked (dpm::CfgMode)
+  int cfg;                 // 0 none, 1 pair, 2 stacked, 3 stacked3 (dpm::CfgMode)
   int threshold;           // dynamic thresholding on/off
   double thr_ratio;        // quantile in [0, 1]
   double thr_min;          // s = clamp(quantile, thr_min, thr_max)

@@ -3,7 +3,7 @@
 // Storage <-> arithmetic conversions, 16-byte group loads/stores with a scalar fallback, and the one
 // place that evaluates y = convert(guided(...)) from the inputs: the select passes and the update
 // pass call the same function, so every pass of one step sees the same y for the same element.
-// The history tensors (hist1, hist2, hist_out) have their own storage type H: S, or float for half S
+// The history tensors (hist1, hist2, hist3, hist_out) have their own storage type H: S, or float for half S
 // (History<H>); only the update kernel sees them, the selection never reads history.
 // Conversions use explicit intrinsics because torch extension builds define __CUDA_NO_HALF_CONVERSIONS__
 // and __CUDA_NO_BFLOAT16_CONVERSIONS__ (implicit half <-> float would not compile there).
@@ -90,7 +90,8 @@ template <typename S>
 struct Tensors {
   const S* x;
   const S* mo;  // model_out (the unconditional half when guided)
-  const S* mc;  // conditional output when guided (model_cond, or model_out + B*n when stacked)
+  const S* mc;  // conditional output when guided (model_cond, or model_out + B*n when stacked / stacked3)
+  const S* mp;  // perturbed output: model_out + 2*B*n when stacked3, else nullptr
   const S* xe;  // x_eval, or nullptr for x
   const S* z;
   S* out;
@@ -101,6 +102,7 @@ template <typename H>
 struct History {
   const H* h1;
   const H* h2;
+  const H* h3;
   H* hout;
 };
 
@@ -110,6 +112,7 @@ struct StepShape {
   const double* coef;   // device coefficient rows
   int64_t coef_stride;  // 0 (one shared row) or NCOEF (a row per sample)
   bool guided;          // cfg != none
+  bool perturbed;       // cfg == stacked3 (then guided too)
   bool vec;             // every pointer (history included) 16-byte aligned, every sample starts on a group
                         // boundary (n % Traits<S>::V == 0, or one flat sample)
 };
@@ -174,7 +177,8 @@ __device__ __forceinline__ void store_group(P* p, int64_t off, int cnt, bool vec
   }
 }
 
-// y (before thresholding) for one group: raw = model_out or guided(uncond, cond); y = convert(x_eval, raw).
+// y (before thresholding) for one group: raw = model_out, guided(uncond, cond) or guided3(uncond, cond,
+// perturbed); y = convert(x_eval, raw).
 // Also returns x_eval's values, which thresholding needs again.
 template <typename S>
 __device__ __forceinline__ void predict_group(const Tensors<S>& t, const StepShape& sh,
@@ -188,8 +192,17 @@ __device__ __forceinline__ void predict_group(const Tensors<S>& t, const StepSha
   if (sh.guided) {
     T cond[V];
     load_group<S>(t.mc, off, cnt, sh.vec, cond);
+    // One load of cond for both layouts: written as two loads in two branches, ptxas spilled the f32-history
+    // update kernels on sm_90 (CUDA 13.0).
+    if (sh.perturbed) {
+      T pert[V];
+      load_group<S>(t.mp, off, cnt, sh.vec, pert);
 #pragma unroll
-    for (int j = 0; j < V; ++j) y[j] = dpm::guided(y[j], cond[j], c.guide);
+      for (int j = 0; j < V; ++j) y[j] = dpm::guided3(y[j], cond[j], pert[j], c.guide, c.guide2);
+    } else {
+#pragma unroll
+      for (int j = 0; j < V; ++j) y[j] = dpm::guided(y[j], cond[j], c.guide);
+    }
   }
 #pragma unroll
   for (int j = 0; j < V; ++j) y[j] = dpm::convert(xe[j], y[j], c.px, c.pm);

@@ -71,6 +71,7 @@ def fused_step(
     x_eval: torch.Tensor | None = None,
     hist1: torch.Tensor | None = None,
     hist2: torch.Tensor | None = None,
+    hist3: torch.Tensor | None = None,
     noise: torch.Tensor | None = None,
     cfg: int = L.CFG_NONE,
     threshold: bool = False,
@@ -82,15 +83,18 @@ def fused_step(
     """One fused solver step (see `dpm_kernels.layout` for the formula). Returns (out, m), m in `m_dtype`
     (the history dtype; default x's).
 
-    Shapes: x, x_eval, hist1, hist2, noise, model_cond: [B, ...]; model_out: [B, ...] or [2B, ...] with
-    cfg=CFG_STACKED; coef: [NCOEF] or [B, NCOEF] float64. Inputs are assumed validated
+    Shapes: x, x_eval, hist1, hist2, hist3, noise, model_cond: [B, ...]; model_out: [B, ...], [2B, ...] with
+    cfg=CFG_STACKED or [3B, ...] with CFG_STACKED3; coef: [NCOEF] or [B, NCOEF] float64. Inputs are assumed validated
     (`dpm_kernels.opdef.check_step_args`).
     """
     dt = acc_dtype(x.dtype)
     k = _rows(coef, x.dim(), dt)
     xe = (x if x_eval is None else x_eval).to(dt)
-    if cfg == L.CFG_STACKED:
-        b = x.shape[0]
+    b = x.shape[0]
+    if cfg == L.CFG_STACKED3:
+        u, c, p = model_out[:b].to(dt), model_out[b:2 * b].to(dt), model_out[2 * b:].to(dt)
+        raw = u + k[L.GUIDE] * (c - u) + k[L.GUIDE2] * (c - p)
+    elif cfg == L.CFG_STACKED:
         u, c = model_out[:b].to(dt), model_out[b:].to(dt)
         raw = u + k[L.GUIDE] * (c - u)
     elif cfg == L.CFG_PAIR:
@@ -109,16 +113,19 @@ def fused_step(
         out = out + k[L.C1] * hist1.to(dt)
     if hist2 is not None:
         out = out + k[L.C2] * hist2.to(dt)
+    if hist3 is not None:
+        out = out + k[L.C3] * hist3.to(dt)
     if noise is not None:
         out = out + k[L.CN] * noise.to(dt)
     return out.to(x.dtype), m.to(x.dtype if m_dtype is None else m_dtype)
 
 
-def op_impl(x, model_out, model_cond, x_eval, hist1, hist2, noise, coef, cfg, thr, ratio, lo, hi, out,
+def op_impl(x, model_out, model_cond, x_eval, hist1, hist2, hist3, noise, coef, cfg, thr, ratio, lo, hi, out,
             hist_out) -> None:
     """The reference with the op's calling convention (schema order; writes out and hist_out)."""
     m_dtype = hist_out.dtype if hist_out is not None else x.dtype
-    res, m = fused_step(x, model_out, coef, model_cond, x_eval, hist1, hist2, noise, cfg, thr, ratio, lo, hi, m_dtype)
+    res, m = fused_step(x, model_out, coef, model_cond, x_eval, hist1, hist2, hist3, noise, cfg, thr, ratio, lo, hi,
+                        m_dtype)
     if hist_out is not None:
         hist_out.copy_(m)
     out.copy_(res)

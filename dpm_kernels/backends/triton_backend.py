@@ -84,6 +84,7 @@ def fused_step_triton(
     x_eval: torch.Tensor | None,
     hist1: torch.Tensor | None,
     hist2: torch.Tensor | None,
+    hist3: torch.Tensor | None,
     noise: torch.Tensor | None,
     coef: torch.Tensor,
     cfg: int,
@@ -100,8 +101,8 @@ def fused_step_triton(
     from . import triton_kernels
 
     if not torch.compiler.is_compiling():
-        opdef.check_step_args(x, model_out, model_cond, x_eval, hist1, hist2, noise, coef, cfg, threshold, thr_ratio,
-                              thr_min, thr_max, out, hist_out)
+        opdef.check_step_args(x, model_out, model_cond, x_eval, hist1, hist2, hist3, noise, coef, cfg, threshold,
+                              thr_ratio, thr_min, thr_max, out, hist_out)
 
     def c(t: torch.Tensor | None) -> torch.Tensor | None:
         return None if t is None else t.contiguous()
@@ -112,8 +113,8 @@ def fused_step_triton(
     # Triton launches on the current device: make it x's (a no-op on one GPU and for CPU tensors)
     guard = torch.cuda.device(x.device) if x.device.type == "cuda" else contextlib.nullcontext()
     with guard:
-        triton_kernels.fused_step(c(x), c(model_out), c(model_cond), c(x_eval), c(hist1), c(hist2), c(noise),
-                                  c(coef), cfg, threshold, thr_ratio, thr_min, thr_max, o, ho)
+        triton_kernels.fused_step(c(x), c(model_out), c(model_cond), c(x_eval), c(hist1), c(hist2), c(hist3),
+                                  c(noise), c(coef), cfg, threshold, thr_ratio, thr_min, thr_max, o, ho)
     if o is not out:
         out.copy_(o)
     if ho is not hist_out:

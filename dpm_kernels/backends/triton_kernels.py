@@ -1,14 +1,14 @@
 """The fused update kernel and the launcher of a whole step (thresholding's select first, when asked).
 
 `_step_kernel` does, per element, what `csrc/dpm_math.h` describes (see `triton_math`): load, guide, convert,
-threshold with the sample's s, store m, combine, store out. One memory pass: reads x, model_out
-(x2 with guidance), x_eval (only when it is not x), hist1, hist2, noise; writes hist_out and out. Bytes
-for n elements of size e: (tensors read + written) * n * e, e.g. a multistep-2 step storing m moves
-5 n e (x, model_out, hist1 in; out, hist_out out); with float32 history for float16/bfloat16 samples
-(`opdef.history_dtype`) the history tensors count 4 bytes an element: 2 n * 3 + 4 n * 2 = 14 n there.
-Thresholding adds the select's sweeps, each re-reading the 2-3 tensors y comes from (x_eval or x,
-model_out, model_cond; never the history): at most NPASS sweeps (4 for float32 arithmetic, 8 for
-float64), served from L2 after the first when a sample fits there.
+threshold with the sample's s, store m, combine, store out. One memory pass: reads x, model_out (x2 with guidance,
+x3 with stacked3), x_eval (only when it is not x), the history entries given (each HAS_H* a compile-time flag: an
+absent one costs no load), noise; writes hist_out and out. Bytes for n elements of size e: (tensors read + written)
+* n * e, e.g. a multistep-2 step storing m moves 5 n e (x, model_out, hist1 in; out, hist_out out); with float32
+history for float16/bfloat16 samples (`opdef.history_dtype`) the history tensors count 4 bytes an element:
+2 n * 3 + 4 n * 2 = 14 n there. Thresholding adds the select's sweeps, each re-reading the 2-4 tensors y comes from
+(x_eval or x, the 1-3 batches of model_out, model_cond; never the history): at most NPASS sweeps (4 for float32
+arithmetic, 8 for float64), served from L2 after the first when a sample fits there.
 
 Grid: samples and chunks folded into axis 0 (pid = b * nchunks + chunk), so neither B nor the chunk count
 meets the 65535 limit of axes 1/2; each program reads its sample's float64 coefficient row (and s) once,
@@ -40,16 +40,16 @@ STEP_WARPS = 4
 
 
 @triton.jit
-def _step_kernel(x_ptr, mo_ptr, mc_ptr, xe_ptr, h1_ptr, h2_ptr, z_ptr, coef_ptr, scale_ptr, out_ptr, ho_ptr,
+def _step_kernel(x_ptr, mo_ptr, mc_ptr, xe_ptr, h1_ptr, h2_ptr, h3_ptr, z_ptr, coef_ptr, scale_ptr, out_ptr, ho_ptr,
                  n, nchunks, cond_off,
                  CFG: tl.constexpr, HAS_XE: tl.constexpr, HAS_H1: tl.constexpr, HAS_H2: tl.constexpr,
-                 HAS_Z: tl.constexpr, HAS_HO: tl.constexpr, THRESH: tl.constexpr, PER_SAMPLE: tl.constexpr,
-                 F64: tl.constexpr, BLOCK: tl.constexpr):
+                 HAS_H3: tl.constexpr, HAS_Z: tl.constexpr, HAS_HO: tl.constexpr, THRESH: tl.constexpr,
+                 PER_SAMPLE: tl.constexpr, F64: tl.constexpr, BLOCK: tl.constexpr):
     ACC: tl.constexpr = tl.float64 if F64 else tl.float32
     pid = tl.program_id(0)
     b = pid // nchunks
     c = pid - b * nchunks
-    g, px, pm, qx, qm, a, c0, c1, c2, cn = load_coef(coef_ptr + b * PER_SAMPLE * NCOEF, F64)
+    g, px, pm, qx, qm, a, c0, c1, c2, cn, c3, g2 = load_coef(coef_ptr + b * PER_SAMPLE * NCOEF, F64)
     offs = c.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     idx = b.to(tl.int64) * n + offs
@@ -58,7 +58,7 @@ def _step_kernel(x_ptr, mo_ptr, mc_ptr, xe_ptr, h1_ptr, h2_ptr, z_ptr, coef_ptr,
     xe = xv
     if HAS_XE:
         xe = tl.load(xe_ptr + idx, mask=mask, other=0.0).to(ACC)
-    y = convert_loaded(xe, mo_ptr, mc_ptr, idx, mask, cond_off, g, px, pm, CFG, ACC)
+    y = convert_loaded(xe, mo_ptr, mc_ptr, idx, mask, cond_off, g, g2, px, pm, CFG, ACC)
     if THRESH:
         y = threshold(xe, y, tl.load(scale_ptr + b), qx, qm)
     # History may be float32 while x is float16/bfloat16 (`opdef.history_dtype`): every load converts from its
@@ -70,6 +70,8 @@ def _step_kernel(x_ptr, mo_ptr, mc_ptr, xe_ptr, h1_ptr, h2_ptr, z_ptr, coef_ptr,
         acc = add_term(acc, c1, tl.load(h1_ptr + idx, mask=mask, other=0.0).to(ACC))
     if HAS_H2:
         acc = add_term(acc, c2, tl.load(h2_ptr + idx, mask=mask, other=0.0).to(ACC))
+    if HAS_H3:
+        acc = add_term(acc, c3, tl.load(h3_ptr + idx, mask=mask, other=0.0).to(ACC))
     if HAS_Z:
         acc = add_term(acc, cn, tl.load(z_ptr + idx, mask=mask, other=0.0).to(ACC))
     tl.store(out_ptr + idx, to_storage(acc, out_ptr.dtype.element_ty), mask=mask)
@@ -87,7 +89,7 @@ def step_block(total: int, elem_size: int, device: torch.device) -> int:
     return block
 
 
-def fused_step(x, model_out, model_cond, x_eval, hist1, hist2, noise, coef, cfg: int, thr: bool, ratio: float,
+def fused_step(x, model_out, model_cond, x_eval, hist1, hist2, hist3, noise, coef, cfg: int, thr: bool, ratio: float,
                lo: float, hi: float, out, hist_out, **force) -> None:
     """One step on contiguous tensors (schema order; `ops.fused_step` has the argument docs).
 
@@ -110,10 +112,10 @@ def fused_step(x, model_out, model_cond, x_eval, hist1, hist2, noise, coef, cfg:
     sel.launch(
         _step_kernel, (rows * nchunks,),
         x, model_out, model_cond if model_cond is not None else model_out, x_eval if x_eval is not None else x,
-        hist1 if hist1 is not None else x, hist2 if hist2 is not None else x, noise if noise is not None else x,
-        coef, scale if scale is not None else coef, out, hist_out if hist_out is not None else out,
-        cols, nchunks, nb * n,
+        hist1 if hist1 is not None else x, hist2 if hist2 is not None else x, hist3 if hist3 is not None else x,
+        noise if noise is not None else x, coef, scale if scale is not None else coef, out,
+        hist_out if hist_out is not None else out, cols, nchunks, nb * n,
         CFG=cfg, HAS_XE=x_eval is not None, HAS_H1=hist1 is not None, HAS_H2=hist2 is not None,
-        HAS_Z=noise is not None, HAS_HO=hist_out is not None, THRESH=thr, PER_SAMPLE=int(per_sample), F64=f64,
-        BLOCK=block, num_warps=STEP_WARPS,
+        HAS_H3=hist3 is not None, HAS_Z=noise is not None, HAS_HO=hist_out is not None, THRESH=thr,
+        PER_SAMPLE=int(per_sample), F64=f64, BLOCK=block, num_warps=STEP_WARPS,
     )

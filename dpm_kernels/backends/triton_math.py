@@ -1,7 +1,7 @@
 """The per-element math of a fused step in Triton: `csrc/dpm_math.h`, function for function.
 
-Every @triton.jit helper here has the C++ twin of the same name (`guided`, `convert`, `threshold`, `combine`,
-`add_term`, `lerp_torch`, `threshold_scale`, `abs_key`, `key_value`, `load_coef`), written in the same order
+Every @triton.jit helper here has the C++ twin of the same name (`guided`, `guided3`, `convert`, `threshold`,
+`combine`, `add_term`, `lerp_torch`, `threshold_scale`, `abs_key`, `key_value`, `load_coef`), written in the same order
 of operations so the Triton, CUDA and CPU kernels round identically where the hardware lets them. Things
 the header gets from C++ that Triton spells differently:
 
@@ -46,19 +46,24 @@ C0: tl.constexpr = tl.constexpr(L.C0)
 C1: tl.constexpr = tl.constexpr(L.C1)
 C2: tl.constexpr = tl.constexpr(L.C2)
 CN: tl.constexpr = tl.constexpr(L.CN)
+C3: tl.constexpr = tl.constexpr(L.C3)
+GUIDE2: tl.constexpr = tl.constexpr(L.GUIDE2)
 NCOEF: tl.constexpr = tl.constexpr(L.NCOEF)
 CFG_PAIR: tl.constexpr = tl.constexpr(L.CFG_PAIR)
 CFG_STACKED: tl.constexpr = tl.constexpr(L.CFG_STACKED)
+CFG_STACKED3: tl.constexpr = tl.constexpr(L.CFG_STACKED3)
 
 
 @triton.jit
 def load_coef(row, F64: tl.constexpr):
-    """One float64 coefficient row, each entry rounded once to the arithmetic type (scalar loads)."""
+    """One float64 coefficient row in row order, each entry rounded once to the arithmetic type (scalar loads;
+    the compiler drops those a kernel does not use)."""
     ACC: tl.constexpr = tl.float64 if F64 else tl.float32
     return (
         tl.load(row + GUIDE).to(ACC), tl.load(row + PX).to(ACC), tl.load(row + PM).to(ACC),
         tl.load(row + QX).to(ACC), tl.load(row + QM).to(ACC), tl.load(row + A).to(ACC),
         tl.load(row + C0).to(ACC), tl.load(row + C1).to(ACC), tl.load(row + C2).to(ACC), tl.load(row + CN).to(ACC),
+        tl.load(row + C3).to(ACC), tl.load(row + GUIDE2).to(ACC),
     )
 
 
@@ -117,6 +122,11 @@ def guided(uncond, cond, g):
 
 
 @triton.jit
+def guided3(uncond, cond, perturbed, g, g2):
+    return guided(uncond, cond, g) + g2 * (cond - perturbed)
+
+
+@triton.jit
 def convert(x_eval, raw, px, pm):
     return px * x_eval + pm * raw
 
@@ -168,22 +178,27 @@ def key_value(k):
 
 
 @triton.jit
-def convert_loaded(xe, mo_ptr, mc_ptr, idx, mask, cond_off, g, px, pm, CFG: tl.constexpr, ACC: tl.constexpr):
+def convert_loaded(xe, mo_ptr, mc_ptr, idx, mask, cond_off, g, g2, px, pm, CFG: tl.constexpr, ACC: tl.constexpr):
     """y at flat offsets idx from an already loaded x_eval: the raw output loaded, guided, then converted."""
     raw = tl.load(mo_ptr + idx, mask=mask, other=0.0).to(ACC)
     if CFG == CFG_PAIR:
         raw = guided(raw, tl.load(mc_ptr + idx, mask=mask, other=0.0).to(ACC), g)
     elif CFG == CFG_STACKED:
         raw = guided(raw, tl.load(mo_ptr + cond_off + idx, mask=mask, other=0.0).to(ACC), g)
+    elif CFG == CFG_STACKED3:
+        cond = tl.load(mo_ptr + cond_off + idx, mask=mask, other=0.0).to(ACC)
+        raw = guided3(raw, cond, tl.load(mo_ptr + 2 * cond_off + idx, mask=mask, other=0.0).to(ACC), g, g2)
     return convert(xe, raw, px, pm)
 
 
 @triton.jit
-def load_converted(mo_ptr, mc_ptr, xe_ptr, idx, mask, cond_off, g, px, pm, CFG: tl.constexpr, F64: tl.constexpr):
+def load_converted(mo_ptr, mc_ptr, xe_ptr, idx, mask, cond_off, g, g2, px, pm, CFG: tl.constexpr,
+                   F64: tl.constexpr):
     """(x_eval, y) at flat offsets idx: guidance then conversion, in the arithmetic type.
 
-    cond_off: element offset of the conditional half of a stacked model_out ([2B, ...]: B * n).
+    cond_off: element offset of the conditional batch of a stacked model_out (B * n; the perturbed batch of a
+    stacked3 one follows at 2 * cond_off).
     """
     ACC: tl.constexpr = tl.float64 if F64 else tl.float32
     xe = tl.load(xe_ptr + idx, mask=mask, other=0.0).to(ACC)
-    return xe, convert_loaded(xe, mo_ptr, mc_ptr, idx, mask, cond_off, g, px, pm, CFG, ACC)
+    return xe, convert_loaded(xe, mo_ptr, mc_ptr, idx, mask, cond_off, g, g2, px, pm, CFG, ACC)

@@ -121,7 +121,7 @@ def _digit_step(h, pre, r, ls, lkey, hs, hpre, hkey, dlt, last):
 
 
 @triton.jit
-def _sweep(mo_ptr, mc_ptr, xe_ptr, base, lo, hi, cond_off, g, px, pm, pre, hpre, ls, hs, sh, hsh,
+def _sweep(mo_ptr, mc_ptr, xe_ptr, base, lo, hi, cond_off, g, g2, px, pm, pre, hpre, ls, hs, sh, hsh,
            CFG: tl.constexpr, F64: tl.constexpr, BLOCK: tl.constexpr):
     """One pass over elements [lo, hi) of the sample at `base`. With ls == 0 the histogram of digit
     (key >> sh) & 255 over keys with key >> hsh == pre; with ls == 1 the smallest such key; with hs == 1 the
@@ -136,7 +136,7 @@ def _sweep(mo_ptr, mc_ptr, xe_ptr, base, lo, hi, cond_off, g, px, pm, pre, hpre,
     for start in range(lo, hi, BLOCK):
         offs = start + lanes
         inb = offs < hi
-        _, y = load_converted(mo_ptr, mc_ptr, xe_ptr, base + offs, inb, cond_off, g, px, pm, CFG, F64)
+        _, y = load_converted(mo_ptr, mc_ptr, xe_ptr, base + offs, inb, cond_off, g, g2, px, pm, CFG, F64)
         key = abs_key(y)
         top = key >> hsh
         mine = inb & (top == pre)
@@ -207,14 +207,14 @@ def _select_small(mo_ptr, mc_ptr, xe_ptr, coef_ptr, scale_ptr, n, cond_off, k, d
                   CFG: tl.constexpr, PER_SAMPLE: tl.constexpr, F64: tl.constexpr, NPASS: tl.constexpr,
                   KEY_BITS: tl.constexpr, BLOCK: tl.constexpr):
     b = tl.program_id(0)
-    g, px, pm, _, _, _, _, _, _, _ = load_coef(coef_ptr + b * PER_SAMPLE * NCOEF, F64)
+    g, px, pm, _, _, _, _, _, _, _, _, g2 = load_coef(coef_ptr + b * PER_SAMPLE * NCOEF, F64)
     base = b.to(tl.int64) * n
     pre, r, ls, lkey, hs, hpre, hkey = _init_state(k, F64)
     for p in range(NPASS):
         if (ls != 2) | (hs == 1):  # both keys known: the remaining passes are skipped
             sh = (NPASS - 1 - p) * 8
-            h, lmin, hmin = _sweep(mo_ptr, mc_ptr, xe_ptr, base, tl.zeros([], tl.int64), n, cond_off, g, px, pm, pre,
-                                   hpre, ls, hs, sh, tl.minimum(sh + 8, KEY_BITS), CFG, F64, BLOCK)
+            h, lmin, hmin = _sweep(mo_ptr, mc_ptr, xe_ptr, base, tl.zeros([], tl.int64), n, cond_off, g, g2, px, pm,
+                                   pre, hpre, ls, hs, sh, tl.minimum(sh + 8, KEY_BITS), CFG, F64, BLOCK)
             lkey = tl.where(ls == 1, lmin, lkey)
             ls = tl.where(ls == 1, 2, ls)
             hkey = tl.where(hs == 1, hmin, hkey)
@@ -243,12 +243,12 @@ def _hist_pass(mo_ptr, mc_ptr, xe_ptr, coef_ptr, ws_ptr, n, nchunks, cond_off, k
     if c == 0:
         _store_state(row, pre, r, ls, lkey, hs, hpre, hkey)
     if (ls != 2) | (hs == 1):  # else this pass has nothing left to do: the launch ends at once
-        g, px, pm, _, _, _, _, _, _, _ = load_coef(coef_ptr + b * PER_SAMPLE * NCOEF, F64)
+        g, px, pm, _, _, _, _, _, _, _, _, g2 = load_coef(coef_ptr + b * PER_SAMPLE * NCOEF, F64)
         sh = (NPASS - 1 - p) * 8
         lo = c.to(tl.int64) * CHUNK
         hi = tl.minimum(lo + CHUNK, n)
-        h, lmin, hmin = _sweep(mo_ptr, mc_ptr, xe_ptr, b.to(tl.int64) * n, lo, hi, cond_off, g, px, pm, pre, hpre,
-                               ls, hs, sh, tl.minimum(sh + 8, KEY_BITS), CFG, F64, BLOCK)
+        h, lmin, hmin = _sweep(mo_ptr, mc_ptr, xe_ptr, b.to(tl.int64) * n, lo, hi, cond_off, g, g2, px, pm, pre,
+                               hpre, ls, hs, sh, tl.minimum(sh + 8, KEY_BITS), CFG, F64, BLOCK)
         # relaxed: nothing in this launch reads these; the next launch on the stream sees them complete
         KMAX: tl.constexpr = 0x7FFFFFFFFFFFFFFF if F64 else 0x7FFFFFFF
         if ls == 0:

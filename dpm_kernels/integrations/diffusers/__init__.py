@@ -3,7 +3,7 @@
 Drop-ins (each a subclass of the diffusers class named after "Fused"): FusedDPMSolverMultistepScheduler,
 FusedDPMSolverSinglestepScheduler, FusedDPMSolverMultistepInverseScheduler (`vp.py`),
 FusedEDMDPMSolverMultistepScheduler, FusedCosineDPMSolverMultistepScheduler (`ve.py`), FusedDPMSolverSDEScheduler
-(`sde.py`); what they share is `_common.py`.
+(`sde.py`), FusedUniPCMultistepScheduler (`unipc.py`); what they share is `_common.py`.
 
     from dpm_kernels.integrations.diffusers import FusedDPMSolverMultistepScheduler
     pipe.scheduler = FusedDPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
@@ -53,10 +53,13 @@ step, unsupported dtypes, model outputs that do not fit the sample, inputs requi
 
 State: `step_index`, `lower_order_nums` and (singlestep) `sample` evolve as in diffusers. The parent's
 `model_outputs` list is not maintained during a fused trajectory: reading it gives a tuple of views into the ring
-(oldest first; None where no later step needs the output), valid until the next step.
+(oldest first; None where no later step needs the output), valid until the next step. UniPC's state (`model_outputs`
+as a list, `last_sample`, `this_order`, `timestep_list`) reads as diffusers' at every step; writing it mid-trajectory
+hands the rest of the trajectory to diffusers' own step (`unipc.py`).
 """
 
 from .sde import FusedDPMSolverSDEScheduler
+from .unipc import FusedUniPCMultistepScheduler
 from .ve import FusedCosineDPMSolverMultistepScheduler, FusedEDMDPMSolverMultistepScheduler
 from .vp import (
     FusedDPMSolverMultistepInverseScheduler,
@@ -71,4 +74,5 @@ __all__ = [
     "FusedDPMSolverSDEScheduler",
     "FusedDPMSolverSinglestepScheduler",
     "FusedEDMDPMSolverMultistepScheduler",
+    "FusedUniPCMultistepScheduler",
 ]

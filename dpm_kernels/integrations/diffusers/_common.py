@@ -98,8 +98,8 @@ class FusedStepMixin:
         super().__init_subclass__(**kwargs)
         parent = next((b for b in cls.__mro__[1:] if "set_timesteps" in vars(b) and not issubclass(b, FusedStepMixin)),
                       None)
-        if parent is None or "set_timesteps" in vars(cls):
-            return
+        if parent is None or any("set_timesteps" in vars(b) for b in cls.__mro__ if issubclass(b, FusedStepMixin)):
+            return  # this class or a drop-in it extends has its own (or already the wrapped one)
         original = parent.set_timesteps
 
         @functools.wraps(original)
@@ -232,10 +232,10 @@ class FusedStepMixin:
         x_now = sample if sample.dtype == w else sample.to(w)
         x, x_eval = self._start_point(ev, sample, x_now)
         slots = traj.slots
-        h = [slots[s] for s in ev.read_slots] + [None, None]
+        h = [slots[s] for s in ev.read_slots] + [None, None, None]
         out = torch.empty_like(x_now, memory_format=torch.contiguous_format)
         traj.step(x, mo if mo.dtype == w else mo.to(w), traj.table.rows[k], out, self._hist_out(ev, slots), h[0],
-                  h[1], x_eval, z.to(w) if z is not None and ev.noisy else None)
+                  h[1], x_eval, z.to(w) if z is not None and ev.noisy else None, hist3=h[2])
         traj.calls += 1
         self._step_index += 1
         self._advanced(ev, sample)
