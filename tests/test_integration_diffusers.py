@@ -460,19 +460,22 @@ def test_cuda_matrix(kind, cfg, kw):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("backend", backends_for("cuda"))
-def test_cuda_no_host_sync(backend):
-    """No step synchronises with the device (set_begin_index spares diffusers' timestep search)."""
+@pytest.mark.parametrize("begin", [True, False], ids=["set_begin_index", "searched"])
+def test_cuda_no_host_sync(backend, begin):
+    """No step synchronises with the device, the first included, timesteps on the GPU, with or without
+    set_begin_index (without it the first step finds its index on the host: tests/test_step_index.py)."""
     for kind in PAIRS:
         s = PAIRS[kind][1](solver_order=3, thresholding=True, sample_max_value=1.5)
         s.fused_backend = backend
-        s.set_timesteps(8)
-        s.set_begin_index(0)
+        s.set_timesteps(8, device="cuda")
+        if begin:
+            s.set_begin_index(0)
         x = torch.randn(SHAPE, device="cuda")
         torch.cuda.synchronize()
         torch.cuda.set_sync_debug_mode("error")
         try:
-            for t in s.timesteps:
-                x = s.step(toy_model(x, t), t, x).prev_sample
+            for t in s.timesteps:  # the toy model without its float(t), which would read the GPU
+                x = s.step(1.3 * torch.tanh(0.7 * x + 0.001 * t.to(x.dtype)), t, x).prev_sample
         finally:
             torch.cuda.set_sync_debug_mode("default")
         assert s.fused_reason is None and bool(torch.isfinite(x).all())

@@ -106,6 +106,7 @@ class FusedStepMixin:
         def set_timesteps(self, *args, **kw):
             original(self, *args, **kw)
             self._fz_reset()
+            self.host_timesteps()  # the one device read of a trajectory's index bookkeeping: here, not in a step
 
         cls.set_timesteps = set_timesteps
 
@@ -234,6 +235,46 @@ class FusedStepMixin:
         if known is None or known[0] is not cfg:
             known = self._fz_config_key = (cfg, tuple((k, cfg[k]) for k in sorted(self.STEP_KEYS) if k in cfg))
         return known[1]
+
+    # ----- the first step's index, without a device sync -----
+    def host_timesteps(self) -> np.ndarray:
+        """A host copy of `timesteps` (made by set_timesteps, where reading the device is no cost to any step; remade
+        if `timesteps` was replaced since)."""
+        ts = self.timesteps
+        known = self.__dict__.get("_fz_ts_host")
+        if known is None or known[0] is not ts:
+            known = self._fz_ts_host = (ts, None if ts is None else ts.detach().cpu().numpy())
+        return known[1]
+
+    def _timestep_on_host(self, timestep):
+        """The value of `timestep` known without reading the device, or None: a Python number, a CPU tensor, or an
+        element of `timesteps` itself (what a pipeline's ``for t in scheduler.timesteps`` passes: its index is its
+        storage offset, its value the host copy's)."""
+        if not isinstance(timestep, torch.Tensor):
+            return timestep if isinstance(timestep, (int, float, np.number)) and not isinstance(timestep, bool) else None
+        if timestep.numel() != 1:
+            return None
+        ts = self.timesteps
+        if (timestep.dim() == 0 and isinstance(ts, torch.Tensor) and ts.dim() == 1 and ts.numel() > 0
+                and timestep.device == ts.device and timestep.dtype == ts.dtype
+                and timestep.untyped_storage().data_ptr() == ts.untyped_storage().data_ptr()):
+            off, stride = timestep.storage_offset() - ts.storage_offset(), ts.stride(0)
+            if stride > 0 and off % stride == 0 and 0 <= off // stride < ts.shape[0]:
+                return self.host_timesteps()[off // stride]
+        return timestep.item() if timestep.device.type == "cpu" else None
+
+    def _init_step_index(self, timestep) -> None:
+        """diffusers' rule for the first step's index (the second of several equal timesteps -- an img2img start --
+        else the only one), decided on the host where the timestep's value is known there, so that the first step
+        does not synchronise with the device even without `set_begin_index`. A timestep whose value only the device
+        knows, or one not in the grid, takes diffusers' own search (and its sync, or its error)."""
+        if getattr(self, "begin_index", None) is None:
+            value = self._timestep_on_host(timestep)
+            hits = np.flatnonzero(self.host_timesteps() == value) if value is not None else ()
+            if len(hits):
+                self._step_index = int(hits[1] if len(hits) > 1 else hits[0])
+                return
+        super()._init_step_index(timestep)
 
     # ----- the step -----
     def _fused(self, model_output, timestep, sample, generator, variance_noise) -> torch.Tensor | None:

@@ -52,9 +52,8 @@ class _KDPM2Step(FusedStepMixin):
         start, where diffusers begins one call late and divides by sigma = 0 at its last call (NaN)."""
         super()._init_step_index(timestep)
         if self.begin_index is None and self._step_index % 2:
-            ts = self.timesteps
-            t = timestep.to(ts.device) if isinstance(timestep, torch.Tensor) else timestep
-            even = [i for i in (ts == t).nonzero().flatten().tolist() if i % 2 == 0 and i < self._step_index]
+            even = [i for i in np.flatnonzero(self.host_timesteps() == self.host_timesteps()[self._step_index]).tolist()
+                    if i % 2 == 0 and i < self._step_index]
             if even:
                 self._step_index = even[0]
 

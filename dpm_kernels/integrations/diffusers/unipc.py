@@ -251,8 +251,6 @@ class FusedUniPCMultistepScheduler(FusedStepMixin, UniPCMultistepScheduler):
         index 0 (diffusers takes the second occurrence: one step past the grid's start, so the loop over the timesteps
         fails at its last step)."""
         super()._init_step_index(timestep)
-        ts = self.timesteps
-        if self.begin_index is None and self._step_index == 1 and bool(ts[0] == ts[1]):
-            t = timestep.to(ts.device) if isinstance(timestep, torch.Tensor) else timestep
-            if bool(ts[0] == t):
-                self._step_index = 0
+        ts = self.host_timesteps()
+        if self.begin_index is None and self._step_index == 1 and ts[0] == ts[1]:
+            self._step_index = 0  # the search found ts[1], which equals ts[0]: the timestep is the grid's first
