@@ -9,6 +9,7 @@ helpers (`point64`, `lambda64`, `inverse_lambda64`) directly.
 
 from __future__ import annotations
 
+import hashlib
 import math
 
 import numpy as np
@@ -63,6 +64,20 @@ class NoiseSchedule:
     def point64(self, t) -> Point:
         """The solver's point(s) (alpha, sigma, lambda) at time(s) t."""
         raise NotImplementedError
+
+    def _content(self) -> tuple:
+        """What the float64 methods above depend on (subclasses): equal for schedules that give the same points."""
+        raise NotImplementedError
+
+    @property
+    def key(self) -> tuple:
+        """A hashable key equal for schedules that give the same points at every time (its type and content, e.g.
+        the digest of a discrete schedule's log alphas): plans made on one serve every equal schedule, so a new
+        schedule or solver object per sampling call plans nothing new."""
+        k = self.__dict__.get("_key")
+        if k is None:
+            k = self._key = (type(self).__qualname__, *self._content())
+        return k
 
     def check_times(self, t, name: str = "t") -> None:
         """Refuse times outside this schedule: a ValueError naming the caller's argument `name` unless every time
@@ -189,6 +204,11 @@ class NoiseScheduleVP(NoiseSchedule):
             # T = 1 is singular for the cosine schedule; the authors use 0.9946.
             self.T = 0.9946 if schedule == "cosine" else 1.0
 
+    def _content(self) -> tuple:
+        if self.schedule == "discrete":
+            return ("discrete", self.T, hashlib.sha256(self._log_alpha_np.tobytes()).hexdigest())
+        return (self.schedule, self.T, self.beta_0, self.beta_1)
+
     @staticmethod
     def _clip_log_alphas(log_alphas: np.ndarray, clipped_lambda: float = -5.1) -> np.ndarray:
         lambdas = log_alphas - _log_sigma_from_log_alpha(log_alphas)
@@ -284,6 +304,9 @@ class NoiseScheduleFlow(NoiseSchedule):
 
     def point64(self, t) -> Point:
         return Point.from_flow_sigma(t)
+
+    def _content(self) -> tuple:
+        return (self.T,)  # the network's time scale (schedule) is no part of the path's points
 
     def __repr__(self) -> str:
         return f"NoiseScheduleFlow(schedule={self.schedule!r}, T={self.T})"

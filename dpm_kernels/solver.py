@@ -27,6 +27,9 @@ from .ops import bind, default_history_dtype
 from .schedule import FLOW_SCHEDULES, NoiseSchedule
 
 THRESHOLDING_SEMANTICS = ("authors", "diffusers")
+# Plans (and, in them, their device tables) by (schedule content, algorithm, sample arguments), shared by every
+# solver: sample() called again, or a new DPMSolver per call as the authors' examples make one, plans nothing.
+_PLANS = P.Cache(64)
 
 
 class _ModelSpec:
@@ -128,7 +131,6 @@ class DPMSolver(AuthorsUpdatesMixin):
         self.correcting_xt_fn = correcting_xt_fn
         self.backend = backend
         self._spec = _ModelSpec(model_fn)
-        self._plans = P.Cache(16)  # sample() called again with the same arguments plans (and uploads) nothing
         self.register_progress_bar()
 
     # ----- progress (SANA's fork) -----
@@ -255,7 +257,7 @@ class DPMSolver(AuthorsUpdatesMixin):
               eta, s_noise, multistep3="standard", flow_shift=1.0):
         key = (steps, t_T, t_0, order, skip_type, method, lower_order_final, solver_type, lof_threshold, eta, s_noise,
                multistep3, float(flow_shift))
-        return self._plans.get(key, lambda: self._make_plan(*key))
+        return _PLANS.get((self.noise_schedule.key, self.algorithm_type) + key, lambda: self._make_plan(*key))
 
     def _make_plan(self, steps, t_T, t_0, order, skip_type, method, lower_order_final, solver_type, lof_threshold,
                    eta, s_noise, multistep3, flow_shift):

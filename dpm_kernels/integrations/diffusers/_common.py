@@ -25,7 +25,9 @@ from ...ops import FLOAT_DTYPES, BoundStep, bind, default_history_dtype
 # diffusers' prediction types -> the conversion's model types (flow_prediction: see `FusedStepMixin._conversion`)
 MODEL_TYPE = {"epsilon": "noise", "sample": "x_start", "v_prediction": "v", "flow_prediction": "flow"}
 LEARNED = ("learned", "learned_range")
-_PLAN_CACHE = 8  # plans kept per scheduler: the same trajectory run again (the next image) plans and uploads nothing
+# Plans (which keep their device tables) by (class, start, grid, configuration), shared by every scheduler object: the
+# same trajectory run again -- the next image, or a new scheduler per image -- plans and uploads nothing.
+_PLANS = P.Cache(64)
 
 
 @dataclass
@@ -88,7 +90,6 @@ class FusedStepMixin:
     FALL_BACK_ON_PLANNING_ERRORS = True
     _fz_traj: Trajectory | None = None
     _fz_ring: tuple | None = None  # (buffer, its slots): reused by the next trajectory of the same shape and dtype
-    _fz_plans: P.Cache | None = None  # plan key -> plan (which keeps its device tables)
     _fz_data_reason: str | None = None
     _fz_outputs: list | None = None
 
@@ -214,10 +215,8 @@ class FusedStepMixin:
         start, n = self.step_index, self._grid_length()
         sigmas = self.sigmas[start:n + 1].numpy().astype(np.float64)  # a CPU tensor in diffusers: no device sync
         dev, w = sample.device, self._working_dtype(sample, model_output)
-        if self._fz_plans is None:
-            self._fz_plans = P.Cache(_PLAN_CACHE)
-        plan = self._fz_plans.get((start, n, sigmas.tobytes(), self._config_key()),
-                                  lambda: self._make_plan(sigmas, start, n))
+        plan = _PLANS.get((type(self), start, n, sigmas.tobytes(), self.host_timesteps().tobytes(),
+                           self._config_key()), lambda: self._make_plan(sigmas, start, n))
         table = plan.device_table(self._conversion(), dev, what="sigmas")
         shape = (plan.n_slots, *sample.shape)
         hd = default_history_dtype(w)  # float32 history for half samples: more accurate than diffusers'
@@ -228,12 +227,13 @@ class FusedStepMixin:
         return Trajectory(start, plan, table, self._bound_step(dev), ring[1], sample.shape, w, dev, self._draws_noise(),
                           self._result_in_model_dtype())
 
-    def _config_key(self) -> tuple:
-        """The options that shape a plan, as a hashable key (computed once per config object)."""
+    def _config_key(self) -> str:
+        """The whole configuration as a hashable key (computed once per config object): a plan made for one
+        scheduler serves another only where every option agrees (values may be lists: their repr)."""
         cfg = self.config
         known = self.__dict__.get("_fz_config_key")
         if known is None or known[0] is not cfg:
-            known = self._fz_config_key = (cfg, tuple((k, cfg[k]) for k in sorted(self.STEP_KEYS) if k in cfg))
+            known = self._fz_config_key = (cfg, repr(sorted(cfg.items())))
         return known[1]
 
     # ----- the first step's index, without a device sync -----
@@ -251,7 +251,8 @@ class FusedStepMixin:
         element of `timesteps` itself (what a pipeline's ``for t in scheduler.timesteps`` passes: its index is its
         storage offset, its value the host copy's)."""
         if not isinstance(timestep, torch.Tensor):
-            return timestep if isinstance(timestep, (int, float, np.number)) and not isinstance(timestep, bool) else None
+            number = isinstance(timestep, (int, float, np.number)) and not isinstance(timestep, bool)
+            return timestep if number else None
         if timestep.numel() != 1:
             return None
         ts = self.timesteps

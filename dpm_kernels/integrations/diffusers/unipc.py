@@ -188,10 +188,8 @@ class FusedUniPCMultistepScheduler(FusedStepMixin, UniPCMultistepScheduler):
         return None
 
     def _config_key(self) -> tuple:
-        # the instance attributes diffusers' step reads (set from the config in __init__)
-        cfg = self.config
-        return (cfg.solver_order, cfg.solver_type, cfg.lower_order_final, cfg.use_flow_sigmas, bool(self.predict_x0),
-                tuple(self.disable_corrector))
+        # and the instance attributes diffusers' step reads (set from the config in __init__, writable after)
+        return (super()._config_key(), bool(self.predict_x0), tuple(self.disable_corrector))
 
     def _conversion(self) -> P.Conversion:
         """x0 (predict_x0) or eps; flow_prediction is x0 = x - sigma v with diffusers' sigma (`FusedStepMixin`).
