@@ -12,7 +12,10 @@ import torch
 import dpm_kernels.integrations.diffusers as D
 
 CLASSES = [getattr(D, n) for n in D.__all__ if n != "FusedCogVideoXDPMScheduler"]  # CogVideoX keeps no step index
-pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")  # torchsde clamps queries at the tree's ends
+pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning"),  # torchsde clamps queries at the tree's ends
+              # diffusers' KDPM2 and SDE set_timesteps: NumPy 2 deprecation warnings per element
+              pytest.mark.filterwarnings("ignore:__array_wrap__ must accept context:DeprecationWarning"),
+              pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy:DeprecationWarning")]
 
 
 def _parent(cls):
