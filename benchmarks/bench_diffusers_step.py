@@ -9,15 +9,16 @@ Configurations: a 1x4x64x64 and a 1x4x128x128 latent and a 2x3x256x256 pixel bat
 thresholding off and on (sample_max_value 1.5), DPMSolverMultistepScheduler's defaults otherwise (dpmsolver++,
 epsilon, 20 steps). `--schedulers` picks the scheduler classes (default: the multistep one; "all": every drop-in,
 SDE ones with a seeded generator, the cosine and SDE schedulers with diffusers' Brownian tree, whose queries are
-timed on both sides as part of the step). Providers: "diffusers" (the diffusers class's step) and
-"fused-<backend>" (its drop-in with each backend that can serve the device). Only the scheduler is timed: the
-model output is a fixed tensor. Each provider runs `--reps` trajectories; every step() call is timed (CUDA events
-on a GPU). Reported: the median over the steady-state steps (index >= order, i.e. after the warm-up steps; this
-includes the first-order final step), their 20/80% quantiles, the median first step (the fused scheduler plans the
-whole trajectory there) and the speed-up of the median over diffusers'. A markdown table goes to stdout; CSV rows
-(device, torch and diffusers versions, date) are appended to <out>/diffusers_step-<device>-<date>.csv, and the
-table of this run is written beside it (.md); runs with other schedulers than the multistep one go to
-diffusers_family-<device>-<date>.*.
+timed on both sides as part of the step; the KDPM2 classes take two step() calls per interval, each timed; the
+CogVideoX scheduler is passed its previous x0 and timestep back, as its pipelines do). Providers: "diffusers" (the
+diffusers class's step) and "fused-<backend>" (its drop-in with each backend that can serve the device). Only the
+scheduler is timed: the model output is a fixed tensor. Each provider runs `--reps` trajectories; every step() call
+is timed (CUDA events on a GPU). Reported: the median over the steady-state steps (index >= order, i.e. after the
+warm-up steps; this includes the first-order final step), their 20/80% quantiles, the median first step (the fused
+scheduler plans the whole trajectory there) and the speed-up of the median over diffusers'. A markdown table goes to
+stdout; CSV rows (device, torch and diffusers versions, date) are appended to
+<out>/diffusers_step-<device>-<date>.csv, and the table of this run is written beside it (.md); runs with other
+schedulers than the multistep one go to diffusers_family-<device>-<date>.*.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ import diffusers
 import torch
 
 from dpm_kernels.backends import registry
-from dpm_kernels.benchmark import device_name, quantiles, results_csv
+from dpm_kernels.benchmark import device_name, load_average, load_line, quantiles, results_csv
 from dpm_kernels.integrations import diffusers as fused_diffusers
 
 RESULTS = Path(__file__).resolve().parent / "results"  # this checkout's record, wherever it is run from
@@ -53,6 +54,9 @@ SCHEDULERS = {
     "cosine": ("CosineDPMSolverMultistepScheduler", {}, 2),
     "sde": ("DPMSolverSDEScheduler", {"noise_sampler_seed": 0}, 2),
     "unipc": ("UniPCMultistepScheduler", {}, 3),
+    "kdpm2": ("KDPM2DiscreteScheduler", {}, 2),  # two step() calls per interval
+    "kdpm2-ancestral": ("KDPM2AncestralDiscreteScheduler", {}, 2),
+    "cogvideox": ("CogVideoXDPMScheduler", {}, 2),  # its step() takes the previous x0 and timestep back
 }
 
 
@@ -79,6 +83,16 @@ def make_scheduler(provider: str, scheduler: str, order: int, thresholding: bool
     return sched
 
 
+def step_once(sched, model_out, t, x, kw: dict, carry: dict):
+    """One step() call in the scheduler's own signature; the next sample. CogVideoX's scheduler is passed the previous
+    call's x0 and timestep back (`carry`), as its pipelines do."""
+    if "old_pred_original_sample" not in inspect.signature(type(sched).step).parameters:
+        return sched.step(model_out, t, x, **kw).prev_sample
+    x, carry["old"] = sched.step(model_out, carry.get("old"), t, carry.get("t"), x, return_dict=False, **kw)
+    carry["t"] = t
+    return x
+
+
 def time_trajectories(provider: str, scheduler: str, shape, dtype, device, order: int, thresholding: bool, steps: int,
                       reps: int):
     """(steady-state step times, first-step times) in seconds over `reps` trajectories."""
@@ -92,18 +106,18 @@ def time_trajectories(provider: str, scheduler: str, shape, dtype, device, order
         sched.set_timesteps(steps, device=device)
         if kw:
             kw["generator"] = torch.Generator(device).manual_seed(1)
-        x, times = x0, []
+        x, times, carry = x0, [], {}
         for t in sched.timesteps:
             if device.type == "cuda":
                 e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 e0.record()
-                x = sched.step(model_out, t, x, **kw).prev_sample
+                x = step_once(sched, model_out, t, x, kw, carry)
                 e1.record()
                 e1.synchronize()
                 times.append(e0.elapsed_time(e1) / 1e3)
             else:
                 t0 = time.perf_counter()
-                x = sched.step(model_out, t, x, **kw).prev_sample
+                x = step_once(sched, model_out, t, x, kw, carry)
                 times.append(time.perf_counter() - t0)
         if _ > 0:
             first.append(times[0])
@@ -172,10 +186,12 @@ def main(argv=None) -> int:
     shapes = SHAPES if a.shapes == "all" else {n: SHAPES[n] for n in a.shapes.split(",")}
     shapes, steps, reps = (SMOKE_SHAPES, 6, 1) if a.smoke else (shapes, a.steps, a.reps)
     thresholds = {"off": (False,), "on": (True,), "both": (False, True)}[a.thresholding]
+    load = load_average()
     rows = run(shapes, tuple(int(o) for o in a.orders.split(",")), thresholds, a.dtype, device, steps, reps,
                schedulers)
     head = (f"device: {device_name(device)}; torch {torch.__version__}; diffusers {diffusers.__version__}; "
-            f"{dt.date.today().isoformat()}; {a.dtype}, {steps} steps, median over steps >= order\n")
+            f"{dt.date.today().isoformat()}; {a.dtype}, {steps} steps, median over steps >= order; "
+            f"{load_line(load, load_average())}\n")
     table = markdown(rows)
     print(head)
     print(table)

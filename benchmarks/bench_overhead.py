@@ -51,7 +51,7 @@ from diffusers import DPMSolverMultistepScheduler
 import dpm_kernels as dk
 from dpm_kernels import planner as P
 from dpm_kernels.backends import registry
-from dpm_kernels.benchmark import device_name, results_csv
+from dpm_kernels.benchmark import device_name, load_average, load_line, results_csv
 from dpm_kernels.integrations.diffusers import FusedDPMSolverMultistepScheduler
 from dpm_kernels.k_diffusion import sample_dpmpp_2m
 
@@ -291,9 +291,11 @@ def main(argv=None) -> int:
         if why is not None:
             p.error(f"argument --backends: {why}")
     shapes, rounds = (SMOKE_SHAPES, 3) if a.smoke else (SHAPES, a.rounds)
+    load = load_average()
     rows = run(shapes, device, rounds, backends, 2 if a.smoke else FIRST_USE_ROUNDS)
     head = (f"device: {device_name(device)}; torch {torch.__version__}; diffusers {diffusers.__version__}; "
-            f"{dt.date.today().isoformat()}; float32, {STEPS}-step DPM-Solver++(2M), {rounds} interleaved rounds")
+            f"{dt.date.today().isoformat()}; float32, {STEPS}-step DPM-Solver++(2M), {rounds} interleaved rounds; "
+            f"{load_line(load, load_average())}")
     table = markdown(rows, device)
     print(head + "\n")
     print(table)

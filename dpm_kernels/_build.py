@@ -28,6 +28,7 @@ log = logging.getLogger("dpm_kernels")
 
 _lock = threading.Lock()
 _state: dict[str, str | None] = {}  # name -> None when loaded, else the reason it is not
+_where: dict[str, str] = {}  # name -> the file the loaded extension came from
 
 
 def csrc_dir() -> Path:
@@ -124,7 +125,8 @@ def build_dir(name: str) -> Path:
 BUILD_SECONDS = {"cpu": 30, "cuda": 120}
 
 
-def _jit(name: str) -> None:
+def _jit(name: str) -> str:
+    """Builds (first use) and loads extension `name`; returns the library's path."""
     from torch.utils import cpp_extension
 
     opts = _build_options(name)
@@ -139,6 +141,12 @@ def _jit(name: str) -> None:
     if fresh:
         print(f"dpm_kernels: built the {name.upper()} kernels in {time.perf_counter() - t0:.0f} s", file=sys.stderr,
               flush=True)
+    return str(next(out.glob(f"{opts['name']}*.so"), out))
+
+
+def location(name: str) -> str | None:
+    """The file extension `name` was loaded from (None: not loaded)."""
+    return _where.get(name)
 
 
 def load(name: str) -> str | None:
@@ -163,14 +171,14 @@ def _load_locked(name: str) -> str | None:
     try:
         if sanitized():
             raise ImportError("skipped: DPM_KERNELS_SANITIZE=1 builds instrumented kernels")
-        importlib.import_module(f"dpm_kernels._{name}")
+        _where[name] = importlib.import_module(f"dpm_kernels._{name}").__file__
         return None
     except ImportError as e:
         aot_error = str(e)
     if os.environ.get("DPM_KERNELS_NO_JIT") == "1":
         return f"no prebuilt dpm_kernels._{name} ({aot_error}) and JIT disabled by DPM_KERNELS_NO_JIT=1"
     try:
-        _jit(name)
+        _where[name] = _jit(name)
         return None
     except Exception as e:  # a compiler error, a missing toolchain, ...
         msg = str(e).strip().splitlines()

@@ -16,7 +16,13 @@ class Parser(argparse.ArgumentParser):
         super().__init__(*args, **kwargs)
 
     def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+        self.exit(2, error_line(self.prog, message))
+
+
+def error_line(prog: str, message: str) -> str:
+    """Every command's one error format: `<prog> <command>: error: <option>: <what> (see ... --help)`, for argparse's
+    own errors ("argument --steps: ...") and for the checks that run after parsing alike."""
+    return f"{prog}: error: {message.removeprefix('argument ')} (see {prog} --help)\n"
 
 
 def positive_int(v: str) -> int:

@@ -8,14 +8,21 @@ combination, history write, in place):
 - "diffusers": `DPMSolverMultistepScheduler.step` of diffusers (same math), when diffusers is installed.
 
 Reported per configuration: median time and 20/80% quantiles, GB/s of the bytes the fused step must move,
-and the ratio to the floor. The floor is those bytes over the device's copy bandwidth measured in the same
-run with `dst.copy_(src)` (copy = 1 read + 1 write) whose src and dst together span as many bytes as the
-tensors the step touches, so that both run from the same level of the memory hierarchy. The bytes: (order + 3)
-tensors of n elements (docs/math.md, "How fast a step can be"), plus one more read of x0 with thresholding (the
-order statistic needs a full pass before the step can write). Measurements whose spread is too wide for a ratio are
-marked, and a run with many of them is labelled noisy. Results go to a results directory (default
-~/.cache/dpm_kernels/benchmarks; `--out benchmarks/results` in a checkout) as CSV rows and a markdown table with
-the device, torch version and date.
+and the ratio to the floor. The floor is those bytes over the device's copy bandwidth measured with `dst.copy_(src)`
+(copy = 1 read + 1 write) whose src and dst together span as many bytes as the tensors the step touches, so that
+both run from the same level of the memory hierarchy. The bytes: (order + 3) tensors of n elements (docs/math.md,
+"How fast a step can be"), plus one more read of x0 with thresholding (the order statistic needs a full pass before
+the step can write).
+
+A shared machine disturbs timings (another process starts, the whole run is 7x slower than the last), and a
+disturbed run must say so. Per configuration the providers are timed interleaved, round by round, so that a change
+of the machine's speed hits all of them alike, and the copy floor is measured before and after: a floor that moved
+marks the row, as do a wide spread and a step "faster" than 1/4 of the copy floor. Per run: the load average at the
+start and the end against the CPU count, and the copy bandwidth against the earlier runs on the same device in the
+results directory. Any run-level finding, or many marked rows, labels the run DISTURBED, in the table and on stderr.
+Results go to a results directory (default ~/.cache/dpm_kernels/benchmarks; `--out benchmarks/results` in a
+checkout) as CSV rows and a markdown table with the device (the CPU's model name and core count), torch version,
+date and the run's conditions.
 """
 
 from __future__ import annotations
@@ -23,10 +30,13 @@ from __future__ import annotations
 import csv
 import datetime as _dt
 import math
+import os
 import platform
+import re
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -43,10 +53,32 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 THR = (0.995, 1.0, math.inf)
 
 
+def cpu_model(cpuinfo: str = "/proc/cpuinfo") -> str:
+    """The CPU's model name: /proc/cpuinfo's "model name" (Linux), else what `platform` knows."""
+    try:
+        with open(cpuinfo) as f:
+            for line in f:
+                key, sep, value = line.partition(":")
+                if sep and key.strip() == "model name" and value.strip():
+                    return value.strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
 def device_name(device: torch.device) -> str:
+    """What result files call the device: the GPU's name, or the CPU's model, its logical cores and the threads used."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+    return f"{cpu_model()} ({os.cpu_count()} logical cores), {torch.get_num_threads()} threads"
+
+
+def load_average() -> float | None:
+    """The 1-minute load average (None where the OS has none)."""
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return None
 
 
 def _sync(device: torch.device) -> None:
@@ -54,35 +86,92 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure(fn, device: torch.device, min_time: float = 0.3, min_reps: int = 5, max_reps: int = 200) -> list[float]:
-    """Per-call wall times in seconds (after a warm-up call), at least min_reps or min_time worth."""
+def _time_one(fn, device: torch.device, clock) -> float:
+    if device.type == "cuda":
+        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        e0.record()
+        fn()
+        e1.record()
+        e1.synchronize()
+        return e0.elapsed_time(e1) / 1e3
+    t0 = clock()
     fn()
+    return clock() - t0
+
+
+def measure_rounds(fns: dict[str, Callable[[], object]], device: torch.device, min_time: float = 0.3,
+                   min_reps: int = 5, max_reps: int = 200, clock=time.perf_counter) -> dict[str, list[float]]:
+    """Per-call wall times in seconds of each function, interleaved: after a warm-up call of each, rounds of one call
+    of each (the order rotating), at least min_reps rounds and min_time seconds per function. `clock` is injectable
+    (tests); CUDA calls are timed with events."""
+    names = list(fns)
+    for fn in fns.values():
+        fn()
     _sync(device)
-    times: list[float] = []
-    start = time.perf_counter()
-    while len(times) < max_reps and (len(times) < min_reps or time.perf_counter() - start < min_time):
-        if device.type == "cuda":
-            e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            e0.record()
-            fn()
-            e1.record()
-            e1.synchronize()
-            times.append(e0.elapsed_time(e1) / 1e3)
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    start, r = clock(), 0
+    while r < max_reps and (r < min_reps or clock() - start < min_time * len(names)):
+        k = r % len(names)
+        for n in names[k:] + names[:k]:
+            times[n].append(_time_one(fns[n], device, clock))
+        r += 1
     return times
+
+
+def measure(fn, device: torch.device, min_time: float = 0.3, min_reps: int = 5, max_reps: int = 200,
+            clock=time.perf_counter) -> list[float]:
+    """Per-call wall times in seconds (after a warm-up call), at least min_reps or min_time worth."""
+    return measure_rounds({"fn": fn}, device, min_time, min_reps, max_reps, clock)["fn"]
 
 
 NOISY_SPREAD = 0.5  # a measurement whose 20-80% range exceeds half its median says little about a ratio
 IMPLAUSIBLE_X_FLOOR = 0.25  # a step can beat copy_ (no write-allocate on out), but not by 4x: the floor was disturbed
-NOISY_RUN = 0.2  # the share of suspect measurements that labels a whole run noisy
+FLOOR_DRIFT = 1.25  # the copy floor before and after a row differing by more: the machine's speed changed meanwhile
+OTHER_RUNS = 1.5  # this run's copy bandwidth this far from the earlier runs' on the same device: one of them disturbed
+NOISY_RUN = 0.2  # the share of suspect measurements that labels a whole run disturbed
 
 
 def is_noisy(median: float, lo: float, hi: float) -> bool:
     """True when the spread (hi - lo) of a measurement is too wide for its median to support a ratio."""
     return (hi - lo) > NOISY_SPREAD * median
+
+
+def row_reasons(median: float, lo: float, hi: float, x_floor: float, compiled: bool, floor_drift: float) -> list[str]:
+    """Why one measurement is suspect (empty: it is not)."""
+    why = []
+    if is_noisy(median, lo, hi):
+        why.append(f"spread {(hi - lo) / median:.0%} of the median")
+    if compiled and x_floor < IMPLAUSIBLE_X_FLOOR:
+        why.append(f"{1 / x_floor:.0f}x faster than the copy floor")
+    if floor_drift > FLOOR_DRIFT:
+        why.append(f"copy floor moved {floor_drift:.2f}x during the row")
+    return why
+
+
+def run_reasons(rows: list[dict], earlier: list[dict], load: tuple, cpus: int, threads: int) -> list[str]:
+    """Why a whole run is disturbed (empty: no sign of it): the load average at its start (others filling the CPUs)
+    and end (beyond what its own threads add), and its copy bandwidth against `earlier` runs' rows on the device."""
+    why = []
+    start, end = load
+    if start is not None and start >= cpus:
+        why.append(f"load average {start:.1f} on {cpus} cores when the run began (other processes were running)")
+    if end is not None and end >= cpus + threads:
+        why.append(f"load average {end:.1f} on {cpus} cores at the end (more than this run's {threads} threads)")
+    key = lambda r: (str(r["dtype"]), int(r["n"]), int(r["order"]))  # noqa: E731  the copy's footprint
+    past: dict = {}
+    for r in earlier:
+        if r.get("copy_GBps"):
+            past.setdefault(key(r), []).append(float(r["copy_GBps"]))
+    ratios = [statistics.median(past[key(r)]) / float(r["copy_GBps"]) for r in rows if key(r) in past]
+    if ratios:
+        ratio = statistics.median(ratios)
+        runs = sorted({str(r.get("run") or r.get("date")) for r in earlier})
+        seen = f"{len(runs)} earlier run(s) on this device ({runs[0]} .. {runs[-1]})"
+        if ratio > OTHER_RUNS:
+            why.append(f"copy bandwidth {ratio:.1f}x below {seen}: this run was slowed down")
+        elif ratio < 1 / OTHER_RUNS:
+            why.append(f"copy bandwidth {1 / ratio:.1f}x above {seen}: those were slowed down, or the machine changed")
+    return why
 
 
 def quantiles(ts: list[float]) -> tuple[float, float, float]:
@@ -91,8 +180,8 @@ def quantiles(ts: list[float]) -> tuple[float, float, float]:
     return statistics.median(s), q(0.2), q(0.8)
 
 
-def copy_bandwidth(footprint: int, dtype: torch.dtype, device: torch.device) -> float:
-    """Bytes/s of dst.copy_(src) (counting the read and the write) with src and dst together `footprint` bytes.
+def copy_case(footprint: int, dtype: torch.dtype, device: torch.device) -> tuple[Callable[[], object], int]:
+    """(dst.copy_(src), the bytes it moves: one read and one write) with src and dst together `footprint` bytes.
 
     The copy spans as many bytes as the step it is the floor of, so both run from the same level of the memory
     hierarchy: a copy of only n elements would stay in a cache that the step's tensors overflow.
@@ -100,8 +189,7 @@ def copy_bandwidth(footprint: int, dtype: torch.dtype, device: torch.device) -> 
     n = max(1, footprint // (2 * dtype.itemsize))
     src = torch.randn(n, device=device).to(dtype)
     dst = torch.empty_like(src)
-    med, _, _ = quantiles(measure(lambda: dst.copy_(src), device))
-    return 2 * n * src.element_size() / med
+    return (lambda: dst.copy_(src)), 2 * n * src.element_size()
 
 
 def _reference_step(x, eps, coef, hist_out, h1, h2, thr: bool) -> None:
@@ -191,24 +279,22 @@ class StepCase:
         return call
 
 
-def run(sizes, orders, dtypes, thresholds, providers, device, out_dir: Path | None, progress=True, min_time=0.3):
+def run(sizes, orders, dtypes, thresholds, providers, device, out_dir: Path | None, progress=True, min_time=0.3,
+        clock=time.perf_counter) -> list[dict]:
+    """One row per (configuration, provider); written to `out_dir` with the run's verdict (`noise_summary`)."""
     combos = [(d, e, o, t) for d in dtypes for e in sizes for o in orders for t in thresholds]
     it = combos
     if progress:
         from tqdm.auto import tqdm
 
         it = tqdm(combos, desc="bench", unit="config")
+    earlier = earlier_rows(out_dir, device) if out_dir is not None else []
+    started, load_start = _dt.datetime.now().isoformat(timespec="seconds"), load_average()
     rows = []
-    bw_cache: dict = {}
     natives = [b.name for b in registry.BACKENDS if b is not registry.TORCH and b.why_not(device) is None]
     for dname, exp, order, thr in it:
         dtype, n = DTYPES[dname], 1 << exp
         case = StepCase(n, order, dtype, device, thr)
-        key = (dname, case.footprint())
-        if key not in bw_cache:
-            bw_cache[key] = copy_bandwidth(case.footprint(), dtype, device)
-        bw = bw_cache[key]
-        floor = case.bytes_moved() / bw
         fns = {}
         for b in natives:
             if b in providers or "fused" in providers:
@@ -222,24 +308,47 @@ def run(sizes, orders, dtypes, thresholds, providers, device, out_dir: Path | No
                 fns["diffusers"] = case.diffusers()
             except ImportError:
                 pass
-        for name, fn in fns.items():
-            med, q20, q80 = quantiles(measure(fn, device, min_time=min_time))
+        # the copy floor before and after the providers, timed round by round in between
+        copy, copy_bytes = copy_case(case.footprint(), dtype, device)
+        before = quantiles(measure(copy, device, min_time / 2, clock=clock))[0]
+        times = measure_rounds(fns, device, min_time, clock=clock)
+        after = quantiles(measure(copy, device, min_time / 2, clock=clock))[0]
+        bw = copy_bytes / statistics.mean([before, after])
+        floor, drift = case.bytes_moved() / bw, max(before, after) / min(before, after)
+        for name, ts in times.items():
+            med, q20, q80 = quantiles(ts)
+            why = row_reasons(med, q20, q80, med / floor, name in natives, drift)
             rows.append({
                 "date": _dt.date.today().isoformat(), "device": device_name(device), "torch": torch.__version__,
                 "dtype": dname, "n": n, "order": order, "thresholding": int(thr), "provider": name,
                 "median_ms": med * 1e3, "p20_ms": q20 * 1e3, "p80_ms": q80 * 1e3,
                 "GBps": case.bytes_moved() / med / 1e9, "floor_ms": floor * 1e3, "x_floor": med / floor,
-                "copy_GBps": bw / 1e9, "spread": (q80 - q20) / med,
-                "suspect": int(is_noisy(med, q20, q80) or (name in natives and med / floor < IMPLAUSIBLE_X_FLOOR)),
+                "copy_GBps": bw / 1e9, "spread": (q80 - q20) / med, "suspect": int(bool(why)),
+                "run": started, "floor_before_ms": before * 1e3, "floor_after_ms": after * 1e3, "floor_drift": drift,
+                "load_start": load_start, "why": "; ".join(why),
             })
+    load_end = load_average()
+    for r in rows:
+        r["load_end"] = load_end
     if out_dir is not None:
-        write_results(rows, out_dir, device)
+        write_results(rows, out_dir, device, earlier)
+    return rows
+
+
+def earlier_rows(out_dir: Path, device: torch.device) -> list[dict]:
+    """The rows of the earlier runs on this device recorded in `out_dir` (every date)."""
+    name = device_name(device)
+    rows: list[dict] = []
+    for path in sorted(Path(out_dir).glob(f"fused_step-{device_slug(device)}-*.csv")):
+        with path.open(newline="") as f:
+            rows += [r for r in csv.DictReader(f) if r.get("device") == name]
     return rows
 
 
 def markdown(rows) -> str:
-    """One line per configuration; a "?" marks a time or ratio resting on a suspect measurement (its 20-80% spread
-    over half its median, or a step that would beat the copy floor 4x)."""
+    """One line per configuration; a "?" marks a time or ratio resting on a suspect measurement (`row_reasons`: its
+    20-80% spread over half its median, a step that would beat the copy floor 4x, or a copy floor that moved during
+    the row)."""
     provs = []
     for r in rows:
         if r["provider"] not in provs:
@@ -268,23 +377,45 @@ def markdown(rows) -> str:
     return "\n".join(lines)
 
 
-def noise_summary(rows) -> tuple[bool, str]:
-    """(noisy, one line): whether too many measurements of the run were suspect to trust its ratios."""
+def noise_summary(rows, earlier=(), cpus: int | None = None, threads: int | None = None) -> tuple[bool, str]:
+    """(disturbed, one line): whether the run shows signs of a disturbance (`run_reasons`: the load average, the copy
+    bandwidth against `earlier` runs' rows) or too many suspect measurements to trust its numbers."""
     bad = sum(1 for r in rows if r.get("suspect"))
-    noisy = bad > NOISY_RUN * max(1, len(rows))
+    cpus = (os.cpu_count() or 1) if cpus is None else cpus
+    threads = torch.get_num_threads() if threads is None else threads
+    load = (rows[0].get("load_start"), rows[0].get("load_end")) if rows else (None, None)
+    why = run_reasons(rows, list(earlier), load, cpus, threads)
+    if bad > NOISY_RUN * max(1, len(rows)):
+        why.append(f"over {NOISY_RUN:.0%} of the measurements suspect")
     line = (f"{bad} of {len(rows)} measurements suspect (\"?\": 20-80% spread over {NOISY_SPREAD:.0%} of the median,"
-            f" or x floor under {IMPLAUSIBLE_X_FLOOR})")
-    if noisy:
-        line = "NOISY RUN -- the ratios are unreliable, rerun on a quiet machine: " + line
-    return noisy, line
+            f" x floor under {IMPLAUSIBLE_X_FLOOR}, or the copy floor moving over {FLOOR_DRIFT}x during the row)")
+    if why:
+        line = "DISTURBED RUN -- do not use these numbers, rerun on a quiet machine: " + "; ".join(why) + ". " + line
+    return bool(why), line
+
+
+def conditions(rows) -> str:
+    """The run's conditions as result files state them: the load average at its start and end."""
+    return load_line(rows[0].get("load_start"), rows[0].get("load_end")) if rows else ""
+
+
+def load_line(start, end) -> str:
+    """'load average S at the start, E at the end, on N logical cores': how busy the machine was (every results file
+    says it; a load above the core count means other processes competed for the CPUs)."""
+    fmt = lambda v: "n/a" if v in (None, "") else f"{float(v):.2f}"  # noqa: E731
+    return f"load average {fmt(start)} at the start, {fmt(end)} at the end, on {os.cpu_count()} logical cores"
+
+
+def device_slug(device: torch.device) -> str:
+    """The device's name as a file-name part: lower-case letters, digits and single dashes."""
+    return re.sub(r"[^0-9a-z]+", "-", device_name(device).lower()).strip("-")
 
 
 def results_csv(rows: list[dict], out_dir: Path, kind: str, device: torch.device) -> Path:
     """Appends rows to out_dir/<kind>-<device>-<date>.csv (header when new); returns its path. Rows with columns
     the file lacks widen it: the file is rewritten with the union of the columns (earlier rows leave them empty)."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    slug = "".join(c if c.isalnum() else "-" for c in device_name(device)).strip("-").lower()
-    path = out_dir / f"{kind}-{slug}-{_dt.date.today().isoformat()}.csv"
+    path = out_dir / f"{kind}-{device_slug(device)}-{_dt.date.today().isoformat()}.csv"
     fields = list(rows[0].keys())
     old: list[dict] = []
     if path.exists():
@@ -305,15 +436,15 @@ def results_csv(rows: list[dict], out_dir: Path, kind: str, device: torch.device
     return path
 
 
-def write_results(rows, out_dir: Path, device: torch.device) -> tuple[Path, Path]:
+def write_results(rows, out_dir: Path, device: torch.device, earlier=()) -> tuple[Path, Path]:
     csv_path = results_csv(rows, out_dir, "fused_step", device)
     stamp = _dt.date.today().isoformat()
     md_path = csv_path.with_suffix(".md")
-    noisy, summary = noise_summary(rows)
-    header = (f"# Fused step benchmark{' (NOISY RUN)' if noisy else ''}\n\ndevice: {device_name(device)}; torch "
-              f"{torch.__version__}; date {stamp}\n\n"
+    disturbed, summary = noise_summary(rows, earlier)
+    header = (f"# Fused step benchmark{' (DISTURBED RUN)' if disturbed else ''}\n\ndevice: {device_name(device)}; "
+              f"torch {torch.__version__}; date {stamp}; {conditions(rows)}\n\n"
               "Times are medians of one step; `x floor` = time / (bytes the fused step must move / copy bandwidth "
-              f"measured over the same footprint); `A vs B` = B's time / A's time. {summary}.\n\n")
+              f"measured over the same footprint); `A vs B` = B's time / A's time. {summary}\n\n")
     md_path.write_text(header + markdown(rows) + "\n")
     return csv_path, md_path
 
@@ -353,13 +484,15 @@ def main(argv=None) -> int:
     if device.type == "cuda" and not torch.cuda.is_available():
         p.error("argument --device: no CUDA device is visible to PyTorch")
     thr = {"both": [False, True], "on": [True], "off": [False]}[a.thresholding]
-    rows = run(a.sizes, a.orders, dtypes, thr, a.providers.split(","), device, Path(a.out) if a.out else None,
-               not a.no_progress, a.min_time)
-    print(f"device: {device_name(device)}; torch {torch.__version__}; {_dt.date.today().isoformat()}")
+    out = Path(a.out) if a.out else None
+    earlier = earlier_rows(out, device) if out is not None else []
+    rows = run(a.sizes, a.orders, dtypes, thr, a.providers.split(","), device, out, not a.no_progress, a.min_time)
+    print(f"device: {device_name(device)}; torch {torch.__version__}; {_dt.date.today().isoformat()}; "
+          f"{conditions(rows)}")
     print(markdown(rows))
-    noisy, summary = noise_summary(rows)
+    disturbed, summary = noise_summary(rows, earlier)
     print(summary)
-    if noisy:
+    if disturbed:
         print("warning: " + summary, file=sys.stderr)
     if a.out:
         print(f"results appended to {Path(a.out)}")

@@ -18,26 +18,30 @@ def _f(t) -> float:
 
 
 class AuthorsUpdatesMixin:
-    def _pt(self, t) -> C.Point:
-        return P.point(self.noise_schedule, _f(t))
+    def _pt(self, t, name: str) -> C.Point:
+        """The point of the caller's time argument `name`, refused outside the schedule (`check_times`)."""
+        t = _f(t)
+        self.noise_schedule.check_times(t, name)
+        return P.point(self.noise_schedule, t)
 
     def _pt_lambda(self, lam: float):
         t = float(self.noise_schedule.inverse_lambda64(lam))
-        return t, self._pt(t)
+        return t, P.point(self.noise_schedule, t)
 
     def _ttensor(self, t: float, like: torch.Tensor) -> torch.Tensor:
         return torch.full((1,), t, dtype=torch.float32, device=like.device)
 
     def dpm_solver_first_update(self, x, s, t, model_s=None, return_intermediate=False):
+        upd = C.multistep(self.algorithm_type, "dpmsolver", 1, [self._pt(s, "s")], self._pt(t, "t"))
         if model_s is None:
             model_s = self.model_fn(x, s)
-        x_t = self.combine(C.multistep(self.algorithm_type, "dpmsolver", 1, [self._pt(s)], self._pt(t)), x, [model_s])
+        x_t = self.combine(upd, x, [model_s])
         return (x_t, {"model_s": model_s}) if return_intermediate else x_t
 
     def singlestep_dpm_solver_second_update(self, x, s, t, r1=0.5, model_s=None, return_intermediate=False,
                                             solver_type="dpmsolver"):
         r1 = 0.5 if r1 is None else float(r1)
-        ps, pt = self._pt(s), self._pt(t)
+        ps, pt = self._pt(s, "s"), self._pt(t, "t")
         t1, p1 = self._pt_lambda(ps.lam + r1 * (pt.lam - ps.lam))
         ups = C.singlestep(self.algorithm_type, solver_type, 2, ps, [p1], pt)
         if model_s is None:
@@ -51,7 +55,7 @@ class AuthorsUpdatesMixin:
                                            return_intermediate=False, solver_type="dpmsolver"):
         r1 = 1.0 / 3.0 if r1 is None else float(r1)
         r2 = 2.0 / 3.0 if r2 is None else float(r2)
-        ps, pt = self._pt(s), self._pt(t)
+        ps, pt = self._pt(s, "s"), self._pt(t, "t")
         h = pt.lam - ps.lam
         t1, p1 = self._pt_lambda(ps.lam + r1 * h)
         t2, p2 = self._pt_lambda(ps.lam + r2 * h)
@@ -91,9 +95,9 @@ class AuthorsUpdatesMixin:
         """Multistep update of `order` from t_prev_list[-1] to t; lists are oldest first (the authors' order)."""
         if order not in (1, 2, 3):
             raise ValueError(f"order: solver order must be 1, 2 or 3, got {order}")
-        prev = [self._pt(tp) for tp in list(t_prev_list)[::-1][:order]]
+        prev = [self._pt(tp, "t_prev_list") for tp in list(t_prev_list)[::-1][:order]]
         ms = list(model_prev_list)[::-1][:order]
-        upd = C.multistep(self.algorithm_type, solver_type, order, prev, self._pt(t))
+        upd = C.multistep(self.algorithm_type, solver_type, order, prev, self._pt(t, "t"))
         return self.combine(upd, x, ms)
 
     def dpm_solver_adaptive(self, x, order, t_T, t_0, h_init=0.05, atol=0.0078, rtol=0.05, theta=0.9, t_err=1e-5,
@@ -102,5 +106,7 @@ class AuthorsUpdatesMixin:
 
         if order not in (2, 3):
             raise ValueError(f"order: for adaptive step size solver, order must be 2 or 3, got {order}")
+        self.noise_schedule.check_times(float(t_T), "t_T")
+        self.noise_schedule.check_times(float(t_0), "t_0")
         with torch.no_grad():
             return run_adaptive(self, x, order, float(t_T), float(t_0), h_init, atol, rtol, theta, t_err, solver_type)

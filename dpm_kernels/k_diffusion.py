@@ -1,6 +1,6 @@
 """k-diffusion-style samplers on the fused step: same signatures, defaults and results as `k_diffusion.sampling`.
 
-    from dpm_kernels.k_diffusion import sample_dpmpp_2m, sample_dpmpp_sde, sample_dpm_fast
+    from dpm_kernels.k_diffusion import sample_dpmpp_2m, sample_dpmpp_sde, sample_dpm_fast, sample_dpm_2
     x0 = sample_dpmpp_2m(denoiser, x, sigmas)
 
 k-diffusion works with x_ve = x / alpha and a denoiser ``model(x, sigma, **extra_args) -> x0``; in these
@@ -8,17 +8,23 @@ variables a VP point is (alpha = 1, sigma = sigma_ve, lambda = -log sigma), so t
 unchanged (`coefficients.Point.from_ve_sigma`). Every model evaluation is followed by one fused op: convert (the
 DPM-Solver samplers `dpm_fast` / `dpm_adaptive` work in eps = (x - x0) / sigma), store in a ring buffer, combine,
 add noise. A trajectory is planned once (`planner.plan_multistep`, `plan_two_stage`, `plan_singlestep`; cached:
-the same sigmas again plan and upload nothing) and its coefficient table uploaded once.
+the same sigmas again plan and upload nothing) and its coefficient table uploaded once. DPM2 (`sample_dpm_2`,
+`sample_dpm_2_ancestral`) is `plan_two_stage`'s "dpm2" form, on the grid values k-diffusion computes itself (its
+churned sigma_hat, its log-sigma midpoints, its ancestral sigma_down / sigma_up, in the sigmas' dtype).
 
 Noise: each sampler calls ``noise_sampler(sigma, sigma_next)`` where k-diffusion calls it, with the same arguments
 (the round-tripped float values k-diffusion computes in the sigmas' dtype), and by default draws what k-diffusion
-draws: `torch.randn_like` for `dpmpp_2s_ancestral`, `dpm_fast`, `dpm_adaptive`, and a Brownian tree seeded from
-the global RNG (`noise.BrownianTreeNoise`, k-diffusion's construction; needs torchsde) for `dpmpp_sde`,
-`dpmpp_2m_sde`, `dpmpp_3m_sde`. With the same global seed the results are k-diffusion's.
+draws: `torch.randn_like` for `dpmpp_2s_ancestral`, `dpm_2_ancestral`, `dpm_fast`, `dpm_adaptive`, and a
+Brownian tree seeded from the global RNG (`noise.BrownianTreeNoise`, k-diffusion's construction; needs torchsde) for
+`dpmpp_sde`, `dpmpp_2m_sde`, `dpmpp_3m_sde`; `dpm_2` draws its churn noise from the global RNG in every step, as
+k-diffusion does. With the same global seed the results are k-diffusion's.
 
 Differences from k-diffusion, by design: the sigmas must be non-increasing (a repeated sigma is a zero-length step,
-the identity); the coefficients are float64 (`dpm_fast` / `dpm_adaptive` keep k-diffusion's float32 time grid, so
-that they take the same steps, and differ from it by ~1e-7 relative); `sample_dpmpp_3m_sde` takes
+the identity); the coefficients are float64 (`dpm_fast` keeps k-diffusion's float32 time grid, so that it takes the
+same steps, and differs from it by ~1e-7 relative); `dpm_adaptive` takes k-diffusion's own float32 times and
+coefficients (`_adaptive_updates`), since its step size controller and a Brownian tree's noise turn any other
+rounding into other steps (float64 samples then take k-diffusion's steps exactly; float32 ones differ by the
+kernels' rounding of the two solutions, which can move a step); `sample_dpmpp_3m_sde` takes
 ``multistep3="third_order"`` for a truly third-order update (the default "standard" reproduces k-diffusion, whose
 update has local error O(h^3)).
 """
@@ -98,9 +104,10 @@ def _run(model, x: torch.Tensor, plan: P.Plan, model_sigmas, extra_args, callbac
             z = z.to(cur.dtype) if z is not None and ev.noisy else None
             # a callback may keep `x`: then a step's result goes to a second buffer instead of in place
             out = u if ev.dest == "u" else cur if spare is None else spare
-            h = [slots[j] for j in ev.read_slots] + [None, None]
+            x_eval = None if ev.source == "x" else u
+            h = ([x_eval] if ev.reads_eval else []) + [slots[j] for j in ev.read_slots] + [None, None]
             step(cur, denoised, rows[k], out, None if ev.write_slot is None else slots[ev.write_slot], h[0], h[1],
-                 None if ev.source == "x" else u, z)
+                 x_eval, z)
             if ev.dest == "x":
                 bar.update(1)
                 if spare is not None:
@@ -206,6 +213,82 @@ def sample_dpmpp_sde(model, x, sigmas, extra_args=None, callback=None, disable=N
                       backend)
 
 
+def _dpm2(model, x, sigmas, extra_args, callback, disable, starts, mids, ends, noise, noise_for, sigma_hats,
+          backend):
+    """Run DPM2 (`planner.plan_two_stage` form "dpm2") on k-diffusion's own float values: per interval i the
+    (churned) start sigma, the midpoint, the end (sigma_{i+1} or sigma_down) and the noise scale after the interval
+    (0-d tensors or floats in the sigmas' dtype, as k-diffusion computes them)."""
+    f = [[float(v) for v in vals] for vals in (starts, mids, ends, noise)]
+    plan = _plans.get(("dpm2", *map(tuple, f)), lambda: P.plan_two_stage(
+        _sigmas(sigmas), "dpm2", starts=f[0], mids=f[1], ends=f[2], noise=f[3]))
+    return _run(model, x, plan, [ev.t for ev in plan.evals], extra_args, callback, disable, noise_for,
+                backend=backend, info=lambda i: {"sigma": sigmas[i], "sigma_hat": sigma_hats[i]})
+
+
+def _log_midpoint(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """k-diffusion's DPM2 midpoint exp(lerp(log a, log b, 1/2)), in the sigmas' dtype (0 where b = 0: not used)."""
+    return a.log().lerp(b.log(), 0.5).exp() if b != 0 else b
+
+
+@torch.no_grad()
+def sample_dpm_2(model, x, sigmas, extra_args=None, callback=None, disable=None, s_churn=0., s_tmin=0.,
+                 s_tmax=float("inf"), s_noise=1., *, backend="auto"):
+    """DPM2 (k-diffusion's "inspired by DPM-Solver-2" sampler and signature): per interval an Euler step to the
+    log-sigma midpoint and one from sigma_hat to sigma_{i+1} with the midpoint's derivative (a last step to 0:
+    Euler); Karras' churn (s_churn, s_tmin, s_tmax, s_noise) raises sigma_i to sigma_hat with noise drawn from the
+    global RNG in every step, as k-diffusion draws it. The churn of step i + 1 is added by step i's last fused op
+    (drawn after its model call, where k-diffusion draws it); only step 0's is a separate add."""
+    _check_x(x)
+    sig = _sigmas(sigmas)
+    n = len(sig) - 1
+    sg = sigmas.detach().cpu()
+    gammas = [min(s_churn / n, 2 ** 0.5 - 1) if s_tmin <= sg[i] <= s_tmax else 0. for i in range(n)]
+    hats = [sg[i] * (g + 1) for i, g in enumerate(gammas)]
+    churn = [(h ** 2 - sg[i] ** 2) ** 0.5 if g > 0 else 0.0 for i, (g, h) in enumerate(zip(gammas, hats, strict=True))]
+    eps = torch.randn_like(x) * s_noise  # k-diffusion's draw of step 0, before the first model call
+    if gammas[0] > 0:
+        x = x + eps * torch.as_tensor(churn[0]).to(x.device)
+    noise = [s_noise * float(churn[i + 1]) for i in range(n - 1)] + [0.0]
+
+    def noise_for(k, ev):  # step i + 1's draw, after step i's last model call
+        return torch.randn_like(x) if ev.dest == "x" and ev.step < n else None
+
+    return _dpm2(model, x, sigmas, extra_args, callback, disable, hats,
+                 [_log_midpoint(hats[i], sg[i + 1]) for i in range(n)], sg[1:], noise, noise_for, hats, backend)
+
+
+def _get_ancestral_step(sigma_from, sigma_to, eta):
+    """k-diffusion's `get_ancestral_step` in its own arithmetic (0-d tensors of the sigmas' dtype): the grid values
+    its DPM2 ancestral sampler steps to (`coefficients.ancestral` is the same split in float64)."""
+    if not eta:
+        return sigma_to, 0.0
+    up = min(sigma_to, eta * (sigma_to ** 2 * (sigma_from ** 2 - sigma_to ** 2) / sigma_from ** 2) ** 0.5)
+    return (sigma_to ** 2 - up ** 2) ** 0.5, up
+
+
+@torch.no_grad()
+def sample_dpm_2_ancestral(model, x, sigmas, extra_args=None, callback=None, disable=None, eta=1., s_noise=1.,
+                           noise_sampler=None, *, backend="auto"):
+    """Ancestral DPM2 (k-diffusion's signature): DPM2 from sigma_i to sigma_down, then
+    ``noise_sampler(sigmas[i], sigmas[i + 1]) * s_noise * sigma_up`` (default randn_like); where sigma_down = 0 one
+    Euler call to 0 and no noise, as k-diffusion."""
+    _check_x(x)
+    sig = _sigmas(sigmas)
+    n = len(sig) - 1
+    if noise_sampler is None:
+        noise_sampler = lambda sigma, sigma_next: torch.randn_like(x)  # noqa: E731
+    sg = sigmas.detach().cpu()
+    downs, ups = zip(*(_get_ancestral_step(sg[i], sg[i + 1], eta) for i in range(n)), strict=True)
+    noise = [0.0 if float(d) == 0 else s_noise * float(u) for d, u in zip(downs, ups, strict=True)]
+
+    def noise_for(k, ev):
+        i = ev.step - 1
+        return noise_sampler(sigmas[i], sigmas[i + 1]) if ev.source == "u" else None
+
+    return _dpm2(model, x, sigmas, extra_args, callback, disable, sg[:-1],
+                 [_log_midpoint(sg[i], downs[i]) for i in range(n)], downs, noise, noise_for, sg[:-1], backend)
+
+
 def _sigma_limits(sigma_min, sigma_max):
     if sigma_min <= 0 or sigma_max <= 0:
         raise ValueError("sigma_min and sigma_max must not be 0")
@@ -214,14 +297,14 @@ def _sigma_limits(sigma_min, sigma_max):
 
 
 def _ancestral_target(t, t_next, t_end, eta):
-    """k-diffusion's DPMSolver ancestral split in float32 time: (ODE target time, noise scale)."""
+    """k-diffusion's DPMSolver ancestral split in float32 time: (ODE target time, noise scale as a 0-d tensor)."""
     if not eta:
         return t_next, 0.0
     s_from, s_to = t.neg().exp(), t_next.neg().exp()
     s_up = torch.minimum(s_to, eta * (s_to ** 2 * (s_from ** 2 - s_to ** 2) / s_from ** 2) ** 0.5)
     s_down = (s_to ** 2 - s_up ** 2) ** 0.5
     target = torch.minimum(t_end, s_down.log().neg())
-    return target, float((s_to ** 2 - target.neg().exp() ** 2) ** 0.5)
+    return target, (s_to ** 2 - target.neg().exp() ** 2) ** 0.5
 
 
 @torch.no_grad()
@@ -242,13 +325,14 @@ def sample_dpm_fast(model, x, sigma_min, sigma_max, n, extra_args=None, callback
     orders = P.singlestep_orders(n, 3)  # the authors' DPM-Solver-fast orders, which k-diffusion uses
     ts = torch.linspace(t_start, t_end, len(orders) + 1)  # float32, as k-diffusion
     targets, ups = zip(*(_ancestral_target(ts[i], ts[i + 1], t_end, eta) for i in range(len(orders))), strict=True)
+    ups = [float(u * s_noise) for u in ups]  # k-diffusion's su * s_noise, rounded as it rounds it
     tl = ts.double().tolist()
     ends = [float(v) for v in targets]
     plan = _plans.get(("fast", tuple(tl), tuple(orders), tuple(ends), tuple(ups), s_noise),
                       lambda: P.plan_singlestep(P.VELambdaTime, "dpmsolver", "dpmsolver", tl, orders,
                                                 inner_times=[list(np.linspace(tl[b], ends[b], o + 1)[1:-1])
                                                              for b, o in enumerate(orders)],
-                                                block_ends=ends, block_noise=[u * s_noise for u in ups]))
+                                                block_ends=ends, block_noise=ups))
 
     def noise_for(k, ev):
         i = ev.step - 1
@@ -257,6 +341,34 @@ def sample_dpm_fast(model, x, sigma_min, sigma_max, n, extra_args=None, callback
     return _run(model, x, plan, [math.exp(-ev.t) for ev in plan.evals], extra_args, callback, disable, noise_for,
                 EPS_FROM_DENOISER, backend,
                 info=lambda i: {"sigma": ts[i].neg().exp(), "sigma_hat": ts[i].neg().exp(), "t": ts[i], "t_up": ts[i]})
+
+
+def _adaptive_updates(s, t, order: int):
+    """One attempt of k-diffusion's DPM-Solver-12 / -23 from time s to t (0-d float32 tensors, t = -log sigma): the
+    sigma of each model evaluation and the update that follows it (x_high's, through u1 [, u2]), then x_low's update
+    on the stored eps and which eps it starts from. Every number is k-diffusion's own: its float32 intermediate times
+    and coefficients, in its order of operations (values the float64 formulas of `coefficients.singlestep` give to
+    float32 rounding; tests/test_kdiffusion_samplers.py compares them). The step size controller feeds on the small
+    difference x_high - x_low and Brownian-tree noise on the exact times, so only these very values reproduce
+    k-diffusion's accept / reject sequence and noise."""
+    sig = lambda v: v.neg().exp()  # noqa: E731
+    h = t - s
+    r1 = 1 / 2 if order == 2 else 1 / 3
+    s1 = s + r1 * h
+    c_u1 = float(sig(s1) * (r1 * h).expm1())  # u1 = x - c_u1 eps
+    c1 = float(sig(t) * h.expm1())  # x - c1 eps: the first-order step
+    c2 = float(sig(t) / (2 * r1) * h.expm1())  # dpm_solver_2_step: x - c1 eps - c2 (eps_r1 - eps)
+    first = C.Update(1.0, (-c_u1,))
+    if order == 2:
+        return [(sig(s), first), (sig(s1), C.Update(1.0, (-c2, c2 - c1)))], C.Update(1.0, (-c1,)), 0
+    r2 = 2 / 3
+    s2 = s + r2 * h
+    c_a = float(sig(s2) * (r2 * h).expm1())  # u2 = x - c_a eps - c_b (eps_r1 - eps)
+    c_b = float(sig(s2) * (r2 / r1) * ((r2 * h).expm1() / (r2 * h) - 1))
+    c3 = float(sig(t) / r2 * (h.expm1() / h - 1))  # x_3 = x - c1 eps - c3 (eps_r2 - eps)
+    evals = [(sig(s), first), (sig(s1), C.Update(1.0, (-c_b, c_b - c_a))),
+             (sig(s2), C.Update(1.0, (-c3, 0.0, c3 - c1)))]
+    return evals, C.Update(1.0, (-c2, c2 - c1)), 1
 
 
 class _PIDController:
@@ -312,29 +424,16 @@ def sample_dpm_adaptive(model, x, sigma_min, sigma_max, extra_args=None, callbac
     x_prev = x
     s = t_start
     ones = x.new_ones([x.shape[0]])
-    r1 = 0.5 if order == 2 else 1.0 / 3.0
     from tqdm.auto import tqdm
 
     with tqdm(disable=disable) as bar:
         while (s < t_end - 1e-5) if forward else (s > t_end + 1e-5):
             t = torch.minimum(t_end, s + pid.h) if forward else torch.maximum(t_end, s + pid.h)
             t_, su = _ancestral_target(s, t, t_end, eta) if eta else (t, 0.0)
-            s64, tt = float(s), float(t_)
-            ps, pt = P.VELambdaTime.point64(s64), P.VELambdaTime.point64(tt)
-            p1 = P.VELambdaTime.point64(s64 + r1 * (tt - s64))
-            if order == 2:
-                low = C.multistep("dpmsolver", "dpmsolver", 1, [ps], pt)
-                ups = C.singlestep("dpmsolver", "dpmsolver", 2, ps, [p1], pt)
-                evals = [(ps, ups[0]), (p1, ups[1])]
-                low_from = 0  # x_low combines the first evaluation's eps alone
-            else:
-                p2 = P.VELambdaTime.point64(s64 + (2.0 / 3.0) * (tt - s64))
-                low = C.singlestep("dpmsolver", "dpmsolver", 2, ps, [p1], pt)[1]
-                ups = C.singlestep("dpmsolver", "dpmsolver", 3, ps, [p1, p2], pt)
-                evals = [(ps, ups[0]), (p1, ups[1]), (p2, ups[2])]
-                low_from = 1
-            for j, (pp, up) in enumerate(evals):  # evaluation j at x (j = 0) or at u, each stores its eps in m[j]
-                den = _checked_output(model(x if j == 0 else u, float(pp.sigma) * ones, **extra_args), x.dtype)
+            evals, low, low_from = _adaptive_updates(s, t_, order)
+            for j, (sig, up) in enumerate(evals):  # evaluation j at x (j = 0) or at u, each stores its eps in m[j]
+                pp = C.Point.from_ve_sigma(float(sig))
+                den = _checked_output(model(x if j == 0 else u, float(sig) * ones, **extra_args), x.dtype)
                 if j == 0:
                     d0 = den  # the callback's denoised
                 row = torch.from_numpy(P.coefficient_rows(pp, EPS_FROM_DENOISER, up, "sigma_min")).to(x.device)

@@ -48,6 +48,12 @@ class VELambdaTime:
         return C.Point(np.ones_like(t)[()], np.exp(-t)[()], t[()])
 
 
+def _check_times(ns, t, name: str) -> None:
+    """The schedule's range rule (`NoiseSchedule.check_times`) where times are a schedule's (not VELambdaTime's)."""
+    if isinstance(ns, NoiseSchedule):
+        ns.check_times(t, name)
+
+
 def stack_points(points) -> C.Point:
     """One `Point` of arrays from a list of points (or a `Point` already holding arrays)."""
     if isinstance(points, C.Point):
@@ -68,6 +74,8 @@ def time_steps(ns: NoiseSchedule, skip_type: str, t_T: float, t_0: float, n: int
     """
     if skip_type not in SKIP_TYPES:
         raise ValueError(f"skip_type: expected one of {SKIP_TYPES}, got {skip_type!r}")
+    _check_times(ns, t_T, "t_T")
+    _check_times(ns, t_0, "t_0")
     if n < 1:
         raise ValueError(f"steps: need at least 1 step, got {n}")
     if skip_type not in ("time_uniform", "time_quadratic") and not np.isfinite(
@@ -256,6 +264,7 @@ class Eval:
     step: int  # 1-based index of the solver step it belongs to
     noisy: bool  # the update adds noise
     corrected: bool = False  # UniPC: the step first corrects the previous step's result, which must be its x
+    reads_eval: bool = False  # the update reads x_eval itself as its first history entry (hist1), before read_slots
 
 
 @dataclass
@@ -362,6 +371,8 @@ def plan_multistep(ns, algorithm_type, solver_type, times, orders, eta=0.0, s_no
         raise ValueError(f"orders: expected {n} orders for {n + 1} times, got {len(orders)}")
     C.is_data_prediction(algorithm_type)  # validated also when every step is zero-length
     C.normalize_solver_type(solver_type)
+    if points is None:
+        _check_times(ns, times, "times")
     pts = stack_points(points) if points is not None else point(ns, np.asarray(times, dtype=np.float64))
     if np.shape(pts.lam) != (n + 1,):
         raise ValueError(f"points: expected {n + 1} points, got {np.shape(pts.lam)}")
@@ -454,6 +465,8 @@ def plan_singlestep(ns, algorithm_type, solver_type, outer, orders, skip_type="t
         raise ValueError(f"orders: expected {len(outer) - 1} block orders, got {len(orders)}")
     outer = np.asarray(outer, dtype=np.float64)
     block_ends = outer[1:] if block_ends is None else np.asarray(block_ends, dtype=np.float64)
+    _check_times(ns, outer, "outer")
+    _check_times(ns, block_ends, "block_ends")
     if block_ends.shape != (len(orders),):
         raise ValueError(f"block_ends: expected {len(orders)} block ends, got {block_ends.shape}")
     eval_t, blocks = [], []  # evaluation times; per block (order, first evaluation index)
@@ -463,6 +476,7 @@ def plan_singlestep(ns, algorithm_type, solver_type, outer, orders, skip_type="t
             inner_t = np.asarray(inner_times[b], dtype=np.float64)
             if inner_t.shape != (o - 1,):
                 raise ValueError(f"inner_times: block {b} of order {o} needs {o - 1} times, got {inner_t.shape}")
+            _check_times(ns, inner_t, "inner_times")
         else:
             inner_t = time_steps(ns, skip_type, s, t, o)[1:-1] if o > 1 else np.zeros(0)
         blocks.append((o, len(eval_t)))
@@ -496,22 +510,33 @@ def plan_singlestep(ns, algorithm_type, solver_type, outer, orders, skip_type="t
                 needs_u=max(orders) > 1, kind="singlestep")
 
 
-TWO_STAGE = ("2s_ancestral", "sde")
+TWO_STAGE = ("2s_ancestral", "sde", "dpm2")
 
 
-def plan_two_stage(sigmas, form: str, eta: float = 1.0, s_noise: float = 1.0, r: float = 0.5) -> Plan:
-    """k-diffusion's two-evaluation ancestral steps on VE sigmas (alpha = 1), one `Eval` per model call.
+def plan_two_stage(sigmas, form: str, eta: float = 1.0, s_noise: float = 1.0, r: float = 0.5, *, starts=None,
+                   mids=None, ends=None, noise=None) -> Plan:
+    """Two-evaluation steps on VE sigmas (alpha = 1), one `Eval` per model call.
 
     Each interval sigma_i -> sigma_{i+1} > 0 takes two evaluations: the first at x_i (sigma_i) moves to an
     intermediate point u, the second, at u, restarts from x_i (the caller passes x_i as x and u as x_eval):
-    - "2s_ancestral" (DPM-Solver++(2S) ancestral): (down, up) = `coefficients.ancestral`(sigma_i, sigma_{i+1}, eta);
-      u is the first-order step to the lambda midpoint of sigma_i and down (r = 1/2 always, as k-diffusion), and the
-      second evaluation's output alone takes x_i to down, plus up * z. Where down = 0 (the last step, or a large
-      eta) a single evaluation gives its output, plus up * z while sigma_{i+1} > 0.
+    - "2s_ancestral" (k-diffusion's DPM-Solver++(2S) ancestral): (down, up) = `coefficients.ancestral`(sigma_i,
+      sigma_{i+1}, eta); u is the first-order step to the lambda midpoint of sigma_i and down (r = 1/2 always, as
+      k-diffusion), and the second evaluation's output alone takes x_i to down, plus up * z. Where down = 0 (the last
+      step, or a large eta) a single evaluation gives its output, plus up * z while sigma_{i+1} > 0.
     - "sde" (DPM-Solver++ SDE, k-diffusion's `sample_dpmpp_sde`; diffusers' DPMSolverSDEScheduler is r = 1/2,
       eta = 1): u is the ancestral first-order step to s = sigma_i^(1-r) sigma_{i+1}^r (noise z1), and the
       second takes x_i ancestrally to sigma_{i+1} with (1 - 1/(2r)) m_i + 1/(2r) m_u (noise z2). A last step to
       sigma = 0 is one evaluation: its output.
+    - "dpm2" (DPM2: k-diffusion's `sample_dpm_2` / `sample_dpm_2_ancestral`, diffusers' KDPM2 schedulers): Euler
+      steps of dx/dsigma = (x - D) / sigma with a log-sigma midpoint. Interval i starts at starts[i] (default
+      sigma_i; sample_dpm_2's churned sigma_hat), ends at ends[i] (default sigma_{i+1}, or with eta > 0 the ancestral
+      sigma_down) and evaluates the model a second time at mids[i] (default the log-sigma midpoint of start and
+      end): u = x_i + (mid - start) d(x_i) is the first-order step to the midpoint, and the second evaluation takes
+      x_i to the end with the midpoint's derivative, x_i + (end - start) / mid (u - D(u)) -- linear in x_i, u and
+      D(u), so its update reads x_eval itself as hist1 (`Eval.reads_eval`). Where end = 0 one evaluation: x = D.
+      Then noise[i] * z is added (default: sigma_up * s_noise where two evaluations are taken, else 0); a front end
+      passes the float values its original computes (diffusers' float32 grids, sample_dpm_2's churn of the next
+      interval as noise).
     `Eval.t` is the sigma the model is evaluated at; noise scales include s_noise.
     """
     if form not in TWO_STAGE:
@@ -524,7 +549,9 @@ def plan_two_stage(sigmas, form: str, eta: float = 1.0, s_noise: float = 1.0, r:
     n = len(sig) - 1
     ps, pt = C.Point.from_ve_sigma(sig[:-1]), C.Point.from_ve_sigma(sig[1:])
     fac = 1.0 / (2.0 * r)
-    if form == "2s_ancestral":
+    if form == "dpm2":
+        ps, mid, single, first, second, one = _dpm2_intervals(sig, eta, s_noise, starts, mids, ends, noise)
+    elif form == "2s_ancestral":
         q, up = C.ancestral(ps, pt, eta)
         single = q.sigma == 0.0
         mid = C.Point.from_ve_sigma(np.exp(-(ps.lam + 0.5 * (q.lam - ps.lam))))
@@ -544,6 +571,7 @@ def plan_two_stage(sigmas, form: str, eta: float = 1.0, s_noise: float = 1.0, r:
         second = C.Update(base.a, (fac * base.c[0], (1.0 - fac) * base.c[0]), up2 * s_noise)
         one = C.Update(0.0, (1.0, 0.0), 0.0)
     keep_first = fac != 1.0 and form == "sde"  # the second evaluation also reads m_i
+    reads_eval = form == "dpm2"
 
     def per_interval(u: C.Update, p: C.Point) -> np.ndarray:
         """[n, 7]: a, c0, c1, noise of the update and alpha, sigma, lambda of the evaluation, per interval."""
@@ -557,10 +585,41 @@ def plan_two_stage(sigmas, form: str, eta: float = 1.0, s_noise: float = 1.0, r:
                   source="u" if k == "second" else "x", dest="u" if k == "first" else "x",
                   write_slot=0 if keep_first and k == "first" else None,
                   read_slots=(0,) if keep_first and k == "second" else (), order=1 if k == "one" else 2, step=i + 1,
-                  noisy=bool(rows[j, 3] != 0.0)) for j, (k, i) in enumerate(seq)]
+                  noisy=bool(rows[j, 3] != 0.0), reads_eval=reads_eval and k == "second")
+             for j, (k, i) in enumerate(seq)]
     update = C.Update(rows[:, 0], (rows[:, 1], rows[:, 2], np.zeros(len(seq))), rows[:, 3])
-    return Plan(evals, C.Point(rows[:, 4], rows[:, 5], rows[:, 6]), update, 1, sig,
+    return Plan(evals, C.Point(rows[:, 4], rows[:, 5], rows[:, 6]), update, 0 if reads_eval else 1, sig,
                 [ev.order for ev in evals if ev.dest == "x"], needs_u=True, kind="singlestep")
+
+
+@np.errstate(divide="ignore", invalid="ignore")
+def _dpm2_intervals(sig, eta, s_noise, starts, mids, ends, noise):
+    """plan_two_stage's "dpm2" form: (start points, midpoints, single, first, second, one) per interval."""
+    n = len(sig) - 1
+
+    def given(v, name):
+        v = np.broadcast_to(np.asarray(v, dtype=np.float64), (n,))
+        if not (np.isfinite(v).all() and (v >= 0).all()):
+            raise ValueError(f"{name}: DPM2 sigmas must be finite and >= 0")
+        return v
+
+    ps = C.Point.from_ve_sigma(sig[:-1] if starts is None else given(starts, "starts"))
+    up = 0.0
+    if ends is None:
+        pe, up = C.ancestral(C.Point.from_ve_sigma(sig[:-1]), C.Point.from_ve_sigma(sig[1:]), eta) if eta else (
+            C.Point.from_ve_sigma(sig[1:]), 0.0)
+    else:
+        pe = C.Point.from_ve_sigma(given(ends, "ends"))
+    single = np.broadcast_to(pe.sigma == 0.0, (n,))
+    z = np.where(single, 0.0, up * s_noise) if noise is None else np.broadcast_to(
+        np.asarray(noise, dtype=np.float64), (n,))
+    mid_sigma = np.where(single, ps.sigma, np.sqrt(ps.sigma * pe.sigma)) if mids is None else given(mids, "mids")
+    mid = C.Point.from_ve_sigma(mid_sigma)
+    first = C.multistep("dpmsolver++", "dpmsolver", 1, [ps], mid)  # Euler in sigma: a = mid / start, c0 = 1 - a
+    k = np.where(single, 0.0, (pe.sigma - ps.sigma) / mid.sigma)
+    second = C.Update(1.0, (-k, k), z)  # x_i + k (u - D(u)): c0 on D(u), c1 on u (hist1 = x_eval)
+    one = C.multistep("dpmsolver++", "dpmsolver", 1, [ps], pe)  # end = 0: x = D
+    return ps, mid, single, first, second, C.Update(one.a, one.c, z)
 
 
 def plan_singlestep_steps(algorithm_type: str, solver_type: str, points, orders: list[int], times=None) -> Plan:
@@ -591,12 +650,17 @@ def plan_singlestep_steps(algorithm_type: str, solver_type: str, points, orders:
                                         pts[idx + 1]))
     # A block whose evaluation points repeat a time (a zero-length sub-step, e.g. a repeated timestep): of each
     # coincident pair only the newer output enters, at the order of the distinct points, so no divided difference
-    # spans h = 0 (the whole block repeating one time is the identity already).
+    # spans h = 0 (the whole block repeating one time is the identity already). The third-order update of the
+    # "dpmsolver" (midpoint) form divides only by the newest point's distance from the block start and does not read
+    # the middle output: it stays as it is (diffusers' result there is finite, and this is it).
     lam = pts.lam
+    midpoint = C.normalize_solver_type(solver_type) == "dpmsolver"
     for i in range(n):
         o, b = orders[i], i - orders[i] + 1
         kept = [j for j in range(o) if j == o - 1 or abs(lam[b + j + 1] - lam[b + j]) > C.ZERO_STEP]
         if len(kept) == o or not abs(lam[i + 1] - lam[b]) > C.ZERO_STEP:
+            continue
+        if o == 3 and midpoint and abs(lam[i] - lam[b]) > C.ZERO_STEP:
             continue
         u = update(len(kept), pts[b + kept[0]], [pts[b + j] for j in kept[1:]], pts[i + 1])
         a[i], noise[i], c[i] = u.a, u.noise, 0.0
@@ -609,3 +673,29 @@ def plan_singlestep_steps(algorithm_type: str, solver_type: str, points, orders:
                   read_slots=tuple((i - j) % k for j in range(1, orders[i])), order=orders[i], step=i + 1,
                   noisy=bool(noise[i] != 0.0)) for i in range(n)]
     return Plan(evals, pts[np.arange(n)], C.Update(a, tuple(c.T), noise), k, np.asarray(tl), list(orders))
+
+
+def plan_caller_steps(algorithm_type: str, solver_type: str, now, nxt, back, has_back, eta: float = 1.0) -> Plan:
+    """Independent steps whose history the caller holds (diffusers' CogVideoXDPMScheduler is passed the previous
+    step's x0 and its time with every call): step i goes from now[i] to nxt[i] with the output at now[i] and, where
+    has_back[i], the caller's previous output at back[i] (hist1 of the op) -- second order, or first order where
+    back[i] is at now[i]'s lambda (the divided difference would span h = 0). now, nxt, back: `Point`s of arrays [n]
+    (or lists of points); multistep updates of `algorithm_type` (SDE: eta, s_noise 1). One `Eval` per step."""
+    now, nxt, back = (stack_points(p) for p in (now, nxt, back))
+    n = np.shape(now.lam)[0]
+    has = np.broadcast_to(np.asarray(has_back, dtype=bool), (n,))
+    with np.errstate(invalid="ignore"):
+        orders = np.where(has & ~C.is_zero_step(now.lam - back.lam), 2, 1)
+    a, c, noise = _update_arrays(n)
+    sde = algorithm_type.startswith("sde")
+    for o in (1, 2):
+        idx = np.flatnonzero(orders == o)
+        if idx.size:
+            prev = [now[idx], back[idx]][:o]
+            u = (C.sde_multistep(algorithm_type, solver_type, o, prev, nxt[idx], eta) if sde
+                 else C.multistep(algorithm_type, solver_type, o, prev, nxt[idx]))
+            _store(a, c, noise, idx, u)
+    evals = [Eval(t=float(i), t_next=float(i + 1), source="x", dest="x", write_slot=None, read_slots=(),
+                  order=int(orders[i]), step=i + 1, noisy=bool(noise[i] != 0.0)) for i in range(n)]
+    return Plan(evals, now, C.Update(a, tuple(c.T), noise), 0, np.arange(n + 1, dtype=np.float64),
+                orders.tolist())

@@ -63,6 +63,28 @@ class NoiseSchedule:
         """The solver's point(s) (alpha, sigma, lambda) at time(s) t."""
         raise NotImplementedError
 
+    def check_times(self, t, name: str = "t") -> None:
+        """Refuse times outside this schedule: a ValueError naming the caller's argument `name` unless every time
+        lies in [0, T] (0: clean data; T: the schedule's noisiest time). The one range rule of every front end that
+        takes times. A time that rounds to T in float32 counts as T: a float32 tensor holding T = 0.97 holds
+        0.97000003.
+
+        t: a float, or an array / tensor of times.
+        """
+        if type(t) is float:  # the per-step case of a custom loop: no numpy
+            if 0.0 <= t <= self.T or (t > self.T and float(np.float32(t)) == float(np.float32(self.T))):
+                return
+            bad = t
+        else:
+            v = np.asarray(t.detach().cpu().double() if isinstance(t, torch.Tensor) else t, dtype=np.float64)
+            with np.errstate(over="ignore", invalid="ignore"):  # huge times become inf in float32: still refused
+                ok = (v >= 0.0) & ((v <= self.T) | (v.astype(np.float32) == np.float32(self.T)))
+            if bool(np.all(ok)):
+                return
+            bad = float(v[~ok].flat[0])
+        raise ValueError(f"{name}: times must lie in [0, T = {self.T}] of {self!r} (0: clean data, T: its "
+                         f"noisiest time), got {bad}")
+
     # ----- the authors' tensor API -----
     def _wrap(self, fn, t):
         tt = torch.as_tensor(t)

@@ -135,6 +135,7 @@ class DPMSolver(AuthorsUpdatesMixin):
         return (torch.minimum(torch.maximum(y, -s), s) / s).to(x0.dtype)
 
     def noise_prediction_fn(self, x, t):
+        self.noise_schedule.check_times(t, "t")
         return self.model(x, t)
 
     def data_prediction_fn(self, x, t):
@@ -167,6 +168,7 @@ class DPMSolver(AuthorsUpdatesMixin):
     def add_noise(self, x, t, noise=None):
         """x_t = alpha_t x + sigma_t noise; t of shape (t_size,) gives (t_size, B, ...) (squeezed if 1)."""
         t = torch.as_tensor(t, device=x.device)
+        self.noise_schedule.check_times(t, "t")
         alpha_t, sigma_t = self.noise_schedule.marginal_alpha(t), self.noise_schedule.marginal_std(t)
         if noise is None:
             noise = torch.randn((t.shape[0], *x.shape), device=x.device, dtype=x.dtype)
@@ -227,10 +229,10 @@ class DPMSolver(AuthorsUpdatesMixin):
             t_T = ns.T if t_start is None else float(t_start)
             t_0 = 1.0 / ns.total_N if t_end is None else float(t_end)
             lo, hi, lo_name, hi_name = t_0, t_T, "t_end", "t_start"
-        if not (math.isfinite(lo) and lo > 0):
-            raise ValueError(f"{lo_name}: must be a finite time > 0, got {lo}")
-        if not (math.isfinite(hi) and hi <= ns.T * (1 + 1e-9)):
-            raise ValueError(f"{hi_name}: must be a finite time <= T = {ns.T}, got {hi}")
+        ns.check_times(lo, lo_name)
+        ns.check_times(hi, hi_name)
+        if not lo > 0:  # the authors' rule: a trajectory ends short of t = 0 (denoise_to_zero takes the last step)
+            raise ValueError(f"{lo_name}: must be > 0, got {lo}")
         if not lo < hi:
             raise ValueError(f"{lo_name}: must be smaller than {hi_name} (got {lo_name}={lo}, {hi_name}={hi})")
         return (t_T, t_0) if not inverse else (t_0, t_T)
@@ -370,6 +372,7 @@ class DPMSolver(AuthorsUpdatesMixin):
         """One model evaluation at (x [B, ...], t): this solver's prediction (x0 for DPM-Solver++, else eps), with
         guidance, thresholding and `correcting_x0_fn` applied as in `sample`; a new tensor."""
         t = float(t)
+        self.noise_schedule.check_times(t, "t")
         return self._convert(x, self._raw(x, self._t_tensor(t, x)), P.point(self.noise_schedule, t), t)
 
     def combine(self, update: C.Update, x: torch.Tensor, outputs: list[torch.Tensor],

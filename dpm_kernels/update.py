@@ -9,12 +9,18 @@ The history is a ring buffer [order, *x.shape] owned by the caller: each call wr
 output into a free slot (no copies, no list shifting) and remembers the output's time. The coefficient row comes
 from the planner (`planner.coefficient_rows`), vectorized over samples when t is a [B] tensor. Rows of float
 times are kept per (schedule, times, options, device) in a small cache: a loop that runs the same time grid again
-(the next image) finds its rows there and does no float64 math and no upload per step.
+(the next image, after `hist.reset()`) finds its rows there and does no float64 math and no upload per step.
+
+A History belongs to one trajectory: a step that does not start at the previous t_next, or turns back, raises
+(outputs of another trajectory would silently enter the update). Times outside the schedule's [0, T] raise
+(`NoiseSchedule.check_times`). t_next > t runs the ODE towards noise (inversion: DDIM-style encoding of data
+into noise); SDE algorithms refuse it.
 """
 
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 import torch
@@ -25,6 +31,8 @@ from .ops import bind, default_history_dtype
 from .schedule import NoiseSchedule
 
 _steps = P.Cache(4096)  # (schedule, times, options, device) -> what a step with float times needs
+_OP_NAME = re.compile(r"\bmodel_out\b")  # the op's name for what this module calls model_output
+_CONTINUITY_RTOL = 1e-6  # a step starts where the last ended up to this (float32 copies of a float64 grid)
 
 
 class History:
@@ -37,6 +45,10 @@ class History:
     Attributes:
         buffer: [order, B, ...] storage; `count`: outputs stored so far; `last_order`: the order of the most
         recent update. Only outputs of distinct times are stored: a zero-length step (t_next == t) stores nothing.
+
+    A History serves one trajectory: each step must start where the previous one ended (its t is the previous
+    t_next, per sample) and keep its direction (towards the data, or towards noise for an ODE inversion); a step
+    that does not raises. Call `reset()` before the next trajectory (the next image), or make a new History.
     """
 
     def __init__(self, like: torch.Tensor, order: int = 3, dtype: torch.dtype | None = None):
@@ -56,6 +68,8 @@ class History:
         self.count = 0
         self.last_order = 0
         self._entries: list[tuple[int, C.Point, object]] = []  # (slot, point(s), cache key of the time), newest first
+        self._t_end = None  # the previous step's t_next (a float or [B] times): where the next step must start
+        self._way = 0  # the trajectory's direction in t (per sample: an array): -1 towards the data, +1 towards noise
 
     def slot(self, k: int) -> int:
         """Ring index of the k-th most recent output (k = 0: newest)."""
@@ -72,6 +86,41 @@ class History:
     def _push(self, slot: int, pt: C.Point, key) -> None:
         self._entries = [(slot, pt, key)] + self._entries[:self.order - 1]
         self.count += 1
+
+    def _check_continues(self, t, t_next) -> None:
+        """Refuse a step that does not continue this trajectory (see the class doc), before anything is written:
+        the stored outputs of another trajectory would enter this update and give a silently wrong x."""
+        end = self._t_end
+        if end is None:
+            return
+        if type(t) is float and type(t_next) is float and type(end) is float and type(self._way) is int:
+            gap, first, got = abs(t - end) > _CONTINUITY_RTOL * abs(end), None, t  # the per-step case: no numpy
+            way = (t_next > t) - (t_next < t)
+            turn = way != 0 and self._way != 0 and way != self._way
+        else:
+            ta, ea, na = np.broadcast_arrays(*(np.asarray(v, dtype=np.float64) for v in (t, end, t_next)))
+            gaps = (np.abs(ta - ea) > _CONTINUITY_RTOL * np.abs(ea)).reshape(-1)
+            first = int(np.argmax(gaps))
+            gap, got, end = bool(gaps[first]), float(ta.flat[first]), float(ea.flat[first])
+            way = np.sign(na - ta)
+            turn = bool(np.any((way != 0) & (self._way != 0) & (way != self._way)))
+        if gap:
+            which = "" if first is None or ta.ndim == 0 else f" (sample {first})"
+            raise ValueError(f"t: {got}{which} does not continue this history's trajectory, whose last step ended at "
+                             f"t_next = {end}; call history.reset() to start a new trajectory")
+        if turn:
+            was = "towards the data" if np.any(np.asarray(self._way) < 0) else "towards noise (an inversion)"
+            raise ValueError(f"t_next: this step (t = {t} -> t_next = {t_next}) turns back on a trajectory that ran "
+                             f"{was}; call history.reset() to start a new trajectory")
+
+    def _advance(self, t, t_next) -> None:
+        """Record a step taken: the next one starts at t_next, in the same direction."""
+        if type(t) is float and type(t_next) is float and type(self._way) is int:
+            self._way = ((t_next > t) - (t_next < t)) or self._way
+        else:
+            way = np.sign(np.asarray(t_next, dtype=np.float64) - np.asarray(t, dtype=np.float64))
+            self._way = np.where(way != 0, way, self._way)
+        self._t_end = t_next
 
 
 def _time_key(t, b: int, name: str):
@@ -154,9 +203,12 @@ def multistep_update(
         model_output: [B, ...] raw network output at (x, t) of type `model_type`; with cfg="stacked",
             [2B, ...] = cat([uncond, cond]); with cfg="pair", the unconditional half (cond in model_cond).
             A floating output of another dtype is cast to x's.
-        history: the `History` of this trajectory (updated in place).
-        t, t_next: continuous times (floats, or [B] tensors for per-sample times; reading those is a host sync
-            on a GPU), t_next towards the data. t_next == t is a zero-length step: x is returned unchanged.
+        history: the `History` of this trajectory (updated in place); t must be the previous step's t_next
+            (call `history.reset()` before a new trajectory).
+        t, t_next: continuous times in [0, T] of the schedule (floats, or [B] tensors for per-sample times;
+            reading those is a host sync on a GPU). t_next < t steps towards the data; t_next > t is an inversion
+            step towards noise (ODE algorithms only: an SDE step cannot be inverted), and a trajectory keeps its
+            direction. t_next == t is a zero-length step: x is returned unchanged.
         noise_schedule: the `NoiseScheduleVP` (or `NoiseScheduleFlow`) the times refer to.
         order: 1..3; lower while the history warms up (the first call is first order).
         algorithm_type: "dpmsolver++" | "dpmsolver" | "sde-dpmsolver++" | "sde-dpmsolver".
@@ -193,6 +245,9 @@ def multistep_update(
     sde = algorithm_type.startswith("sde")
     b = x.shape[0]
     ts, tn = _time_key(t, b, "t"), _time_key(t_next, b, "t_next")
+    noise_schedule.check_times(ts, "t")
+    noise_schedule.check_times(tn, "t_next")
+    history._check_continues(ts, tn)
     entries = history._entries
     k = min(order, len(entries) + 1)  # the order before a zero-length step or repeated times lower it
     thr = thresholding is not None
@@ -224,9 +279,13 @@ def multistep_update(
     if out is None:
         out = torch.empty_like(x, memory_format=torch.contiguous_format)
     step = bind(backend, x.device, cfg, thresholding, threshold_name="thresholding")
-    step(x, model_output, coef, out, None if write is None else slots[write], h[0], h[1], None,
-         noise if noisy else None, model_cond)
+    try:
+        step(x, model_output, coef, out, None if write is None else slots[write], h[0], h[1], None,
+             noise if noisy else None, model_cond)
+    except (ValueError, TypeError) as e:  # the op's rules, said with this function's argument names
+        raise (TypeError if isinstance(e, TypeError) else ValueError)(_OP_NAME.sub("model_output", str(e))) from None
     if write is not None:
         history._push(write, ps, ts if isinstance(ts, float) else None)
+    history._advance(ts, tn)
     history.last_order = eff
     return out

@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from dpm_kernels import benchmark
-from dpm_kernels.__main__ import main
+from dpm_kernels.__main__ import COMMANDS, PROG, main
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -80,7 +80,9 @@ BAD = {
     "bench-sizes": (["bench", "--sizes", "x"], "--sizes"),
     "bench-dtype": (["bench", "--dtypes", "float8"], "--dtypes"),
     "bench-order": (["bench", "--orders", "4"], "--orders"),
-    "unknown-command": (["frobnicate"], "invalid choice"),
+    "eta-with-an-ode-solver": (["sample", "--eta", "0.5"], "--eta"),
+    "bench-sizes-range": (["bench", "--sizes", "40"], "--sizes"),
+    "unknown-command": (["frobnicate"], "command: invalid choice"),
 }
 
 
@@ -94,6 +96,9 @@ def test_bad_input_is_one_line_and_status_2(which, capsys, tmp_path, monkeypatch
     assert rc == 2, (out, err)
     assert len(err.strip().splitlines()) == 1 and name in err and "Traceback" not in err, err
     assert out == ""  # refused before any work
+    # one format for every command, whether argparse or a later check refused: the command, then the option
+    prog = PROG + (f" {argv[0]}" if argv[0] in COMMANDS else "")
+    assert err.startswith(f"{prog}: error: {name}") and err.endswith(f" (see {prog} --help)\n"), err
 
 
 def test_demo_without_matplotlib_says_what_to_install(capsys, monkeypatch, tmp_path):
@@ -125,6 +130,29 @@ def test_bench_writes_csv_and_table(tmp_path, capsys):
     expect = {"eager"} if os.environ.get("DPM_KERNELS_NO_EXT") == "1" else {"eager", "cpu"}
     assert {r["provider"] for r in rows} >= expect and all(float(r["median_ms"]) > 0 for r in rows)
     assert all(r["torch"] and r["device"] and r["date"] and r["spread"] for r in rows)
+    assert all(float(r["floor_before_ms"]) > 0 and float(r["floor_after_ms"]) > 0 and r["run"] for r in rows)
+    assert rows[0]["device"] == benchmark.device_name(__import__("torch").device("cpu"))
+    md = files[0].with_suffix(".md").read_text()
+    assert f"device: {rows[0]['device']};" in md and "load average" in md
+
+
+def test_bench_compares_the_copy_floor_with_earlier_runs_on_the_device(tmp_path, capsys):
+    """The wiring of the run-level check: an earlier run on this device recorded 1000x this machine's copy bandwidth,
+    so this run is labelled DISTURBED and the reason named, on stdout, stderr and in the table."""
+    import torch
+
+    dev = torch.device("cpu")
+    fake = {"date": "2026-12-01", "device": benchmark.device_name(dev), "dtype": "float32", "n": 4096, "order": 2,
+            "thresholding": 0, "provider": "eager", "copy_GBps": 1e6, "run": "2026-12-01T08:00:00"}
+    benchmark.results_csv([fake], tmp_path, "fused_step", dev).rename(
+        tmp_path / f"fused_step-{benchmark.device_slug(dev)}-2026-12-01.csv")
+    rc, out, err = run(["bench", "--sizes", "12", "--orders", "2", "--dtypes", "float32", "--providers", "eager",
+                        "--thresholding", "off", "--out", str(tmp_path), "--min-time", "0.01", "--no-progress"], capsys)
+    assert rc == 0
+    assert "DISTURBED RUN" in out and "below 1 earlier run(s) on this device (2026-12-01T08:00:00" in out
+    assert "DISTURBED RUN" in err
+    md = next(p for p in tmp_path.glob("fused_step-*.md"))
+    assert md.read_text().startswith("# Fused step benchmark (DISTURBED RUN)")
 
 
 def test_bench_default_output_leaves_the_working_directory_clean(tmp_path, capsys, monkeypatch):
@@ -149,12 +177,65 @@ def test_noisy_measurements_are_marked_and_a_noisy_run_labelled():
     table = benchmark.markdown(loud)
     assert "1.000?" in table and "5.0x?" in table
     noisy, line = benchmark.noise_summary(loud)
-    assert noisy and line.startswith("NOISY RUN")
+    assert noisy and line.startswith("DISTURBED RUN")
     assert benchmark.markdown([row("cpu", 0.01, 0.01, 0.011, x_floor=0.01)]).count("?") >= 1  # 100x faster than copy
 
 
-def test_info_lists_backends(capsys):
+def test_info_lists_backends_and_says_where_the_kernels_are(capsys):
     rc, out, _ = run(["info"], capsys)
     assert rc == 0
-    for name in ("torch", "cpu", "cuda", "triton"):
-        assert name in out
+    lines = out.splitlines()
+    listed = [i for i, line in enumerate(lines) if re.match(r"^  (cuda|triton|cpu|torch) ", line)]
+    assert [lines[i].split()[0] for i in listed] == ["cuda", "triton", "cpu", "torch"]
+    # before the backends are checked (which may build the kernels), it says so
+    assert any("builds them" in line for line in lines[:listed[0]]), out
+    if os.environ.get("DPM_KERNELS_NO_EXT") != "1":  # the CPU kernels: where they were loaded from
+        cpu = lines[listed[2]]
+        path = re.search(r"available \((.+)\)$", cpu).group(1)
+        assert os.path.isfile(path), cpu
+    assert re.search(r"CPU kernels are built in (/\S+)", out)
+
+
+@pytest.mark.parametrize("cmd", COMMANDS)
+def test_every_command_help_starts_with_what_it_does(cmd, capsys):
+    """A subcommand's --help had only its usage and options; its first paragraph now says what it does."""
+    rc, out, _ = run([cmd, "--help"], capsys)
+    assert rc == 0
+    paragraphs = out.split("\n\n")
+    assert paragraphs[0].startswith(f"usage: {PROG} {cmd}")
+    assert re.match(r"^[A-Z][a-z].{20,}\.$", paragraphs[1].replace("\n", " ")), paragraphs[1]
+
+
+def test_demo_picture_shows_every_point_and_says_why_few_steps_lose(monkeypatch):
+    """The middle panel clipped endpoints at its edge, and the right panel showed DPM-Solver-3 at 6 NFE worse than
+    DDIM without a word: every drawn point now lies in view, and the panel says why below 10 NFE."""
+    import numpy as np
+
+    from dpm_kernels import demo
+
+    drawn = []
+    monkeypatch.setattr(demo, "save_png", lambda path, *args: drawn.append(args))
+    results, _ = demo.run_demo(n=300, seed=0, backend="torch", progress=False, png="unused")
+    fig = demo.figure(*drawn[0])
+    mid = fig.axes[1]
+    pts = np.concatenate([np.asarray(c.get_offsets()) for c in mid.collections if len(c.get_offsets()) > 1] +
+                         [np.concatenate(c.get_segments()) for c in mid.collections if hasattr(c, "get_segments")])
+    (x0, x1), (y0, y1) = mid.get_xlim(), mid.get_ylim()
+    assert len(pts) > 100 and ((pts[:, 0] > x0) & (pts[:, 0] < x1) & (pts[:, 1] > y0) & (pts[:, 1] < y1)).all()
+    err = {(r.name, r.nfe): r.error for r in results}
+    assert err[("DPM-Solver-3 (singlestep)", 6)] > err[("DDIM", 6)]  # what the note explains
+    note = " ".join(t.get_text() for t in fig.axes[2].texts)
+    assert "below 10 NFE" in note and "DPM-Solver-3 at 6 NFE" in note and "DDIM" in note
+
+
+def test_a_closed_pipe_ends_a_command_quietly():
+    """`python -m dpm_kernels info | head -1` ended with "error: [Errno 32] Broken pipe": a reader that leaves now
+    stops the command without a word on stderr."""
+    import subprocess
+
+    p = subprocess.Popen([sys.executable, "-m", "dpm_kernels", "info"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert p.stdout.readline().startswith(b"dpm_kernels ")
+    p.stdout.close()  # while info is still checking the backends
+    err = p.stderr.read()
+    p.wait(timeout=300)
+    assert b"Broken pipe" not in err and b"Traceback" not in err and b"Exception ignored" not in err, err

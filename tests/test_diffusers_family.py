@@ -82,8 +82,9 @@ def is_sde(kind: str, cfg: dict) -> bool:
 
 
 def run(cls, cfg: dict, steps: int, dtype=torch.float32, backend: str | None = None, shape=SHAPE, model=toy_model,
-        seed: int = 3, begin: int | None = None):
-    """Steps and x0 predictions (where the class returns them) of one trajectory; the scheduler."""
+        seed: int = 3, begin: int | None = None, noise: str = "generator"):
+    """Steps and x0 predictions (where the class returns them) of one trajectory; the scheduler. noise="variance":
+    the SDE noise passed as variance_noise (drawn in float32, the same in every dtype) instead of a generator."""
     s = cls(**cfg)
     if backend is not None:
         s.fused_backend = backend
@@ -102,7 +103,10 @@ def run(cls, cfg: dict, steps: int, dtype=torch.float32, backend: str | None = N
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for t in ts:
-            out = s.step(model(s.scale_model_input(x, t), t), t, x, **({"generator": g} if takes_generator else {}))
+            kw = {"generator": g} if takes_generator else {}
+            if noise == "variance":
+                kw = {"variance_noise": torch.randn(shape, generator=g).to(dtype)}
+            out = s.step(model(s.scale_model_input(x, t), t), t, x, **kw)
             x = out.prev_sample
             xs.append(x)
             if getattr(out, "pred_original_sample", None) is not None:
@@ -139,7 +143,7 @@ def check(kind: str, cfg: dict, steps: int = 10, **kw) -> dict:
     cfg = {**BASE[kind], **cfg}
     ref, ref_pred, _ = run(parent, cfg, steps, torch.float64, **kw)
     d32, d32_pred, _ = run(parent, cfg, steps, torch.float32, **kw)
-    sde = is_sde(kind, cfg)
+    sde = is_sde(kind, cfg) and kw.get("noise") != "variance"  # variance_noise: the same noise in every dtype
     bound = TOL32_SDE if sde else 2.0 * err(d32, ref) + 1e-6
     seen = {}
     for backend in BACKENDS:
@@ -177,6 +181,22 @@ INVERSE = (
 @pytest.mark.parametrize("cfg", INVERSE, ids=_ids(INVERSE))
 def test_inverse_matrix(cfg):
     check("inverse", cfg)
+
+
+INVERSE_FLOW_SDE = [dict(use_flow_sigmas=True, flow_shift=3.0, algorithm_type=a, prediction_type=p, solver_order=o,
+                         solver_type=st)
+                    for a, p in (("sde-dpmsolver++", "flow_prediction"), ("sde-dpmsolver++", "epsilon"),
+                                 ("sde-dpmsolver", "epsilon"), ("sde-dpmsolver", "v_prediction"))
+                    for o in (1, 2) for st in ("midpoint", "heun")]
+
+
+@pytest.mark.parametrize("cfg", INVERSE_FLOW_SDE, ids=_ids(INVERSE_FLOW_SDE))
+def test_inverse_sde_towards_data_is_fused(cfg):
+    # with flow sigmas diffusers' inverse grid runs from sigma ~1 down (towards the data): an SDE step is defined
+    # there and diffusers' result is finite -- the drop-in decides by the grid's direction, not the algorithm's name
+    check("inverse", cfg, noise="variance")  # the same noise in every dtype: the float32 runs against float64
+    if cfg["algorithm_type"] == "sde-dpmsolver++":  # diffusers' draws (sde-dpmsolver's float32 runs differ by 2e-5)
+        check("inverse", cfg)
 
 
 def test_inverse_learned_variance():
@@ -369,6 +389,37 @@ def test_third_order_sde_is_kdiffusions(kind):
     x0 = torch.randn(SHAPE, generator=torch.Generator().manual_seed(7)).double() * float(ref.init_noise_sigma)
     want = K.sample_dpmpp_3m_sde(denoiser, x0, sig, disable=True, noise_sampler=lambda a, b: next(noises))
     assert err([xs[-1]], [want]) <= 1e-9, err([xs[-1]], [want])
+
+
+def test_inverse_flow_third_order_sde_is_kdiffusions():
+    """diffusers' inverse scheduler with flow sigmas (a grid towards the data) fails at a third-order SDE step
+    (AssertionError); the drop-in takes k-diffusion's DPM-Solver++(3M) SDE step there. k-diffusion runs in
+    x_ve = x / alpha on sigma_ve = sigma / (1 - sigma), with the denoiser x0 = x - sigma v and the drop-in's noise."""
+    K = load_sampling()
+    parent, fused = PAIRS["inverse"]
+    cfg = {**BASE["inverse"], "use_flow_sigmas": True, "flow_shift": 3.0, "prediction_type": "flow_prediction",
+           "algorithm_type": "sde-dpmsolver++", "solver_order": 3, "solver_type": "heun"}
+    with pytest.raises(AssertionError):
+        run(parent, cfg, 10, torch.float64)
+    xs, _, s = run(fused, cfg, 10, torch.float64)
+    assert_fused(s, 10)
+    sig = s.sigmas.double()  # the last sigma repeats: the drop-in's last step is the identity
+    assert torch.equal(xs[-1], xs[-2])
+    t_of = {float(a): t for a, t in zip(sig.tolist(), s.timesteps.tolist(), strict=False)}
+
+    def denoiser(x_ve, sigma_ve):
+        sv = float(sigma_ve[0])
+        sigma = sv / (1.0 + sv)
+        x = x_ve * (1.0 - sigma)
+        t = t_of[min(t_of, key=lambda a: abs(a - sigma))]
+        return x - sigma * toy_model(x, t)
+
+    it = iter(_recorded_noise(fused, cfg, 10))  # alpha sigma_ve = sigma: the same z in both variables
+    x0 = torch.randn(SHAPE, generator=torch.Generator().manual_seed(7)).double() * float(s.init_noise_sigma)
+    sv = sig[:-1] / (1.0 - sig[:-1])
+    want = K.sample_dpmpp_3m_sde(denoiser, x0 / (1.0 - float(sig[0])), sv, disable=True,
+                                 noise_sampler=lambda a, b: next(it)) * (1.0 - float(sig[-2]))
+    assert err([xs[-2]], [want]) <= 1e-9, err([xs[-2]], [want])
 
 
 def _recorded_noise(cls, cfg, steps):

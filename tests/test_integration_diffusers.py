@@ -26,6 +26,7 @@ try:
 except ImportError as exc:  # a required test dependency: fail loudly instead of skipping
     raise ImportError("diffusers is a required test dependency (pip install diffusers==0.42.1)") from exc
 
+from dpm_kernels.integrations import diffusers as fused_package
 from dpm_kernels.integrations.diffusers import FusedDPMSolverMultistepScheduler, FusedDPMSolverSinglestepScheduler
 
 # torch (reference) and the C++ CPU kernels; "cpu" is in the list unless DPM_KERNELS_NO_EXT=1, and a CPU extension
@@ -298,6 +299,12 @@ FORMERLY_UNFUSED = [  # what fell back to diffusers' own step before, now fused:
     ("multi", dict(prediction_type="flow_prediction"), None),  # flow_prediction on VP sigmas: x0 = x - sigma_ve v
     ("multi", dict(variance_type="learned_range"), "learned"),
     ("single", dict(variance_type="learned", solver_order=3), "learned"),
+    # SDE noise drawn in the converted output's shape, as diffusers draws it (it was the raw output's 2C channels)
+    ("multi", dict(variance_type="learned_range", algorithm_type="sde-dpmsolver++", solver_order=3), "learned"),
+    ("multi", dict(variance_type="learned", algorithm_type="sde-dpmsolver", final_sigmas_type="sigma_min"),
+     "learned"),
+    ("single", dict(variance_type="learned_range", algorithm_type="sde-dpmsolver++", solver_order=2), "learned"),
+    ("single", dict(variance_type="learned", algorithm_type="sde-dpmsolver++", solver_order=3), "learned"),
 ]
 
 
@@ -366,6 +373,20 @@ def test_where_diffusers_fails_the_drop_ins_do_better():
     x = torch.randn(SHAPE, requires_grad=True)
     s.step(toy_model(x, s.timesteps[0]), s.timesteps[0], x).prev_sample.sum().backward()
     assert "grad" in s.fused_reason and x.grad is not None
+
+
+@pytest.mark.parametrize("alg", ["sde-dpmsolver++", "dpmsolver++"])
+@pytest.mark.parametrize("n", [15, 50])
+def test_singlestep_midpoint_block_with_a_repeated_time(alg, n):
+    """num_train_timesteps = steps repeats one timestep; where the repeat falls on the two later points of a third-order
+    block, diffusers' midpoint update stays finite (it reads only the block start and the newest output): the drop-in
+    takes that same update there instead of lowering the order."""
+    cfg = dict(num_train_timesteps=n, algorithm_type=alg, solver_order=3, solver_type="midpoint")
+    xs, s = run(DPMSolverSinglestepScheduler, cfg, n)
+    ts = s.timesteps.tolist()
+    i = next(k for k in range(1, n) if ts[k] == ts[k - 1])
+    assert s.order_list[i] == 3 and xs[-1].isfinite().all()
+    check("single", cfg, steps=n)
 
 
 def test_shape_change_within_a_trajectory_raises():
@@ -559,3 +580,97 @@ def test_custom_timesteps(kind):
                 outs.append(x)
             assert s.fused_reason is None and s._fz_traj.calls == 10
             assert err([outs[1]], [outs[0]]) < 1e-5, (p, final, err([outs[1]], [outs[0]]))
+
+
+DROP_INS = [getattr(fused_package, n) for n in fused_package.__all__]
+
+
+@pytest.mark.parametrize("cls", DROP_INS, ids=lambda c: c.__name__)
+def test_an_unknown_backend_name_raises_when_set(cls):
+    """A typo ("cuad") ran diffusers' own step without a word; now it is refused on assignment and in from_config,
+    on every drop-in (the rule lives in the shared mixin), and the attribute keeps its value."""
+    s = cls()
+    for bad in ("cuad", "", None, 3):
+        with pytest.raises(ValueError, match=r"^fused_backend: expected one of \('auto'"):
+            s.fused_backend = bad
+    assert s.fused_backend == "auto"
+    with pytest.raises(ValueError, match="^fused_backend: expected one of"):
+        cls.from_config(s.config, fused_backend="cuad")
+    assert cls.from_config(s.config, fused_backend="torch").fused_backend == "torch"
+
+
+def test_a_named_backend_is_used_or_raises_why_not():
+    """fused_backend = "cuda" on CPU tensors ran diffusers' own step (only fused_reason said so). A backend's own name
+    is a promise: it runs every step, or the first step raises naming it and the reason; "auto" keeps its fallback."""
+    x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(0))
+    for cls in (FusedDPMSolverMultistepScheduler, FusedDPMSolverSinglestepScheduler):
+        s = cls()
+        s.fused_backend = "cuda"  # CPU tensors: cuda never serves them, GPU or not
+        s.set_timesteps(6)
+        with pytest.raises(ValueError, match=r"^fused_backend: 'cuda' cannot serve cpu tensors \(cuda: serves cuda"):
+            s.step(toy_model(x, s.timesteps[0]), s.timesteps[0], x)
+        assert s.fused_reason is None and s._fz_traj is None
+    # what "auto" would run diffusers' step for raises with a named backend: inputs requiring grad ...
+    for backend, fallback in (("auto", True), ("torch", False)):
+        s = FusedDPMSolverMultistepScheduler()
+        s.fused_backend = backend
+        s.set_timesteps(4)
+        xg = x.clone().requires_grad_(True)
+        if fallback:
+            s.step(toy_model(xg, s.timesteps[0]), s.timesteps[0], xg)
+            assert "grad" in s.fused_reason
+        else:
+            with pytest.raises(ValueError, match="^fused_backend: 'torch' was named, but this step cannot be fused: "
+                                                 "inputs require grad"):
+                s.step(toy_model(xg, s.timesteps[0]), s.timesteps[0], xg)
+    # ... and a configuration the module does not know (here: one it is told not to know), also when the named
+    # backend is set after "auto" fell back at the first step of a trajectory
+    unknown = type("Unknown", (FusedDPMSolverMultistepScheduler,),
+                   {"STEP_KEYS": FusedDPMSolverMultistepScheduler.STEP_KEYS - {"solver_order"}})
+    s = unknown(solver_order=3)
+    s.set_timesteps(4)
+    s.step(toy_model(x, s.timesteps[0]), s.timesteps[0], x)  # "auto": diffusers' step
+    s.fused_backend = "torch"
+    with pytest.raises(ValueError, match="^fused_backend: 'torch' was named.*solver_order=3"):
+        s.step(toy_model(x, s.timesteps[1]), s.timesteps[1], x)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_backend_set_mid_trajectory_runs_the_next_step(backend):
+    """Setting fused_backend between steps switches the running trajectory (same plan, same ring)."""
+    want, _ = run(FusedDPMSolverMultistepScheduler, dict(solver_order=3), 8, backend="torch")
+    s = FusedDPMSolverMultistepScheduler(solver_order=3)
+    s.fused_backend = "torch"
+    s.set_timesteps(8)
+    x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(7))
+    for i, t in enumerate(s.timesteps):
+        if i == 3:
+            s.fused_backend = backend
+            assert s._fz_traj.step.backend.name == backend
+        x = s.step(toy_model(x, t), t, x).prev_sample
+    assert s.fused_reason is None and err([x], [want[-1]]) < 1e-6
+    with pytest.raises(ValueError, match="^fused_backend: 'cuda' cannot serve cpu"):
+        s.fused_backend = "cuda"
+    assert s.fused_backend == backend
+
+
+def test_a_named_backend_does_not_hand_a_unipc_trajectory_over_silently():
+    """Writing UniPC's last_sample mid-trajectory hands the rest to diffusers' own step with "auto"; a named backend
+    promised every step, so the next step raises and says why."""
+    from dpm_kernels.integrations.diffusers import FusedUniPCMultistepScheduler
+
+    for backend in ("auto", "torch"):
+        s = FusedUniPCMultistepScheduler(solver_order=2)
+        s.fused_backend = backend
+        s.set_timesteps(6)
+        x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(0))
+        for t in s.timesteps[:3]:
+            x = s.step(toy_model(x, t), t, x).prev_sample
+        s.last_sample = 0.9 * s.last_sample
+        t = s.timesteps[3]
+        if backend == "auto":
+            s.step(toy_model(x, t), t, x)
+            assert "last_sample was set" in s.fused_reason
+        else:
+            with pytest.raises(ValueError, match="^fused_backend: 'torch' was named.*last_sample was set"):
+                s.step(toy_model(x, t), t, x)

@@ -175,3 +175,46 @@ def test_singlestep_block_with_a_repeated_time_drops_to_the_distinct_points(alg,
     assert np.isclose(u.a[2], first.a, rtol=1e-12) and np.isclose(u.c[0][2], first.c[0], rtol=1e-12)
     assert u.c[1][2] == 0.0 and np.isclose(u.noise[2], first.noise, rtol=1e-12)
     assert (u.a[1], u.c[0][1], u.noise[1]) == (1.0, 0.0, 0.0)  # the zero-length evaluation is the identity
+
+
+@pytest.mark.parametrize("eta", [0.0, 0.6, 1.0])
+def test_dpm2_defaults_are_the_formulas(eta):
+    """plan_two_stage's "dpm2" form on its defaults (ends: the ancestral sigma_down, mids: the log-sigma midpoint,
+    noise: sigma_up * s_noise) equals a DPM2 loop written out in float64 from its definition (docs/math.md): Euler to
+    the midpoint, then x + (end - sigma) / mid * (u - D(u)), then the noise; a last interval to 0 is one Euler call."""
+    sig = np.array([8.0, 3.0, 1.2, 0.4, 0.0])
+    plan = P.plan_two_stage(sig, "dpm2", eta=eta, s_noise=0.9)
+    rows = plan.table(P.IDENTITY_X0)
+    den = lambda x, s: x / (1 + s * s) + 0.1 * np.tanh(x)  # noqa: E731  a denoiser
+    rng = np.random.default_rng(0)
+    x0 = rng.standard_normal(5) * 8
+    zs = iter(rng.standard_normal((len(sig), 5)))
+    # the plan, one row per model call: m = D(x_eval); out = a x + c0 m + c1 x_eval (reads_eval) + cn z
+    x, u = x0.copy(), None
+    for ev, r in zip(plan.evals, rows, strict=True):
+        at = x if ev.source == "x" else u
+        m = den(at, ev.t)
+        out = r[L.A] * x + r[L.C0] * m + (r[L.C1] * at if ev.reads_eval else 0.0)
+        z = next(zs) if ev.noisy else 0.0
+        out = out + r[L.CN] * z
+        if ev.dest == "u":
+            u = out
+        else:
+            x = out
+    # the definition
+    zs = iter(np.random.default_rng(0).standard_normal((len(sig) + 1, 5))[1:])
+    y = x0.copy()
+    for s, s_next in zip(sig[:-1], sig[1:], strict=True):
+        up = min(s_next, eta * np.sqrt(s_next ** 2 * (s ** 2 - s_next ** 2) / s ** 2))
+        down = np.sqrt(s_next ** 2 - up ** 2)
+        d = (y - den(y, s)) / s
+        if down == 0:
+            y = y + d * (down - s)
+            continue
+        mid = np.exp(0.5 * (np.log(s) + np.log(down)))
+        u = y + d * (mid - s)
+        y = y + (u - den(u, mid)) / mid * (down - s)
+        if up > 0:
+            y = y + 0.9 * up * next(zs)
+    assert np.abs(x - y).max() <= 1e-12 * max(1.0, np.abs(y).max())
+    assert [ev.reads_eval for ev in plan.evals] == [ev.source == "u" for ev in plan.evals] and plan.n_slots == 0

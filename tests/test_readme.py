@@ -90,3 +90,83 @@ def test_one_level_down_block_is_one_step():
     want = p_t.sigma / p_s.sigma * x - p_t.alpha * math.expm1(-h) * (x0 + 0.5 * (x0 - x0_prev) * h / h0)
     torch.testing.assert_close(g["x_next"], want, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(g["x0_slot"], x0, rtol=1e-13, atol=1e-13)
+
+
+RESULTS = README.parent / "benchmarks" / "results"
+
+
+def _section(name: str) -> str:
+    text = README.read_text()
+    start = text.index(f"## {name}\n")
+    return text[start:text.find("\n## ", start + 1)]
+
+
+def _close(shown: str, value: float) -> bool:
+    """`shown` is `value` to the digits shown ("13" for 13.4, "9.8" for 9.77)."""
+    digits = len(shown.split(".")[1]) if "." in shown else 0
+    return abs(float(shown) - value) <= 0.5 * 10.0**-digits + 1e-9
+
+
+def _md_rows(path: Path) -> list[dict]:
+    lines = [line for line in path.read_text().splitlines() if line.startswith("|")]
+    head = [c.strip() for c in lines[0].strip("|").split("|")]
+    return [dict(zip(head, (c.strip() for c in line.strip("|").split("|")), strict=True)) for line in lines[2:]]
+
+
+def _speedups(rows, schedulers, thr) -> list[float]:
+    return [float(r["speed-up"].rstrip("x")) for r in rows if r["provider"] == "fused-cpu" and r["thr"] == thr
+            and r.get("scheduler", "multistep") in schedulers]
+
+
+def test_performance_figures_come_from_the_newest_results_files_they_name():
+    """The README's speed-ups were those of an older file (2026-11-26) than the newest (2026-12-01): every figure now
+    names its results file and date, the file is the newest of its kind, and the figures are that file's."""
+    text = " ".join(_section("Performance").split())
+    cited = re.findall(r"`((fused_step|diffusers_step|diffusers_family)-[a-z0-9-]+-(\d{4}-\d{2}-\d{2})\.md)`, "
+                       r"(\d{4}-\d{2}-\d{2})", text)
+    assert sorted(kind for _, kind, _, _ in cited) == ["diffusers_family", "diffusers_step", "fused_step"], cited
+    files = {}
+    for name, kind, date, said in cited:
+        assert (RESULTS / name).is_file() and said == date, name
+        newest = max(re.search(r"(\d{4}-\d{2}-\d{2})\.md$", p.name).group(1) for p in RESULTS.glob(f"{kind}-*.md"))
+        assert date == newest, f"{name}: a newer {kind} file exists ({newest})"
+        files[kind] = _md_rows(RESULTS / name)
+    # the fused-step table: each row is the cited file's row at 2^22 elements
+    table = [[c.strip() for c in line.strip("|").split("|")] for line in _section("Performance").splitlines()
+             if re.match(r"^\| (float32|bfloat16) \|", line)]
+    assert len(table) >= 4
+    for dtype, order, thr, ms, x_floor, eager, compiled, diffusers in table:
+        row = next(r for r in files["fused_step"] if (r["dtype"], r["n"], r["order"], r["thr"]) ==
+                   (dtype, "2^22", order, thr))
+        for shown, col in ((ms, "cpu ms"), (x_floor, "cpu x floor"), (eager, "cpu vs eager"),
+                           (compiled, "cpu vs compile"), (diffusers, "cpu vs diffusers")):
+            assert _close(shown.rstrip("x"), float(row[col].rstrip("x?"))), (dtype, order, thr, col, shown, row[col])
+    # the drop-in ranges: the smallest and largest fused-cpu speed-ups of the cited files
+    ranges = [
+        (r"scheduler is (\S+)-(\S+)x faster than diffusers' without thresholding", "diffusers_step", {"multistep"},
+         "off"),
+        (r"and (\S+)-(\S+)x with it on 1x4x64x64 to 2x3x256x256", "diffusers_step", {"multistep"}, "on"),
+        (r"\(singlestep, inverse, EDM\) (\S+)-(\S+)x without", "diffusers_family", {"singlestep", "inverse", "edm"},
+         "off"),
+        (r"EDM\) \S+ without and (\S+)-(\S+)x with thresholding", "diffusers_family", {"singlestep", "inverse", "edm"},
+         "on"),
+        (r"SDE schedulers gain less \((\S+)-(\S+)x without", "diffusers_family", {"multistep-sde", "edm-sde"}, "off"),
+    ]
+    for pattern, kind, schedulers, thr in ranges:
+        lo, hi = re.search(pattern, text).groups()
+        got = _speedups(files[kind], schedulers, thr)
+        assert got and _close(lo, min(got)) and _close(hi, max(got)), (pattern, lo, hi, min(got), max(got))
+
+
+def test_set_up_says_which_torch_is_tested_and_how_to_get_the_cpu_build():
+    """"`torch==2.13.0` pins the CPU build" held only where pip sees a local CPU wheel (elsewhere on Linux it brings
+    the CUDA build), and "any torch >= 2.4 works" was never tested: the set-up names the version CI pins as the one
+    tested, setup.py's lower bound as untested, PyTorch's CPU index, and what a CUDA machine needs."""
+    root = README.parent
+    setup = " ".join(_section("Set up").split())
+    ci_pin = re.search(r"TEST_CMD='pip install torch==([\d.]+) ", (root / ".ci" / "run").read_text()).group(1)
+    lower = re.search(r'"torch>=([\d.]+)"', (root / "setup.py").read_text()).group(1)
+    assert f"Tested: torch {ci_pin}, CPU build, by CI" in setup
+    assert f"torch >= {lower}, but no version other than those two has been tested" in setup
+    assert f"pip install torch=={ci_pin} --index-url https://download.pytorch.org/whl/cpu" in setup
+    assert "pins the CPU build" not in setup and "nvcc" in setup and "Triton" in setup

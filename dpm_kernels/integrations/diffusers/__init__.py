@@ -3,7 +3,9 @@
 Drop-ins (each a subclass of the diffusers class named after "Fused"): FusedDPMSolverMultistepScheduler,
 FusedDPMSolverSinglestepScheduler, FusedDPMSolverMultistepInverseScheduler (`vp.py`),
 FusedEDMDPMSolverMultistepScheduler, FusedCosineDPMSolverMultistepScheduler (`ve.py`), FusedDPMSolverSDEScheduler
-(`sde.py`), FusedUniPCMultistepScheduler (`unipc.py`); what they share is `_common.py`.
+(`sde.py`), FusedUniPCMultistepScheduler (`unipc.py`), FusedKDPM2DiscreteScheduler,
+FusedKDPM2AncestralDiscreteScheduler (`kdpm2.py`), FusedCogVideoXDPMScheduler (`cogvideox.py`: its step is passed
+the previous x0 and timestep by the pipeline); what they share is `_common.py`.
 
     from dpm_kernels.integrations.diffusers import FusedDPMSolverMultistepScheduler
     pipe.scheduler = FusedDPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
@@ -42,11 +44,15 @@ sigma_min end) is the identity and later orders are capped so that no update spa
 0 by 0, its cosine scheduler recurses without end in the Brownian tree); a model output with a learned variance is
 cut to the sample's channels (diffusers cuts [:, :3]); singlestep dpmsolver with thresholding is fused (diffusers'
 code fails); sde-dpmsolver runs at most second order (diffusers has no third-order branch); third-order SDE steps of
-the EDM and cosine schedulers (diffusers: UnboundLocalError) run k-diffusion's 3M SDE update; SDE inversion is
-refused with a clear error (diffusers returns NaN); DPMSolverSDE with prediction_type="sample" is fused (diffusers:
-NotImplementedError).
+the EDM, cosine and (flow-sigma) inverse schedulers (diffusers: UnboundLocalError / AssertionError) run k-diffusion's
+3M SDE update; SDE inversion on a grid up in noise is refused with a clear error (diffusers returns NaN), and decided
+by the grid's direction, not the name (diffusers' flow-sigma "inverse" grid runs towards the data: fused);
+DPMSolverSDE and KDPM2 with prediction_type="sample" are fused (diffusers: NotImplementedError); KDPM2 grids whose
+first timestep repeats begin at their first call (diffusers: NaN); the CogVideoX step with a timestep_back at its own
+lambda is first order (diffusers: NaN).
 
-Fallback: a configuration that is not fused runs diffusers' own `step()` for the whole trajectory, and
+Fallback (with `fused_backend="auto"`; a backend named there runs every step or raises why it cannot, and an unknown
+name raises when set): a configuration that is not fused runs diffusers' own `step()` for the whole trajectory, and
 `scheduler.fused_reason` says why (None: fused): a prediction type or solver order outside what diffusers defines,
 options unknown to this module set to non-default values (checked with diffusers 0.42), and, decided at the first
 step, unsupported dtypes, model outputs that do not fit the sample, inputs requiring grad (the op has no autograd).
@@ -58,6 +64,8 @@ as a list, `last_sample`, `this_order`, `timestep_list`) reads as diffusers' at 
 hands the rest of the trajectory to diffusers' own step (`unipc.py`).
 """
 
+from .cogvideox import FusedCogVideoXDPMScheduler
+from .kdpm2 import FusedKDPM2AncestralDiscreteScheduler, FusedKDPM2DiscreteScheduler
 from .sde import FusedDPMSolverSDEScheduler
 from .unipc import FusedUniPCMultistepScheduler
 from .ve import FusedCosineDPMSolverMultistepScheduler, FusedEDMDPMSolverMultistepScheduler
@@ -68,11 +76,14 @@ from .vp import (
 )
 
 __all__ = [
+    "FusedCogVideoXDPMScheduler",
     "FusedCosineDPMSolverMultistepScheduler",
     "FusedDPMSolverMultistepInverseScheduler",
     "FusedDPMSolverMultistepScheduler",
     "FusedDPMSolverSDEScheduler",
     "FusedDPMSolverSinglestepScheduler",
     "FusedEDMDPMSolverMultistepScheduler",
+    "FusedKDPM2AncestralDiscreteScheduler",
+    "FusedKDPM2DiscreteScheduler",
     "FusedUniPCMultistepScheduler",
 ]

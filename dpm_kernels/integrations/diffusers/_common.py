@@ -19,6 +19,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerOutput
 
 from ... import coefficients as C
 from ... import planner as P
+from ...backends import registry
 from ...ops import FLOAT_DTYPES, BoundStep, bind, default_history_dtype
 
 # diffusers' prediction types -> the conversion's model types (flow_prediction: see `FusedStepMixin._conversion`)
@@ -77,7 +78,6 @@ def _init_options(cls) -> tuple[tuple[str, object], ...]:
 class FusedStepMixin:
     """Placed before the diffusers class in the MRO; `__init__` stays diffusers' (ConfigMixin reads its signature)."""
 
-    fused_backend: str = "auto"
     # Options that only shape the sigma grid diffusers' own set_timesteps builds (so nothing to do here), and those
     # the fused step reads. An option in neither set that differs from its default falls back: this module does not
     # know what it means (it was written against diffusers 0.42).
@@ -110,6 +110,47 @@ class FusedStepMixin:
         cls.set_timesteps = set_timesteps
 
     # ----- public state -----
+    @property
+    def fused_backend(self) -> str:
+        """Which backend runs the fused steps (an attribute, not config; checked when set). "auto" (the default)
+        and "fastest" choose one for the sample's device, and what cannot be fused runs diffusers' own step (the
+        reason in `fused_reason`). A backend's own name (`backends.registry.NAMES`) is a promise: that backend runs
+        every step, or the first step raises a ValueError saying why it cannot."""
+        return self.__dict__.get("_fz_backend", "auto")
+
+    @fused_backend.setter
+    def fused_backend(self, name: str) -> None:
+        try:
+            registry.validate(name)
+        except (TypeError, ValueError):
+            raise ValueError(f"fused_backend: expected one of {registry.CHOICES}, got {name!r}") from None
+        traj = self._fz_traj  # set mid-trajectory: the next step runs on it (or it says now why it cannot)
+        step = None if traj is None else self._bound_step(traj.device, name)
+        self.__dict__["_fz_backend"] = name
+        if step is not None:
+            traj.step = step
+
+    @classmethod
+    def from_config(cls, config=None, return_unused_kwargs=False, **kwargs):
+        """diffusers' `from_config`, also taking ``fused_backend=`` (which diffusers would drop without a word)."""
+        name = kwargs.pop("fused_backend", None)
+        made = super().from_config(config, return_unused_kwargs=return_unused_kwargs, **kwargs)
+        if name is not None:
+            (made[0] if return_unused_kwargs else made).fused_backend = name
+        return made
+
+    def _bound_step(self, device: torch.device, name: str | None = None) -> BoundStep:
+        """The fused step on `device` with backend `name` (default `fused_backend`); a named backend that cannot
+        serve the device raises why."""
+        name = self.fused_backend if name is None else name
+        try:
+            return bind(name, device, "none", self._threshold())
+        except ValueError as e:
+            if not str(e).startswith("backend:"):
+                raise
+            raise ValueError(f"fused_backend: {name!r} cannot serve {device} tensors "
+                             f"({str(e).removeprefix('backend: ')})") from None
+
     @property
     def fused_reason(self) -> str | None:
         """Why this trajectory runs diffusers' own `step()`; None when it is fused."""
@@ -183,8 +224,8 @@ class FusedStepMixin:
         if ring is None or ring[0].shape != shape or ring[0].dtype != hd or ring[0].device != dev:
             buf = torch.empty(shape, dtype=hd, device=dev)
             ring = self._fz_ring = (buf, buf.unbind(0))
-        return Trajectory(start, plan, table, bind(self.fused_backend, dev, "none", self._threshold()), ring[1],
-                          sample.shape, w, dev, self._draws_noise(), self._result_in_model_dtype())
+        return Trajectory(start, plan, table, self._bound_step(dev), ring[1], sample.shape, w, dev, self._draws_noise(),
+                          self._result_in_model_dtype())
 
     def _config_key(self) -> tuple:
         """The options that shape a plan, as a hashable key (computed once per config object)."""
@@ -199,12 +240,15 @@ class FusedStepMixin:
         """x at the next step, or None when diffusers' own step must run."""
         traj = self._fz_traj
         if traj is None:
-            if self.num_inference_steps is None or self.fused_reason is not None:
-                return None
-            if self.step_index is None:
-                self._init_step_index(timestep)
-            why = self._data_reason(model_output, sample)
+            if self.num_inference_steps is None:
+                return None  # diffusers' own step says what is missing
+            why = self.fused_reason
             if why is None:
+                if self.step_index is None:
+                    self._init_step_index(timestep)
+                why = self._data_reason(model_output, sample)
+            if why is None:
+                self._bound_step(sample.device)  # a named backend that cannot serve the device raises here
                 try:
                     traj = self._plan(model_output, sample)
                 except (ValueError, ArithmeticError) as exc:  # e.g. an SDE sigma grid that goes backwards
@@ -212,7 +256,11 @@ class FusedStepMixin:
                         raise
                     why = f"planning failed ({exc})"
             if why is not None:
-                self._fz_data_reason = why
+                if self.fused_backend in registry.NAMES:  # named: never diffusers' step instead, silently
+                    raise ValueError(f"fused_backend: {self.fused_backend!r} was named, but this step cannot be "
+                                     f"fused: {why}. Set fused_backend = 'auto' to run diffusers' own step there.")
+                if self.fused_reason is None:
+                    self._fz_data_reason = why
                 return None
             self._fz_traj = traj
         k = traj.calls
@@ -232,7 +280,7 @@ class FusedStepMixin:
         x_now = sample if sample.dtype == w else sample.to(w)
         x, x_eval = self._start_point(ev, sample, x_now)
         slots = traj.slots
-        h = [slots[s] for s in ev.read_slots] + [None, None, None]
+        h = ([x_eval] if ev.reads_eval else []) + [slots[s] for s in ev.read_slots] + [None, None, None]
         out = torch.empty_like(x_now, memory_format=torch.contiguous_format)
         traj.step(x, mo if mo.dtype == w else mo.to(w), traj.table.rows[k], out, self._hist_out(ev, slots), h[0],
                   h[1], x_eval, z.to(w) if z is not None and ev.noisy else None, hist3=h[2])

@@ -6,6 +6,7 @@ other method; only `step()` is one fused op call, planned once per trajectory (`
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from diffusers import DPMSolverMultistepInverseScheduler, DPMSolverMultistepScheduler, DPMSolverSinglestepScheduler
 from diffusers.utils.torch_utils import randn_tensor
@@ -56,16 +57,21 @@ class FusedDPMSolverMultistepScheduler(_VPStep, StepWithVarianceNoise, DPMSolver
     def _noise(self, model_output, sample, generator, variance_noise, ev: P.Eval) -> torch.Tensor | None:
         if variance_noise is not None:
             return variance_noise.to(device=model_output.device, dtype=torch.float32)
-        return randn_tensor(model_output.shape, generator=generator, device=model_output.device, dtype=torch.float32)
+        # the shape of the converted output (diffusers draws after cutting a learned variance off)
+        return randn_tensor(self._prediction(model_output, sample).shape, generator=generator,
+                            device=model_output.device, dtype=torch.float32)
 
 
 class FusedDPMSolverMultistepInverseScheduler(_VPStep, StepWithVarianceNoise, DPMSolverMultistepInverseScheduler):
     """`DPMSolverMultistepInverseScheduler` with a fused `step()`: the multistep solver run towards noise, with the
     inverse scheduler's ascending grid (deduplicated timesteps, the noisiest sigma appended) and its lower-order rule.
 
-    SDE algorithms are refused with a clear error: an SDE step cannot be inverted (diffusers' inverse scheduler
-    returns NaN there, and raises at third order). A zero-length step (karras/exponential/beta grids repeat their
-    last sigma) is the identity, where diffusers' heun form gives NaN.
+    SDE algorithms are decided by the grid's direction: on a grid that goes up in noise an SDE step cannot be
+    inverted (diffusers' inverse scheduler returns NaN there, and raises at third order), so it is refused with a
+    clear error; with use_flow_sigmas=True diffusers' "inverse" grid runs from sigma ~1 down, towards the data, where
+    the SDE step is defined: it is fused, with diffusers' noise (and at third order k-diffusion's 3M SDE update, where
+    diffusers fails). A zero-length step (karras/exponential/beta grids repeat their last sigma) is the identity,
+    where diffusers' heun form gives NaN.
     Attributes: ``fused_backend`` (a `backends.registry.CHOICES` name), ``fused_reason`` (read-only).
     """
 
@@ -76,7 +82,7 @@ class FusedDPMSolverMultistepInverseScheduler(_VPStep, StepWithVarianceNoise, DP
         return self._multistep_orders(start, n, False)  # no final_sigmas_type in the inverse scheduler
 
     def _plan_steps(self, points: C.Point, orders: list[int]) -> P.Plan:
-        if self.config.algorithm_type.startswith("sde"):
+        if self.config.algorithm_type.startswith("sde") and (np.diff(points.lam) < -C.ZERO_STEP).any():
             raise ValueError(f"algorithm_type: {self.config.algorithm_type!r} cannot be inverted (an SDE step adds "
                              "noise that no later step can remove); use dpmsolver++ or dpmsolver to invert")
         return self._plan_multistep(points, orders)
@@ -85,7 +91,12 @@ class FusedDPMSolverMultistepInverseScheduler(_VPStep, StepWithVarianceNoise, DP
         self._count_lower_order()
 
     def _noise(self, model_output, sample, generator, variance_noise, ev: P.Eval) -> torch.Tensor | None:
-        return None  # never reached: SDE algorithms are refused above
+        if variance_noise is not None:
+            return variance_noise
+        # diffusers draws in the converted output's shape and dtype (the raw output's where it is the x0 itself)
+        dtype = model_output.dtype if self._result_in_model_dtype() else self._working_dtype(sample, model_output)
+        return randn_tensor(self._prediction(model_output, sample).shape, generator=generator,
+                            device=model_output.device, dtype=dtype)
 
 
 class FusedDPMSolverSinglestepScheduler(_VPStep, StepWithGenerator, DPMSolverSinglestepScheduler):
@@ -107,8 +118,8 @@ class FusedDPMSolverSinglestepScheduler(_VPStep, StepWithGenerator, DPMSolverSin
         return P.plan_singlestep_steps(self.config.algorithm_type, self.config.solver_type, points, orders)
 
     def _noise(self, model_output, sample, generator, variance_noise, ev: P.Eval) -> torch.Tensor | None:
-        return randn_tensor(model_output.shape, generator=generator, device=model_output.device,
-                            dtype=model_output.dtype)
+        return randn_tensor(self._prediction(model_output, sample).shape, generator=generator,
+                            device=model_output.device, dtype=model_output.dtype)
 
     def _start_point(self, ev: P.Eval, sample, x_now):
         if ev.order == 1:
