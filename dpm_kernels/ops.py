@@ -66,7 +66,8 @@ class BoundStep:
         cfg, thr, ratio, lo, hi = self._fixed
         if torch.is_grad_enabled() and any_requires_grad(x, model_out, coef, hist1, hist2, x_eval, noise, model_cond,
                                                      hist3):
-            return self.tracked_into(x, model_out, coef, out, hist_out, hist1, hist2, x_eval, noise, model_cond, hist3)
+            return self.tracked_into(x, model_out, coef, out, hist_out, hist1, hist2, x_eval, noise, model_cond,
+                                     hist3)[0]
         if self._check and not torch.compiler.is_compiling():
             # traced: shapes and dtypes are checked by the fake implementation; overlaps and coefficient values
             # are data the tracer cannot read (checked on the eager path, and by the planner)
@@ -89,8 +90,10 @@ class BoundStep:
                                                            self.backend.name)
 
     def tracked_into(self, x, model_out, coef, out, hist_out=None, hist1=None, hist2=None, x_eval=None, noise=None,
-                     model_cond=None, hist3=None) -> torch.Tensor:
-        """`tracked`, then autograd-recorded copies into hist_out and out (when given; else x_next is returned)."""
+                     model_cond=None, hist3=None,
+                     m_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """`tracked`, then autograd-recorded copies into hist_out and out where given. Returns (out, or the fresh
+        x_next when out is None; m, the tracked converted output). The destinations are checked first."""
         cfg, thr, ratio, lo, hi = self._fixed
         if not torch.compiler.is_compiling():  # the caller's destinations, before anything is written
             check_step_args(x, model_out, model_cond, x_eval, hist1, hist2, hist3, noise, coef, cfg, thr, ratio, lo,
@@ -100,12 +103,10 @@ class BoundStep:
                     raise ValueError(f"{name}: a leaf tensor that requires grad (or a view of one) cannot be written "
                                      "by a step autograd records; pass a fresh tensor or out=None")
         res, m = self.tracked(x, model_out, coef, hist1, hist2, x_eval, noise, model_cond, hist3,
-                              None if hist_out is None else hist_out.dtype)
+                              hist_out.dtype if hist_out is not None else m_dtype)
         if hist_out is not None:
             hist_out.copy_(m)
-        if out is None:
-            return res
-        return out.copy_(res)
+        return (res if out is None else out.copy_(res)), m
 
 
 _bound: dict[tuple, BoundStep] = {}
@@ -190,6 +191,6 @@ def fused_step(
         if torch.is_grad_enabled() and any_requires_grad(x, model_out, coef, hist1, hist2, x_eval, noise, model_cond,
                                                      hist3):
             return step.tracked_into(x, model_out, coef, None, hist_out, hist1, hist2, x_eval, noise, model_cond,
-                                     hist3)
+                                     hist3)[0]
         out = torch.empty_like(x, memory_format=torch.contiguous_format)
     return step(x, model_out, coef, out, hist_out, hist1, hist2, x_eval, noise, model_cond, hist3)
