@@ -63,11 +63,17 @@ class BoundStep:
 
     def __call__(self, x, model_out, coef, out, hist_out=None, hist1=None, hist2=None, x_eval=None, noise=None,
                  model_cond=None, hist3=None):
-        cfg, thr, ratio, lo, hi = self._fixed
         if torch.is_grad_enabled() and any_requires_grad(x, model_out, coef, hist1, hist2, x_eval, noise, model_cond,
-                                                     hist3):
+                                                         hist3):
             return self.tracked_into(x, model_out, coef, out, hist_out, hist1, hist2, x_eval, noise, model_cond,
                                      hist3)[0]
+        return self.mutating(x, model_out, coef, out, hist_out, hist1, hist2, x_eval, noise, model_cond, hist3)
+
+    def mutating(self, x, model_out, coef, out, hist_out=None, hist1=None, hist2=None, x_eval=None, noise=None,
+                 model_cond=None, hist3=None):
+        """The mutating op itself, autograd not consulted: for callers that know no input requires grad (or run
+        under no_grad). Same arguments and result as calling the step."""
+        cfg, thr, ratio, lo, hi = self._fixed
         if self._check and not torch.compiler.is_compiling():
             # traced: shapes and dtypes are checked by the fake implementation; overlaps and coefficient values
             # are data the tracer cannot read (checked on the eager path, and by the planner)

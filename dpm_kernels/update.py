@@ -300,7 +300,8 @@ def multistep_update(
             h = [slots[e[0]] for e in used] + [None, None]
             if out is None:
                 out = torch.empty_like(x, memory_format=torch.contiguous_format)
-            step(x, model_output, coef, out, None if write is None else slots[write], h[0], h[1], None, z, model_cond)
+            step.mutating(x, model_output, coef, out, None if write is None else slots[write], h[0], h[1], None, z,
+                          model_cond)
     except (ValueError, TypeError) as e:  # the op's rules, said with this function's argument names
         raise (TypeError if isinstance(e, TypeError) else ValueError)(_OP_NAME.sub("model_output", str(e))) from None
     if write is not None:

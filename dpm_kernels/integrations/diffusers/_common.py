@@ -285,7 +285,8 @@ class FusedStepMixin:
         else:
             h = ([x_eval] if ev.reads_eval else []) + [slots[s] for s in ev.read_slots] + [None, None, None]
             out = torch.empty_like(x_now, memory_format=torch.contiguous_format)
-            traj.step(x, mo, traj.table.rows[k], out, self._hist_out(ev, slots), h[0], h[1], x_eval, z, hist3=h[2])
+            traj.step.mutating(x, mo, traj.table.rows[k], out, self._hist_out(ev, slots), h[0], h[1], x_eval, z,
+                               hist3=h[2])
             if traj.tracked:  # the slot written no longer holds the tracked output of an earlier step
                 traj.tracked.pop(ev.write_slot, None)
         traj.calls += 1
