@@ -20,6 +20,7 @@ F64 = torch.float64
 INSIDE = (0.6, 0.05, 30.0)  # q between lo and hi: the gradient runs through the quantile
 ABOVE = (0.9, 0.01, 0.02)  # q > hi: s = hi, a constant
 AUTHORS = (0.995, 1.0, math.inf)
+MAXIMUM = (1.0, 0.05, 100.0)  # s = max |y0|: an element on the clamp's bound (its two gradient terms cancel)
 NAMES = ("x", "model_out", "model_cond", "x_eval", "hist1", "hist2", "hist3", "noise")
 # every backend present; the CUDA ones (only where a GPU is) marked gpu
 BACKENDS = [pytest.param(d, b, id=i, marks=[pytest.mark.gpu] if d == "cuda" else [])
@@ -129,6 +130,7 @@ CASES = {  # name: (make kwargs, cfg, threshold)
     "threshold-above": ({"noise": True}, "stacked", ABOVE),
     "threshold-authors-x_eval": ({"x_eval": True, "per_sample": True}, "stacked3", AUTHORS),
     "threshold-per-sample-pair": ({"per_sample": True, "nhist": 3}, "pair", INSIDE),
+    "threshold-maximum": ({}, "none", MAXIMUM),
 }
 
 
