@@ -6,15 +6,18 @@
     x0 = dk.DPMSolver(model_fn, ns, algorithm_type="dpmsolver++").sample(x_T, steps=20, order=2)
 """
 
-from . import layout, ops
+from . import forks, layout, ops
 from .analytic import GaussianMixtureModel, exact_ode_solution
+from .forks import DPMS, DPMSolverSampler
 from .model_wrapper import model_wrapper
 from .schedule import NoiseSchedule, NoiseScheduleFlow, NoiseScheduleVP
 from .solver import DPM_Solver, DPMSolver
 from .update import History, multistep_update
 
 __all__ = [
+    "DPMS",
     "DPMSolver",
+    "DPMSolverSampler",
     "DPM_Solver",
     "GaussianMixtureModel",
     "History",
@@ -22,6 +25,7 @@ __all__ = [
     "NoiseScheduleFlow",
     "NoiseScheduleVP",
     "exact_ode_solution",
+    "forks",
     "layout",
     "model_wrapper",
     "multistep_update",

@@ -23,11 +23,13 @@ class GaussianMixtureModel:
         noise_schedule: the schedule whose model input time convention ``t_input`` is decoded.
         model_type: what the callable returns: "noise" (eps), "x_start" (E[x0|x_t]), "v", "score", or "flow" (the
             flow-matching velocity eps - x0, with a NoiseScheduleFlow).
+        discrete_time_scale: a discrete schedule's network time is (t - 1/N) * this (the authors' 1000; SANA's
+            fork uses N); a "discrete_flow" schedule's is t * N.
     Inputs x are [B, D] (or [B, ...] flattened to D); computed in float64, returned in x's dtype.
     """
 
     def __init__(self, means, stds, weights=None, noise_schedule: NoiseSchedule | None = None,
-                 model_type: str = "noise"):
+                 model_type: str = "noise", discrete_time_scale: float = 1000.0):
         self.means = torch.as_tensor(means, dtype=torch.float64)
         if self.means.dim() != 2:
             raise ValueError("means: expected [K, D]")
@@ -37,6 +39,7 @@ class GaussianMixtureModel:
         self.weights = w / w.sum()
         self.ns = noise_schedule or NoiseScheduleVP("linear")
         self.model_type = model_type
+        self.discrete_time_scale = float(discrete_time_scale)
         self.calls = 0
 
     @property
@@ -45,7 +48,9 @@ class GaussianMixtureModel:
 
     def continuous_time(self, t_input: torch.Tensor) -> torch.Tensor:
         if self.ns.schedule == "discrete":
-            return t_input / 1000.0 + 1.0 / self.ns.total_N
+            return t_input / self.discrete_time_scale + 1.0 / self.ns.total_N
+        if self.ns.schedule == "discrete_flow":
+            return t_input / self.ns.total_N
         return t_input
 
     def _predictions(self, x: torch.Tensor, t) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -29,7 +29,8 @@ from . import coefficients as C
 from . import layout as L
 from .schedule import NoiseSchedule
 
-SKIP_TYPES = ("time_uniform", "logSNR", "time_quadratic", "karras", "exponential", "uniform_lambda")
+SKIP_TYPES = ("time_uniform", "logSNR", "time_quadratic", "karras", "exponential", "uniform_lambda",
+              "time_uniform_flow")
 METHODS = ("multistep", "singlestep", "singlestep_fixed", "adaptive")
 
 
@@ -62,15 +63,24 @@ def stack_points(points) -> C.Point:
     return C.Point(*(np.array([getattr(p, f) for p in pts], dtype=np.float64) for f in ("alpha", "sigma", "lam")))
 
 
+def flow_shift_times(t, shift: float) -> np.ndarray:
+    """The flow shift s*t / (1 + (s - 1)*t) (SD3's and SANA's `flow_shift`; diffusers' `shift`), float64."""
+    t = np.asarray(t, dtype=np.float64)
+    return shift * t / (1.0 + (shift - 1.0) * t)
+
+
 def time_steps(ns: NoiseSchedule, skip_type: str, t_T: float, t_0: float, n: int,
-               karras_rho: float = 7.0) -> np.ndarray:
+               karras_rho: float = 7.0, shift: float = 1.0) -> np.ndarray:
     """n + 1 times from t_T to t_0 (float64), spaced by `skip_type`.
 
     - "time_uniform": uniform in t; "time_quadratic": uniform in sqrt(t) (the authors' three types);
     - "logSNR" (aliases "uniform_lambda", "exponential"): uniform in lambda, i.e. log-uniform in the VE sigma
       (diffusers' exponential sigmas and "lu lambdas" are this spacing);
     - "karras": sigma_i = (sigma_max^(1/rho) + i/n (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho in the VE
-      sigma = sigma_t / alpha_t = exp(-lambda), rho = 7 (Karras et al. 2022).
+      sigma = sigma_t / alpha_t = exp(-lambda), rho = 7 (Karras et al. 2022);
+    - "time_uniform_flow" (SANA's flow grid): u uniform from 1 - t_0 down to 1 - t_T, then shifted,
+      t = s*u / (1 + (s - 1)*u) with s = `shift` (`flow_shift_times`). It does not run from t_T to t_0: with the
+      defaults t_T = 1, t_0 = 1/N it starts at shift(1 - 1/N) and ends at t = 0 exactly (clean data, lambda = +inf).
     """
     if skip_type not in SKIP_TYPES:
         raise ValueError(f"skip_type: expected one of {SKIP_TYPES}, got {skip_type!r}")
@@ -78,6 +88,10 @@ def time_steps(ns: NoiseSchedule, skip_type: str, t_T: float, t_0: float, n: int
     _check_times(ns, t_0, "t_0")
     if n < 1:
         raise ValueError(f"steps: need at least 1 step, got {n}")
+    if skip_type == "time_uniform_flow":
+        if not (math.isfinite(shift) and shift > 0):
+            raise ValueError(f"flow_shift: must be a finite number > 0, got {shift}")
+        return flow_shift_times(np.linspace(1.0 - t_0, 1.0 - t_T, n + 1), shift)
     if skip_type not in ("time_uniform", "time_quadratic") and not np.isfinite(
             [float(ns.lambda64(t_T)), float(ns.lambda64(t_0))]).all():
         raise ValueError(f"skip_type: {skip_type!r} spaces the steps in lambda, which is infinite at the ends "
@@ -364,7 +378,9 @@ def plan_multistep(ns, algorithm_type, solver_type, times, orders, eta=0.0, s_no
     points: the (alpha, sigma, lambda) of each boundary when they are not those of `ns` at `times` (a list of
     points or one `Point` of arrays) -- e.g. a last point with sigma = 0 (complete denoising, which no finite t
     of a VP schedule reaches), or k-diffusion's VE points. Zero-length steps are the identity and store nothing;
-    an order is capped by the distinct earlier times (module doc).
+    an order is capped by the distinct earlier times (module doc), and a step into sigma = 0 (lambda = +inf) is
+    first order: the only update with a finite limit there (the data prediction itself; a higher order's divided
+    differences grow like h).
     """
     n = len(times) - 1
     if len(orders) != n:
@@ -377,7 +393,10 @@ def plan_multistep(ns, algorithm_type, solver_type, times, orders, eta=0.0, s_no
     if np.shape(pts.lam) != (n + 1,):
         raise ValueError(f"points: expected {n + 1} points, got {np.shape(pts.lam)}")
     k = max(orders)
-    ring = _History(pts.lam.tolist(), orders, depth=k - 1)
+    lam = pts.lam.tolist()
+    # a step into sigma = 0 (lambda = +inf) is first order: the only update with a finite limit there
+    orders = [1 if lam[i + 1] == math.inf else o for i, o in enumerate(orders)]
+    ring = _History(lam, orders, depth=k - 1)
     zero, eff, prev = ring.zero, ring.order, ring.prev
     a, c, noise = _update_arrays(n)
     sde = algorithm_type.startswith("sde")

@@ -17,6 +17,7 @@ import torch
 from .coefficients import Point
 
 _SCHEDULES = ("discrete", "linear", "cosine")
+FLOW_SCHEDULES = ("flow", "continuous", "discrete_flow")
 
 
 def _log_sigma_from_log_alpha(log_alpha: np.ndarray) -> np.ndarray:
@@ -124,6 +125,8 @@ class NoiseScheduleVP(NoiseSchedule):
         alphas_cumprod: [N] cumulative products of alphas (DDPM's alpha-bar); used when ``betas`` is None.
         continuous_beta_0, continuous_beta_1: the linear schedule's endpoints.
         dtype: dtype of the stored discrete arrays (kept for compatibility; the math is float64).
+        clipped_lambda: discrete schedules lose the tail where lambda < clipped_lambda (the authors' -5.1); None
+            keeps every step (the authors' older code, used by ldm / Stable Diffusion 2's sampler).
 
     Discrete models: step n (0-based) sits at continuous time t_n = (n + 1) / N, so T = 1 and the smallest
     time is 1 / N; log(alpha_t) is piecewise linear in t between those points. As in the authors' code the
@@ -139,6 +142,8 @@ class NoiseScheduleVP(NoiseSchedule):
         continuous_beta_0: float = 0.1,
         continuous_beta_1: float = 20.0,
         dtype: torch.dtype = torch.float32,
+        *,
+        clipped_lambda: float | None = -5.1,
     ) -> None:
         if schedule not in _SCHEDULES:
             raise ValueError(f"schedule: unsupported noise schedule {schedule!r}; expected one of {_SCHEDULES}")
@@ -161,7 +166,8 @@ class NoiseScheduleVP(NoiseSchedule):
                 raise ValueError("betas: a 'discrete' schedule needs `betas` or `alphas_cumprod`")
             if np.any(np.diff(log_alphas) >= 0):
                 raise ValueError("betas/alphas_cumprod: alphas_cumprod must be strictly decreasing")
-            log_alphas = self._clip_log_alphas(log_alphas)
+            if clipped_lambda is not None:
+                log_alphas = self._clip_log_alphas(log_alphas, float(clipped_lambda))
             self.T = 1.0
             self.total_N = int(log_alphas.shape[0])
             if self.total_N < 2:
@@ -232,23 +238,32 @@ class NoiseScheduleVP(NoiseSchedule):
 
 
 class NoiseScheduleFlow(NoiseSchedule):
-    """Flow matching (rectified flow): x_t = (1 - t) x0 + t eps for t in (0, 1]; alpha_t = 1 - t, sigma_t = t.
+    """Flow matching (rectified flow): x_t = (1 - t) x0 + t eps for t in [0, 1]; alpha_t = 1 - t, sigma_t = t.
 
     The network predicts the velocity v = dx_t/dt = eps - x0 (`model_wrapper(..., model_type="flow")`), so
     x0 = x_t - t v and eps = x_t + (1 - t) v. T = 1 is pure noise (alpha = 0, lambda = -inf): data-prediction
-    solvers (DPM-Solver++) start there exactly; noise-prediction solvers need t_start < 1. The network is called
-    with t itself; the default end time is 1e-3 (total_N = 1000). Shifted flows (SD3's flow_shift, SANA's dynamic
-    shifting) are time grids on this path: pass them as times (planner.plan_multistep), or use the diffusers
-    drop-ins, which read them from the scheduler's config.
+    solvers (DPM-Solver++) start there exactly; noise-prediction solvers need t_start < 1. t = 0 is clean data
+    (lambda = +inf): a grid may end there (``skip_type="time_uniform_flow"``), with a first-order last step.
+
+    Args:
+        schedule: how the network reads time: "flow" (or "continuous") gives it t itself; "discrete_flow" (SANA's
+            models, trained on N = 1000 discrete steps) gives it t * N.
+        t_max: T, the largest time.
+
+    The default end time is 1 / total_N = 1e-3. Shifted flows (SD3's and SANA's flow_shift) are time grids on this
+    path: ``sample(..., skip_type="time_uniform_flow", flow_shift=s)``, or times passed to the planner
+    (planner.plan_multistep), or the diffusers drop-ins, which read them from the scheduler's config.
     """
 
-    schedule = "flow"
-
-    def __init__(self, t_max: float = 1.0) -> None:
+    def __init__(self, schedule: str = "flow", t_max: float = 1.0) -> None:
+        if schedule not in FLOW_SCHEDULES:
+            raise ValueError(f"schedule: expected one of {FLOW_SCHEDULES}, got {schedule!r}")
         if not 0.0 < t_max <= 1.0:
             raise ValueError(f"t_max: expected 0 < t_max <= 1, got {t_max}")
+        self.schedule = schedule
         self.T = float(t_max)
         self.total_N = 1000
+        self.t0 = 1.0 / self.total_N  # SANA's attribute: the default end time
 
     def log_alpha64(self, t):
         return np.log1p(-np.asarray(t, dtype=np.float64))
@@ -271,7 +286,7 @@ class NoiseScheduleFlow(NoiseSchedule):
         return Point.from_flow_sigma(t)
 
     def __repr__(self) -> str:
-        return f"NoiseScheduleFlow(T={self.T})"
+        return f"NoiseScheduleFlow(schedule={self.schedule!r}, T={self.T})"
 
 
 def _check_array(name: str, a: np.ndarray) -> None:

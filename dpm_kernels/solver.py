@@ -10,6 +10,7 @@ buffer, combines and adds noise.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 
@@ -20,36 +21,42 @@ from . import coefficients as C
 from . import planner as P
 from .backends import registry
 from .compat import AuthorsUpdatesMixin
-from .model_wrapper import WrappedModel
+from .model_wrapper import UNGUIDED, Guidance, WrappedModel
 from .noise import NoiseSource
 from .ops import bind, default_history_dtype
-from .schedule import NoiseSchedule
+from .schedule import FLOW_SCHEDULES, NoiseSchedule
 
 THRESHOLDING_SEMANTICS = ("authors", "diffusers")
 
 
 class _ModelSpec:
-    """What the solver needs to know about a model function to fuse its output conversion."""
+    """What the solver needs to know about a model function to fuse its output conversion and guidance."""
 
     def __init__(self, model_fn: Callable):
         if isinstance(model_fn, WrappedModel):
-            self.raw = model_fn.raw
             self.raw_type = model_fn.raw_type
             self.cfg = model_fn.cfg
             self.guidance_scale = model_fn.guidance_scale
+            self.guidance_at = model_fn.guidance_at
         else:  # a plain `model_fn(x, t_continuous) -> noise`, as the authors' solver expects
-            self.raw = model_fn
             self.raw_type = "noise"
             self.cfg = "none"
             self.guidance_scale = 1.0
+            self.guidance_at = lambda t: UNGUIDED
         self._wrapped = isinstance(model_fn, WrappedModel)
         self._model_fn = model_fn
+
+    def raw(self, x: torch.Tensor, t: torch.Tensor, t_input: torch.Tensor | None, guidance: Guidance):
+        if self._wrapped:
+            return self._model_fn.raw(x, t, t_input, guidance)
+        return self._model_fn(x, t)
 
     def input_times(self, plan: P.Plan, t_in: tuple[torch.Tensor, ...]) -> list:
         """Per evaluation, the time tensor the network is called with (None: let the model function convert)."""
         if not self._wrapped:
             return [None] * len(t_in)
-        key = ("model_times", self._model_fn.noise_schedule.schedule, self._model_fn.noise_schedule.total_N,
+        ns = self._model_fn.noise_schedule
+        key = ("model_times", ns.schedule, ns.total_N, self._model_fn.discrete_time_scale,
                t_in[0].device, t_in[0].dtype, t_in[0].shape[0]) if t_in else None
         if key not in plan._uploads:
             plan._uploads[key] = self._model_fn.model_input_time(torch.stack(t_in)).unbind(0) if t_in else ()
@@ -57,7 +64,7 @@ class _ModelSpec:
 
 
 class DPMSolver(AuthorsUpdatesMixin):
-    """DPM-Solver / DPM-Solver++ (Lu et al. 2022) for a VP diffusion model.
+    """DPM-Solver / DPM-Solver++ (Lu et al. 2022) for a VP diffusion model (or a flow-matching one).
 
     Args:
         model_fn: ``model_fn(x, t_continuous) -> noise`` (from `model_wrapper`, which also enables fusing
@@ -72,7 +79,13 @@ class DPMSolver(AuthorsUpdatesMixin):
         thresholding_semantics: "authors": s = max(quantile, thresholding_max_val), applied to data
             predictions (DPM-Solver++ and the final denoising); "diffusers": s = clamp(quantile, 1,
             thresholding_max_val), applied for every algorithm (noise predictions via x0 and back).
+
+    `lower_order_final_threshold` (class attribute, 10 = the authors' rule): the multistep solver lowers its order
+    at the final steps only when steps < this; `sample(lower_order_final_threshold=...)` overrides it per call.
+    The forks' solvers (`dpm_kernels.forks`) lower it at any number of steps (math.inf).
     """
+
+    lower_order_final_threshold: float = 10
 
     def __init__(
         self,
@@ -116,6 +129,25 @@ class DPMSolver(AuthorsUpdatesMixin):
         self.backend = backend
         self._spec = _ModelSpec(model_fn)
         self._plans = P.Cache(16)  # sample() called again with the same arguments plans (and uploads) nothing
+        self.register_progress_bar()
+
+    # ----- progress (SANA's fork) -----
+    def register_progress_bar(self, progress_fn: Callable | None = None) -> None:
+        """Call ``progress_fn`` as sampling advances (SANA's API): first as ``progress_fn(step / total,
+        desc="Generating step/total")`` and, if that raises, as ``progress_fn(step, total)``. Multistep: step 1 after
+        the first model evaluation, then step i + 1 after update i, total = steps + 1; singlestep: step b after
+        block b, total = blocks + 1 (so the last call is one short of the total, as in SANA). None: no calls."""
+        if progress_fn is not None and not callable(progress_fn):
+            raise TypeError(f"progress_fn: expected a callable or None, got {type(progress_fn).__name__}")
+        self.progress_fn = progress_fn
+
+    def update_progress(self, step: int, total_steps: int) -> None:
+        if self.progress_fn is None:
+            return
+        try:
+            self.progress_fn(step / total_steps, desc=f"Generating {step}/{total_steps}")
+        except Exception:  # a callback of (step, total), as SANA falls back to
+            self.progress_fn(step, total_steps)
 
     # ----- model output helpers (the authors' API; unfused) -----
     def threshold_bounds(self) -> tuple[float, float, float]:
@@ -157,9 +189,11 @@ class DPMSolver(AuthorsUpdatesMixin):
     def denoise_to_zero_fn(self, x, s):
         return self.data_prediction_fn(x, s)
 
-    def get_time_steps(self, skip_type, t_T, t_0, N, device):
-        """N + 1 time steps from t_T to t_0 as a float32 tensor on `device` (the authors' API)."""
-        return torch.from_numpy(P.time_steps(self.noise_schedule, skip_type, t_T, t_0, N)).float().to(device)
+    def get_time_steps(self, skip_type, t_T, t_0, N, device, shift=1.0):
+        """N + 1 time steps from t_T to t_0 as a float32 tensor on `device` (the authors' API; `shift`: SANA's flow
+        shift of the "time_uniform_flow" grid, `planner.time_steps`)."""
+        return torch.from_numpy(P.time_steps(self.noise_schedule, skip_type, t_T, t_0, N, shift=shift)).float().to(
+            device)
 
     def get_orders_and_timesteps_for_singlestep_solver(self, steps, order, skip_type, t_T, t_0, device):
         orders, outer = self._singlestep_layout(steps, order, skip_type, t_T, t_0, "singlestep")
@@ -179,6 +213,17 @@ class DPMSolver(AuthorsUpdatesMixin):
 
     # ----- planning -----
     def _singlestep_layout(self, steps, order, skip_type, t_T, t_0, method):
+        """Block orders and the block boundaries. Grids are never shifted here: SANA builds its singlestep grids
+        without flow_shift. A last block into sigma = 0 (``time_uniform_flow`` ends at t = 0) becomes first-order
+        steps through its own points: no higher-order block has a finite update there."""
+        orders, outer = self._singlestep_blocks(steps, order, skip_type, t_T, t_0, method)
+        if orders[-1] > 1 and float(self.noise_schedule.lambda64(outer[-1])) == math.inf:
+            o = orders[-1]
+            inner = P.time_steps(self.noise_schedule, _inner_skip(skip_type), float(outer[-2]), float(outer[-1]), o)
+            orders, outer = orders[:-1] + [1] * o, np.concatenate([outer[:-1], inner[1:]])
+        return orders, outer
+
+    def _singlestep_blocks(self, steps, order, skip_type, t_T, t_0, method):
         ns = self.noise_schedule
         if method == "singlestep":
             orders = P.singlestep_orders(steps, order)
@@ -196,28 +241,39 @@ class DPMSolver(AuthorsUpdatesMixin):
         return orders, outer
 
     def plan(self, steps=20, t_start=None, t_end=None, order=2, skip_type="time_uniform", method="multistep",
-             lower_order_final=True, solver_type="dpmsolver", lower_order_final_threshold=10, eta=1.0,
-             s_noise=1.0, multistep3="standard") -> P.Plan:
+             lower_order_final=True, solver_type="dpmsolver", lower_order_final_threshold=None, eta=1.0,
+             s_noise=1.0, multistep3="standard", flow_shift=1.0) -> P.Plan:
         """The evaluation plan `sample` would run (times, orders, coefficients), for inspection."""
         t_T, t_0 = self._time_range(t_start, t_end, inverse=False)
         return self._plan(steps, t_T, t_0, order, skip_type, method, lower_order_final, solver_type,
-                          lower_order_final_threshold, eta, s_noise, multistep3)
+                          self._lof_threshold(lower_order_final_threshold), eta, s_noise, multistep3, flow_shift)
+
+    def _lof_threshold(self, value):
+        return self.lower_order_final_threshold if value is None else value
 
     def _plan(self, steps, t_T, t_0, order, skip_type, method, lower_order_final, solver_type, lof_threshold,
-              eta, s_noise, multistep3="standard"):
+              eta, s_noise, multistep3="standard", flow_shift=1.0):
         key = (steps, t_T, t_0, order, skip_type, method, lower_order_final, solver_type, lof_threshold, eta, s_noise,
-               multistep3)
+               multistep3, float(flow_shift))
         return self._plans.get(key, lambda: self._make_plan(*key))
 
     def _make_plan(self, steps, t_T, t_0, order, skip_type, method, lower_order_final, solver_type, lof_threshold,
-                   eta, s_noise, multistep3):
+                   eta, s_noise, multistep3, flow_shift):
         ns = self.noise_schedule
         if method == "multistep":
-            times = P.time_steps(ns, skip_type, t_T, t_0, steps)
+            times = P.time_steps(ns, skip_type, t_T, t_0, steps, shift=flow_shift)
+            self._check_grid(times, skip_type)
             orders = P.multistep_orders(steps, order, lower_order_final, lof_threshold)
             return P.plan_multistep(ns, self.algorithm_type, solver_type, times, orders, eta, s_noise, multistep3)
         orders, outer = self._singlestep_layout(steps, order, skip_type, t_T, t_0, method)
-        return P.plan_singlestep(ns, self.algorithm_type, solver_type, outer, orders, skip_type)
+        self._check_grid(outer, skip_type)
+        return P.plan_singlestep(ns, self.algorithm_type, solver_type, outer, orders, _inner_skip(skip_type))
+
+    def _check_grid(self, times: np.ndarray, skip_type: str) -> None:
+        # only "time_uniform_flow" leaves [t_end, t_start]: it ends at t = 0, clean data, which VP schedules never reach
+        if times.min() <= 0.0 and self.noise_schedule.schedule not in FLOW_SCHEDULES:
+            raise ValueError(f"skip_type: {skip_type!r} runs to t = {times.min()} (clean data), outside this "
+                             f"{type(self.noise_schedule).__name__}'s times; it is a grid for NoiseScheduleFlow")
 
     def _time_range(self, t_start, t_end, inverse: bool):
         ns = self.noise_schedule
@@ -237,7 +293,7 @@ class DPMSolver(AuthorsUpdatesMixin):
             raise ValueError(f"{lo_name}: must be smaller than {hi_name} (got {lo_name}={lo}, {hi_name}={hi})")
         return (t_T, t_0) if not inverse else (t_0, t_T)
 
-    def _check_sample_args(self, x, steps, order, skip_type, method, solver_type, lof_threshold):
+    def _check_sample_args(self, x, steps, order, skip_type, method, solver_type, lof_threshold, flow_shift=1.0):
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"x: expected a torch.Tensor, got {type(x).__name__}")
         if not x.is_floating_point():
@@ -255,21 +311,30 @@ class DPMSolver(AuthorsUpdatesMixin):
         if skip_type not in P.SKIP_TYPES:
             raise ValueError(f"skip_type: expected one of {P.SKIP_TYPES}, got {skip_type!r}")
         C.normalize_solver_type(solver_type)
-        if not isinstance(lof_threshold, int) or lof_threshold < 0:
-            raise ValueError(f"lower_order_final_threshold: expected an integer >= 0, got {lof_threshold!r}")
+        if lof_threshold is not None and not (lof_threshold == math.inf or (
+                isinstance(lof_threshold, int) and not isinstance(lof_threshold, bool) and lof_threshold >= 0)):
+            raise ValueError(f"lower_order_final_threshold: expected None, an integer >= 0 or math.inf, got "
+                             f"{lof_threshold!r}")
+        if not (isinstance(flow_shift, (int, float)) and not isinstance(flow_shift, bool) and math.isfinite(flow_shift)
+                and flow_shift > 0):
+            raise ValueError(f"flow_shift: expected a finite number > 0, got {flow_shift!r}")
         if self.algorithm_type.startswith("sde") and method != "multistep":
             raise ValueError(f"method: SDE algorithms run multistep only, got {method!r}")
 
     # ----- sampling -----
     def sample(self, x, steps=20, t_start=None, t_end=None, order=2, skip_type="time_uniform", method="multistep",
                lower_order_final=True, denoise_to_zero=False, solver_type="dpmsolver", atol=0.0078, rtol=0.05,
-               return_intermediate=False, *, lower_order_final_threshold=10, eta=1.0, s_noise=1.0, generator=None,
-               noise=None, noise_sampler=None, multistep3="standard"):
+               return_intermediate=False, flow_shift=1.0, *, lower_order_final_threshold=None, eta=1.0, s_noise=1.0,
+               generator=None, noise=None, noise_sampler=None, multistep3="standard"):
         """Solve from t_start (default T) to t_end (default 1/N) with `steps` model evaluations.
 
         Arguments as in the authors' `DPM_Solver.sample`; in addition:
+            flow_shift: SANA's shift s of the ``skip_type="time_uniform_flow"`` grid (`planner.time_steps`): the
+                multistep grid runs from shift(1 - t_end) to shift(1 - t_start) (to t = 0 by default, with a
+                first-order last step). Other grids and the singlestep methods are not shifted (as in SANA).
             lower_order_final_threshold: lower orders at the final steps only when steps < this (10 = the
-                authors' rule, 15 = diffusers'); only with lower_order_final=True.
+                authors' rule, 15 = diffusers', math.inf = at any number of steps, as the forks); None: the
+                solver's `lower_order_final_threshold`; only with lower_order_final=True.
             eta, s_noise: SDE noise scale and noise multiplier (``sde-dpmsolver++``; eta = 0 is the ODE).
             generator: a torch.Generator, or a list of B generators (per-sample reproducible noise).
             noise: [steps, B, ...] caller-supplied standard normal noise; noise_sampler: f(t_s, t_t) -> noise.
@@ -278,27 +343,29 @@ class DPMSolver(AuthorsUpdatesMixin):
                 `coefficients.multistep`.
         Returns x at t_end (and the list of intermediates when return_intermediate).
         """
-        self._check_sample_args(x, steps, order, skip_type, method, solver_type, lower_order_final_threshold)
+        self._check_sample_args(x, steps, order, skip_type, method, solver_type, lower_order_final_threshold,
+                                flow_shift)
         t_T, t_0 = self._time_range(t_start, t_end, inverse=False)
         return self._solve(x, steps, t_T, t_0, order, skip_type, method, lower_order_final, denoise_to_zero,
-                           solver_type, atol, rtol, return_intermediate, lower_order_final_threshold, eta, s_noise,
-                           generator, noise, noise_sampler, multistep3)
+                           solver_type, atol, rtol, return_intermediate,
+                           self._lof_threshold(lower_order_final_threshold), eta, s_noise, generator, noise,
+                           noise_sampler, multistep3, flow_shift)
 
     def inverse(self, x, steps=20, t_start=None, t_end=None, order=2, skip_type="time_uniform", method="multistep",
                 lower_order_final=True, denoise_to_zero=False, solver_type="dpmsolver", atol=0.0078, rtol=0.05,
-                return_intermediate=False, *, lower_order_final_threshold=10, multistep3="standard"):
+                return_intermediate=False, *, lower_order_final_threshold=None, multistep3="standard"):
         """ODE inversion: from t_start (default 1/N) up to t_end (default T). SDE inversion is refused."""
         if self.algorithm_type.startswith("sde"):
             raise ValueError("algorithm_type: SDE solvers cannot be inverted (the noise is not recoverable)")
         self._check_sample_args(x, steps, order, skip_type, method, solver_type, lower_order_final_threshold)
         t_0, t_T = self._time_range(t_start, t_end, inverse=True)
         return self._solve(x, steps, t_0, t_T, order, skip_type, method, lower_order_final, denoise_to_zero,
-                           solver_type, atol, rtol, return_intermediate, lower_order_final_threshold, 0.0, 1.0,
-                           None, None, None, multistep3)
+                           solver_type, atol, rtol, return_intermediate,
+                           self._lof_threshold(lower_order_final_threshold), 0.0, 1.0, None, None, None, multistep3)
 
     def _solve(self, x, steps, t_from, t_to, order, skip_type, method, lower_order_final, denoise_to_zero,
                solver_type, atol, rtol, return_intermediate, lof_threshold, eta, s_noise, generator, noise,
-               noise_sampler, multistep3):
+               noise_sampler, multistep3, flow_shift=1.0):
         if return_intermediate and method == "adaptive":
             raise ValueError("return_intermediate: not available with method='adaptive'")
         if self.correcting_xt_fn is not None and method == "adaptive":
@@ -310,11 +377,12 @@ class DPMSolver(AuthorsUpdatesMixin):
                 last_step = 0
             else:
                 plan = self._plan(steps, t_from, t_to, order, skip_type, method, lower_order_final, solver_type,
-                                  lof_threshold, eta, s_noise, multistep3)
+                                  lof_threshold, eta, s_noise, multistep3, flow_shift)
                 noises = None
                 if self.algorithm_type.startswith("sde") and any(ev.noisy for ev in plan.evals):
                     noises = NoiseSource(x, noise, noise_sampler, generator, steps=len(plan.evals))
-                x, intermediates = self._execute(x, plan, noises, return_intermediate, plan.kind == "multistep")
+                x, intermediates = self._execute(x, plan, noises, return_intermediate, plan.kind == "multistep",
+                                                 progress=True)
                 last_step = plan.evals[-1].step
             if denoise_to_zero:
                 x = self._denoise_to_zero(x, t_to)
@@ -325,14 +393,18 @@ class DPMSolver(AuthorsUpdatesMixin):
         return (x, intermediates) if return_intermediate else x
 
     # ----- building blocks: the fused steps of this solver (sample, adaptive.py and compat.py use them) -----
-    def conversion(self, target: str | None = None, thresholding: bool | None = None) -> P.Conversion:
+    def conversion(self, target: str | None = None, thresholding: bool | None = None,
+                   guidance: Guidance | None = None) -> P.Conversion:
         """How this solver's fused steps turn the model's raw output into `target` (default: the algorithm's
-        prediction, x0 for DPM-Solver++ and eps otherwise), thresholded or not (default: as configured)."""
+        prediction, x0 for DPM-Solver++ and eps otherwise), thresholded or not (default: as configured), for an
+        evaluation with `guidance` (default: the model's classifier-free guidance where it applies)."""
         plus = C.is_data_prediction(self.algorithm_type)
         target = ("x0" if plus else "eps") if target is None else target
         if thresholding is None:
             thresholding = self._threshold_for(target == "x0") is not None
-        return P.Conversion(self._spec.raw_type, target, thresholding, self._spec.guidance_scale)
+        if guidance is None:
+            guidance = Guidance(self._spec.cfg, self._spec.guidance_scale)
+        return P.Conversion(self._spec.raw_type, target, thresholding, guidance.scale, pag_scale=guidance.scale2)
 
     def _threshold_for(self, data_prediction: bool):
         """(ratio, lo, hi) when the fused step must threshold this prediction, else None."""
@@ -346,9 +418,10 @@ class DPMSolver(AuthorsUpdatesMixin):
         dt = torch.float64 if x.dtype == torch.float64 else torch.float32
         return torch.full((x.shape[0],), t, dtype=dt, device=x.device)
 
-    def _raw(self, x: torch.Tensor, t: torch.Tensor, t_input: torch.Tensor | None = None) -> torch.Tensor:
-        """The model's raw output at (x, t [B]): a floating tensor, cast to x's dtype (any other output is an error)."""
-        out = self._spec.raw(x, t) if t_input is None else self._spec.raw(x, t, t_input)
+    def _raw(self, x: torch.Tensor, t: torch.Tensor, t_input: torch.Tensor | None, guidance: Guidance) -> torch.Tensor:
+        """The model's raw output at (x, t [B]) laid out as `guidance` says: a floating tensor, cast to x's dtype (any
+        other output is an error)."""
+        out = self._spec.raw(x, t, t_input, guidance)
         if not isinstance(out, torch.Tensor) or not out.is_floating_point():
             what = type(out).__name__ if not isinstance(out, torch.Tensor) else f"a {out.dtype} tensor"
             raise TypeError(f"model_fn: must return a floating-point tensor, got {what}")
@@ -357,15 +430,18 @@ class DPMSolver(AuthorsUpdatesMixin):
     def _bound(self, x: torch.Tensor, threshold=None, cfg: str | None = None):
         return bind(self.backend, x.device, self._spec.cfg if cfg is None else cfg, threshold)
 
-    def _convert(self, x: torch.Tensor, raw: torch.Tensor, pt: C.Point, t: float, target: str | None = None,
+    def _convert(self, x: torch.Tensor, t: float, target: str | None = None,
                  thresholding: bool | None = None) -> torch.Tensor:
-        """The raw output at (x, t) converted (new tensor): guidance, thresholding and `correcting_x0_fn`."""
-        conv = self.conversion(target, thresholding)
+        """One model evaluation at (x, t), converted (new tensor): guidance, thresholding and `correcting_x0_fn`."""
+        g = self._spec.guidance_at(t)
+        raw = self._raw(x, self._t_tensor(t, x), None, g)
+        conv = self.conversion(target, thresholding, g)
         custom = callable(self.correcting_x0_fn) and not self._thresholding and (conv.target == "x0")
-        row = P.DeviceTable(P.coefficient_rows(pt, P.Conversion(conv.model_type, "x0", False, conv.guidance_scale)
+        pt = P.point(self.noise_schedule, t)
+        row = P.DeviceTable(P.coefficient_rows(pt, dataclasses.replace(conv, target="x0", thresholding=False)
                                                if custom else conv), x.device).rows[0]
         thr = self.threshold_bounds() if conv.thresholding else None
-        y = self._bound(x, thr)(x, raw, row, torch.empty_like(x))
+        y = self._bound(x, thr, g.layout)(x, raw, row, torch.empty_like(x))
         return self.correcting_x0_fn(y, self._t_tensor(t, x)).to(x.dtype) if custom else y
 
     def prediction(self, x: torch.Tensor, t: float) -> torch.Tensor:
@@ -373,7 +449,7 @@ class DPMSolver(AuthorsUpdatesMixin):
         guidance, thresholding and `correcting_x0_fn` applied as in `sample`; a new tensor."""
         t = float(t)
         self.noise_schedule.check_times(t, "t")
-        return self._convert(x, self._raw(x, self._t_tensor(t, x)), P.point(self.noise_schedule, t), t)
+        return self._convert(x, t)
 
     def combine(self, update: C.Update, x: torch.Tensor, outputs: list[torch.Tensor],
                 noise: torch.Tensor | None = None) -> torch.Tensor:
@@ -404,18 +480,31 @@ class DPMSolver(AuthorsUpdatesMixin):
             out, inter = self._execute(x, plan, noises, return_intermediate, plan.kind == "multistep")
         return (out, inter) if return_intermediate else out
 
-    def _execute(self, x, plan: P.Plan, noises, return_intermediate, multistep: bool):
+    def _steps_by_guidance(self, x: torch.Tensor, plan: P.Plan, guidance: list[Guidance], custom_x0: bool) -> dict:
+        """Per distinct guidance of the plan's evaluations: the table of its rows (an evaluation reads its own row
+        of it) and the step bound to its layout -- an interval without guidance or a PAG stretch is a different row
+        and layout, not a different code path. custom_x0: rows of the conversion to x0 alone (`correcting_x0_fn`
+        then runs before the combination)."""
+        out = {}
+        for g in dict.fromkeys(guidance):
+            conv = self.conversion(guidance=g)
+            if custom_x0:
+                table = plan.device_table(dataclasses.replace(conv, target="x0", thresholding=False), x.device,
+                                          combine=False)
+                out[g] = (table.rows, self._bound(x, cfg=g.layout))
+            else:
+                thr = self.threshold_bounds() if conv.thresholding else None
+                out[g] = (plan.device_table(conv, x.device).rows, self._bound(x, thr, g.layout))
+        return out
+
+    def _execute(self, x, plan: P.Plan, noises, return_intermediate, multistep: bool, progress: bool = False):
         conv = self.conversion()
         custom_x0 = conv.target == "x0" and callable(self.correcting_x0_fn) and not self._thresholding
         dev = x.device
+        guidance = [self._spec.guidance_at(ev.t) for ev in plan.evals]
+        by_guidance = self._steps_by_guidance(x, plan, guidance, custom_x0)
         if custom_x0:  # user code sits between the conversion to x0 and the update: two fused steps an evaluation
-            x0_rows = plan.device_table(P.Conversion(conv.model_type, "x0", False, conv.guidance_scale), dev,
-                                        combine=False).rows
-            rows = plan.device_table(P.IDENTITY_X0, dev).rows
-            to_x0, step = self._bound(x), self._bound(x, cfg="none")
-        else:
-            rows = plan.device_table(conv, dev).rows
-            step = self._bound(x, self.threshold_bounds() if conv.thresholding else None)
+            combine_rows, combine = plan.device_table(P.IDENTITY_X0, dev).rows, self._bound(x, cfg="none")
         t_in = plan.eval_times(dev, torch.float64 if x.dtype == torch.float64 else torch.float32, x.shape[0])
         t_model = self._spec.input_times(plan, t_in)  # what the network is given, once per trajectory
         xw = x.clone(memory_format=torch.contiguous_format)
@@ -431,14 +520,19 @@ class DPMSolver(AuthorsUpdatesMixin):
         if multistep and return_intermediate:
             intermediates.append(xw.clone())
         noise_i = 0
+        total = len(plan.times)  # SANA's progress total: steps + 1 (multistep), blocks + 1 (singlestep)
         for i, ev in enumerate(plan.evals):
             if ev.source == "x":
                 xe = x_first_eval if (i == 0 and x_first_eval is not None) else xw
             else:
                 xe = u
-            raw = self._raw(xe, t_in[i], t_model[i])
+            raw = self._raw(xe, t_in[i], t_model[i], guidance[i])
+            if progress and multistep and i == 0:
+                self.update_progress(1, total)
+            rows, step = by_guidance[guidance[i]]
             if custom_x0:
-                raw = self.correcting_x0_fn(to_x0(xe, raw, x0_rows[i], torch.empty_like(xe)), t_in[i]).to(xe.dtype)
+                raw = self.correcting_x0_fn(step(xe, raw, rows[i], torch.empty_like(xe)), t_in[i]).to(xe.dtype)
+                rows, step = combine_rows, combine
             z = None
             if ev.noisy:
                 z = noises(noise_i, ev.t, ev.t_next)
@@ -451,18 +545,24 @@ class DPMSolver(AuthorsUpdatesMixin):
                     xw.copy_(self.correcting_xt_fn(xw, self._t_tensor(ev.t_next, xw), ev.step))
                 if return_intermediate:
                     intermediates.append(xw.clone())
+                if progress:
+                    self.update_progress(ev.step + 1 if multistep else ev.step, total)
         return xw, intermediates
 
     def _denoise_to_zero(self, x: torch.Tensor, t: float) -> torch.Tensor:
         """The data prediction at t (one more model evaluation), thresholded when thresholding is on."""
-        return self._convert(x, self._raw(x, self._t_tensor(t, x)), P.point(self.noise_schedule, t), t, "x0",
-                             self._thresholding)
+        return self._convert(x, t, "x0", self._thresholding)
 
     def _adaptive(self, x, order, t_T, t_0, atol, rtol, solver_type, h_init=0.05, theta=0.9, t_err=1e-5):
         """DPM-Solver-12 (order 2) / -23 (order 3): accept a step when the RMS error estimate is <= 1."""
         from .adaptive import run_adaptive
 
         return run_adaptive(self, x, order, t_T, t_0, h_init, atol, rtol, theta, t_err, solver_type)
+
+
+def _inner_skip(skip_type: str) -> str:
+    # SANA's singlestep grids are unshifted, so the points inside a block of its flow grid are uniform in t
+    return "time_uniform" if skip_type == "time_uniform_flow" else skip_type
 
 
 DPM_Solver = DPMSolver

@@ -47,7 +47,11 @@ PAIRS = {"kdpm2": (KDPM2DiscreteScheduler, FusedKDPM2DiscreteScheduler),
          "kdpm2a": (KDPM2AncestralDiscreteScheduler, FusedKDPM2AncestralDiscreteScheduler)}
 BASE = dict(num_train_timesteps=1100, beta_start=0.0001, beta_end=0.02, beta_schedule="linear")  # diffusers' tests
 GRIDS = ("sigmas", "sigmas_interpol", "sigmas_up", "sigmas_down")
-pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.filterwarnings("ignore::FutureWarning")]
+# diffusers' KDPM2 set_timesteps maps every sigma through numpy on torch tensors: NumPy 2 deprecation warnings per
+# element (millions over this file), which pytest would record one by one
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.filterwarnings("ignore::FutureWarning"),
+              pytest.mark.filterwarnings("ignore:__array_wrap__ must accept context:DeprecationWarning"),
+              pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy:DeprecationWarning")]
 
 
 @contextlib.contextmanager

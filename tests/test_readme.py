@@ -170,6 +170,28 @@ def test_set_up_says_which_torch_is_tested_and_how_to_get_the_cpu_build():
     assert f"torch >= {lower}, but no version other than those two has been tested" in setup
     assert f"pip install torch=={ci_pin} --index-url https://download.pytorch.org/whl/cpu" in setup
     assert "pins the CPU build" not in setup and "nvcc" in setup and "Triton" in setup
+def test_fork_drop_in_block_is_sanas_sampling():
+    """The README's SANA block (DPMS with flow matching, interval guidance, progress, the shifted flow grid) computes
+    the forks' rules as tests/test_forks.py states them."""
+    from test_forks import COND, UNCOND, Net, rel, sana_flow_reference, x_T
+
+    from dpm_kernels.forks import sana
+
+    ns = sana.NoiseScheduleFlow("discrete_flow")
+    net = Net(ns, "flow")
+
+    class Model:
+        def forward_with_dpmsolver(self, x, t, cond, mask=None):
+            assert mask == "m"
+            return net(x, t, cond)
+
+    seen = []
+    g = {"model": Model(), "caption_embs": COND, "null_y": UNCOND, "model_kwargs": {"mask": "m"}, "z": x_T(),
+         "progress_fn": lambda step, total: seen.append((step, total))}
+    exec(_block("Drop-in for the authors' code"), g)  # noqa: S102
+    ref = sana_flow_reference(Net(ns, "flow"), 20, 2, 3.0, (0.0, 1.0), g=4.5)
+    assert rel(g["samples"], ref) < 1e-9
+    assert seen == [(i, 21) for i in range(1, 22)]
 
 
 def test_gradients_block_differentiates_the_loop():
