@@ -1,4 +1,6 @@
-"""The op's definition: the schema of ``dpm_kernels::fused_step``, its argument rules and its fake implementation.
+"""The op's definition: the schema of ``dpm_kernels::fused_step``, its argument rules and its fake implementation;
+and ``dpm_kernels::fused_step_functional``, the same step returning fresh ``(out, m)`` instead of writing them, the
+form autograd can differentiate (`dpm_kernels.step_autograd` registers its kernel and backward formula).
 
 This module defines and nothing else: it imports no backend, so the backends and the dispatcher
 (`dpm_kernels.ops`) import it without cycles. Every implementation of the schema (the C++ CPU and CUDA kernels,
@@ -29,8 +31,18 @@ MUTATES = ("out", "hist_out")
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 HISTORY_ARGS = ("hist1", "hist2", "hist3", "hist_out")
 
+# The functional form: autograd formulas attach only to ops that mutate nothing and return fresh tensors. `m_dtype`
+# is the history dtype m is returned in; `backend` names the backend whose kernel computes it (`registry.CHOICES`).
+FUNCTIONAL_OP = "fused_step_functional"
+FUNCTIONAL_SCHEMA = (
+    "(Tensor x, Tensor model_out, Tensor? model_cond, Tensor? x_eval, Tensor? hist1, Tensor? hist2, Tensor? hist3, "
+    "Tensor? noise, Tensor coef, int cfg, bool threshold, float thr_ratio, float thr_min, float thr_max, "
+    "ScalarType m_dtype, str backend) -> (Tensor out, Tensor m)"
+)
+
 _lib = torch.library.Library(NAMESPACE, "DEF")
 _lib.define(OP + SCHEMA)
+_lib.define(FUNCTIONAL_OP + FUNCTIONAL_SCHEMA)
 
 
 def default_history_dtype(x_dtype: torch.dtype) -> torch.dtype:
@@ -47,9 +59,12 @@ def history_dtype(x_dtype: torch.dtype, *hist: torch.Tensor | None) -> torch.dty
     float16/bfloat16 x (keeping a low-precision solver's history in float32 is much more accurate); else x's."""
     for t in hist:
         if t is not None:
-            ok = t.dtype == x_dtype or (t.dtype == torch.float32 and x_dtype in (torch.float16, torch.bfloat16))
-            return t.dtype if ok else x_dtype
+            return t.dtype if history_dtype_allowed(x_dtype, t.dtype) else x_dtype
     return x_dtype
+
+
+def history_dtype_allowed(x_dtype: torch.dtype, dtype: torch.dtype) -> bool:
+    return dtype == x_dtype or (dtype == torch.float32 and x_dtype in (torch.float16, torch.bfloat16))
 
 
 def _has_storage(t: torch.Tensor) -> bool:
@@ -201,3 +216,35 @@ torch.library.register_fake(f"{NAMESPACE}::{OP}", _fake, lib=_lib)
 def fake_impl():
     """The fake (meta) implementation shared by every op with this schema."""
     return _fake
+
+
+def functional_outputs(x: torch.Tensor, m_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fresh (out, m) the functional op returns: x's shape, contiguous; out in x's dtype, m in m_dtype."""
+    out = torch.empty_like(x, memory_format=torch.contiguous_format)
+    return out, torch.empty_like(out, dtype=m_dtype)
+
+
+def check_m_dtype(x: torch.Tensor, m_dtype, hist1, hist2, hist3) -> None:
+    """The functional op's m_dtype follows the history rule: the given history's dtype, else x's or float32."""
+    if not isinstance(m_dtype, torch.dtype):
+        raise TypeError(f"m_dtype: expected a torch.dtype, got {type(m_dtype).__name__}")
+    if not isinstance(x, torch.Tensor):
+        return  # check_step_args names x
+    given = next((t.dtype for t in (hist1, hist2, hist3) if isinstance(t, torch.Tensor)), None)
+    if given is not None and not history_dtype_allowed(x.dtype, given):
+        given = None  # a bad history dtype: check_step_args names that argument
+    if not history_dtype_allowed(x.dtype, m_dtype) or (given is not None and given != m_dtype):
+        raise TypeError(f"m_dtype: {m_dtype}: history tensors share one dtype, x's ({x.dtype}) or float32 when x "
+                        "is float16/bfloat16, and m is returned in it")
+
+
+def _fake_functional(x, model_out, model_cond, x_eval, hist1, hist2, hist3, noise, coef, cfg, threshold, thr_ratio,
+                     thr_min, thr_max, m_dtype, backend):
+    check_m_dtype(x, m_dtype, hist1, hist2, hist3)
+    out, m = functional_outputs(x, m_dtype)
+    check_step_args(x, model_out, model_cond, x_eval, hist1, hist2, hist3, noise, coef, cfg, threshold, thr_ratio,
+                    thr_min, thr_max, out, m, check_values=False)
+    return out, m
+
+
+torch.library.register_fake(f"{NAMESPACE}::{FUNCTIONAL_OP}", _fake_functional, lib=_lib)

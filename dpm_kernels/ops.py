@@ -17,6 +17,7 @@ import torch
 from . import layout as L
 from .backends import registry
 from .opdef import FLOAT_DTYPES, NAMESPACE, SCHEMA, check_step_args, default_history_dtype, history_dtype
+from .step_autograd import any_requires_grad
 
 __all__ = ["FLOAT_DTYPES", "NAMESPACE", "SCHEMA", "BoundStep", "bind", "check_step_args", "default_history_dtype",
            "fused_step", "history_dtype", "threshold_args"]
@@ -49,6 +50,8 @@ class BoundStep:
     hist3=None)``
     writes x_next into `out` (and the converted output into `hist_out`) and returns `out`; arguments as in
     `fused_step`, checked by the op's rules (by the C++ kernels themselves, else here) before anything is written.
+    When grad mode is on and an input requires grad, the step runs as the functional op (`tracked`) and its results
+    are copied into out and hist_out by autograd-recorded copies; otherwise nothing is added to the mutating call.
     """
 
     def __init__(self, backend: str, device: torch.device, cfg: str = "none", threshold=None,
@@ -60,6 +63,16 @@ class BoundStep:
 
     def __call__(self, x, model_out, coef, out, hist_out=None, hist1=None, hist2=None, x_eval=None, noise=None,
                  model_cond=None, hist3=None):
+        if torch.is_grad_enabled() and any_requires_grad(x, model_out, coef, hist1, hist2, x_eval, noise, model_cond,
+                                                         hist3):
+            return self.tracked_into(x, model_out, coef, out, hist_out, hist1, hist2, x_eval, noise, model_cond,
+                                     hist3)[0]
+        return self.mutating(x, model_out, coef, out, hist_out, hist1, hist2, x_eval, noise, model_cond, hist3)
+
+    def mutating(self, x, model_out, coef, out, hist_out=None, hist1=None, hist2=None, x_eval=None, noise=None,
+                 model_cond=None, hist3=None):
+        """The mutating op itself, autograd not consulted: for callers that know no input requires grad (or run
+        under no_grad). Same arguments and result as calling the step."""
         cfg, thr, ratio, lo, hi = self._fixed
         if self._check and not torch.compiler.is_compiling():
             # traced: shapes and dtypes are checked by the fake implementation; overlaps and coefficient values
@@ -69,6 +82,37 @@ class BoundStep:
         self._impl(x, model_out, model_cond, x_eval, hist1, hist2, hist3, noise, coef, cfg, thr, ratio, lo, hi, out,
                    hist_out)
         return out
+
+    def tracked(self, x, model_out, coef, hist1=None, hist2=None, x_eval=None, noise=None, model_cond=None,
+                hist3=None, m_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The step as autograd sees it: fresh (x_next, m) from ``dpm_kernels::fused_step_functional`` on this
+        backend, differentiable in every tensor input but coef (`dpm_kernels.step_autograd`). m is in `m_dtype`,
+        by default the history's dtype (`history_dtype`)."""
+        cfg, thr, ratio, lo, hi = self._fixed
+        if m_dtype is None and isinstance(x, torch.Tensor):
+            m_dtype = history_dtype(x.dtype, hist1, hist2, hist3)
+        return torch.ops.dpm_kernels.fused_step_functional(x, model_out, model_cond, x_eval, hist1, hist2, hist3,
+                                                           noise, coef, cfg, thr, ratio, lo, hi, m_dtype,
+                                                           self.backend.name)
+
+    def tracked_into(self, x, model_out, coef, out, hist_out=None, hist1=None, hist2=None, x_eval=None, noise=None,
+                     model_cond=None, hist3=None,
+                     m_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """`tracked`, then autograd-recorded copies into hist_out and out where given. Returns (out, or the fresh
+        x_next when out is None; m, the tracked converted output). The destinations are checked first."""
+        cfg, thr, ratio, lo, hi = self._fixed
+        if not torch.compiler.is_compiling():  # the caller's destinations, before anything is written
+            check_step_args(x, model_out, model_cond, x_eval, hist1, hist2, hist3, noise, coef, cfg, thr, ratio, lo,
+                            hi, torch.empty_like(x) if out is None else out, hist_out)
+            for name, t in (("out", out), ("hist_out", hist_out)):
+                if t is not None and t.requires_grad and (t._base if t._base is not None else t).is_leaf:
+                    raise ValueError(f"{name}: a leaf tensor that requires grad (or a view of one) cannot be written "
+                                     "by a step autograd records; pass a fresh tensor or out=None")
+        res, m = self.tracked(x, model_out, coef, hist1, hist2, x_eval, noise, model_cond, hist3,
+                              hist_out.dtype if hist_out is not None else m_dtype)
+        if hist_out is not None:
+            hist_out.copy_(m)
+        return (res if out is None else out.copy_(res)), m
 
 
 _bound: dict[tuple, BoundStep] = {}
@@ -140,11 +184,19 @@ def fused_step(
 
     Returns:
         ``out``. Nothing is written when an argument is invalid.
+
+    Differentiable: when grad mode is on and any tensor input but coef requires grad, the result (and hist_out,
+    written by a recorded copy) carries a grad_fn, on every backend (`dpm_kernels.step_autograd`); with out=None
+    the result is a fresh tensor. A coef that requires grad is refused (the coefficients are planned constants).
     """
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x: expected a torch.Tensor, got {type(x).__name__}")
     hist1, hist2, hist3 = split_history(hist)
+    step = bind(backend, x.device, cfg, threshold)
     if out is None:
+        if torch.is_grad_enabled() and any_requires_grad(x, model_out, coef, hist1, hist2, x_eval, noise, model_cond,
+                                                     hist3):
+            return step.tracked_into(x, model_out, coef, None, hist_out, hist1, hist2, x_eval, noise, model_cond,
+                                     hist3)[0]
         out = torch.empty_like(x, memory_format=torch.contiguous_format)
-    return bind(backend, x.device, cfg, threshold)(x, model_out, coef, out, hist_out, hist1, hist2, x_eval, noise,
-                                                   model_cond, hist3)
+    return step(x, model_out, coef, out, hist_out, hist1, hist2, x_eval, noise, model_cond, hist3)

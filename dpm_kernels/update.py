@@ -29,6 +29,7 @@ from . import coefficients as C
 from . import planner as P
 from .ops import bind, default_history_dtype
 from .schedule import NoiseSchedule
+from .step_autograd import any_requires_grad
 
 _steps = P.Cache(4096)  # (schedule, times, options, device) -> what a step with float times needs
 _OP_NAME = re.compile(r"\bmodel_out\b")  # the op's name for what this module calls model_output
@@ -49,6 +50,10 @@ class History:
     A History serves one trajectory: each step must start where the previous one ended (its t is the previous
     t_next, per sample) and keep its direction (towards the data, or towards noise for an ODE inversion); a step
     that does not raises. Call `reset()` before the next trajectory (the next image), or make a new History.
+
+    Under autograd (a step with grad mode on and an input requiring grad) each stored output is also kept as the
+    tensor autograd tracks, and later steps read that one: gradients flow through the history to earlier steps.
+    The buffer holds the same values either way.
     """
 
     def __init__(self, like: torch.Tensor, order: int = 3, dtype: torch.dtype | None = None):
@@ -67,7 +72,9 @@ class History:
         """Forget every stored output (start a new trajectory)."""
         self.count = 0
         self.last_order = 0
-        self._entries: list[tuple[int, C.Point, object]] = []  # (slot, point(s), cache key of the time), newest first
+        # (slot, point(s), cache key of the time, the output as autograd tracks it or None), newest first
+        self._entries: list[tuple[int, C.Point, object, torch.Tensor | None]] = []
+        self._tracked = False  # some step stored a tracked output: later steps with grad mode on go through autograd
         self._t_end = None  # the previous step's t_next (a float or [B] times): where the next step must start
         self._way = 0  # the trajectory's direction in t (per sample: an array): -1 towards the data, +1 towards noise
 
@@ -80,12 +87,14 @@ class History:
         return self._entries[k][1]
 
     def _free_slot(self) -> int:
-        taken = {s for s, _, _ in self._entries[:self.order - 1]}
+        taken = {e[0] for e in self._entries[:self.order - 1]}
         return next(s for s in range(self.order) if s not in taken)
 
-    def _push(self, slot: int, pt: C.Point, key) -> None:
-        self._entries = [(slot, pt, key)] + self._entries[:self.order - 1]
+    def _push(self, slot: int, pt: C.Point, key, tracked: torch.Tensor | None = None) -> None:
+        self._entries = [(slot, pt, key, tracked)] + self._entries[:self.order - 1]
         self.count += 1
+        if tracked is not None:
+            self._tracked = True
 
     def _check_continues(self, t, t_next) -> None:
         """Refuse a step that does not continue this trajectory (see the class doc), before anything is written:
@@ -256,13 +265,13 @@ def multistep_update(
         ps, pt = P.point(noise_schedule, ts), P.point(noise_schedule, tn)
         zero = bool(np.all(C.is_zero_step(pt.lam - ps.lam)))
         eff = 1 if zero else k
-        rows = _row(ps, pt, [ps] + [p for _, p, _ in entries[:eff - 1]], eff, algorithm_type, solver_type,
+        rows = _row(ps, pt, [ps] + [e[1] for e in entries[:eff - 1]], eff, algorithm_type, solver_type,
                     model_type, guidance_scale, thr, eta, s_noise, multistep3)
         if rows.ndim == 2 and rows.shape[0] != b:
             rows = np.broadcast_to(rows, (b, rows.shape[1]))
         return P.DeviceTable(rows, x.device).device_rows, zero, eff, ps
 
-    keys = (ts, tn) + tuple(key for _, _, key in entries[:k - 1])
+    keys = (ts, tn) + tuple(e[2] for e in entries[:k - 1])
     if all(isinstance(v, float) for v in keys):
         coef, all_zero, eff, ps = _steps.get((noise_schedule, keys, k, algorithm_type, solver_type, model_type,
                                               float(guidance_scale), thr, float(eta), float(s_noise), multistep3,
@@ -275,17 +284,28 @@ def multistep_update(
         raise ValueError("noise: SDE algorithms need standard normal noise of x's shape")
     write = None if all_zero else history._free_slot()
     slots = history._slots
-    h = [slots[s] for s, _, _ in used] + [None, None]
-    if out is None:
-        out = torch.empty_like(x, memory_format=torch.contiguous_format)
     step = bind(backend, x.device, cfg, thresholding, threshold_name="thresholding")
+    z = noise if noisy else None
+    m = None
     try:
-        step(x, model_output, coef, out, None if write is None else slots[write], h[0], h[1], None,
-             noise if noisy else None, model_cond)
+        if torch.is_grad_enabled() and (history._tracked or any_requires_grad(x, model_output, model_cond, z)):
+            # autograd: the stored outputs are read as the tensors it tracks, the new one is kept beside its slot
+            h = [slots[e[0]] if e[3] is None else e[3] for e in used] + [None, None]
+            out, m = step.tracked_into(x, model_output, coef, out, None, h[0], h[1], None, z, model_cond,
+                                       m_dtype=history.buffer.dtype)
+            if write is not None:
+                with torch.no_grad():
+                    slots[write].copy_(m)
+        else:
+            h = [slots[e[0]] for e in used] + [None, None]
+            if out is None:
+                out = torch.empty_like(x, memory_format=torch.contiguous_format)
+            step.mutating(x, model_output, coef, out, None if write is None else slots[write], h[0], h[1], None, z,
+                          model_cond)
     except (ValueError, TypeError) as e:  # the op's rules, said with this function's argument names
         raise (TypeError if isinstance(e, TypeError) else ValueError)(_OP_NAME.sub("model_output", str(e))) from None
     if write is not None:
-        history._push(write, ps, ts if isinstance(ts, float) else None)
+        history._push(write, ps, ts if isinstance(ts, float) else None, m)
     history._advance(ts, tn)
     history.last_order = eff
     return out

@@ -367,12 +367,15 @@ def test_where_diffusers_fails_the_drop_ins_do_better():
     assert not run(DPMSolverSinglestepScheduler, cfg, 25)[0][-1].isfinite().all()
     ours, s = run(FusedDPMSolverSinglestepScheduler, cfg, 25)
     assert s.fused_reason is None and ours[-1].isfinite().all()
-    # inputs that require grad: diffusers' differentiable step
-    s = FusedDPMSolverMultistepScheduler()
-    s.set_timesteps(4)
-    x = torch.randn(SHAPE, requires_grad=True)
-    s.step(toy_model(x, s.timesteps[0]), s.timesteps[0], x).prev_sample.sum().backward()
-    assert "grad" in s.fused_reason and x.grad is not None
+    # inputs that require grad: fused and differentiable, as diffusers' step (tests/test_autograd_front_ends.py)
+    grads = []
+    for cls in (DPMSolverMultistepScheduler, FusedDPMSolverMultistepScheduler):
+        s = cls()
+        s.set_timesteps(4)
+        x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(0), requires_grad=True)
+        s.step(toy_model(x, s.timesteps[0]), s.timesteps[0], x).prev_sample.sum().backward()
+        grads.append(x.grad)
+    assert s.fused_reason is None and err([grads[1]], [grads[0]]) < 1e-6
 
 
 @pytest.mark.parametrize("alg", ["sde-dpmsolver++", "dpmsolver++"])
@@ -613,19 +616,20 @@ def test_a_named_backend_is_used_or_raises_why_not():
         with pytest.raises(ValueError, match=r"^fused_backend: 'cuda' cannot serve cpu tensors \(cuda: serves cuda"):
             s.step(toy_model(x, s.timesteps[0]), s.timesteps[0], x)
         assert s.fused_reason is None and s._fz_traj is None
-    # what "auto" would run diffusers' step for raises with a named backend: inputs requiring grad ...
+    # what "auto" would run diffusers' step for raises with a named backend: a sample of a dtype the op does not
+    # take (diffusers' step casts it to float32) ...
     for backend, fallback in (("auto", True), ("torch", False)):
         s = FusedDPMSolverMultistepScheduler()
         s.fused_backend = backend
         s.set_timesteps(4)
-        xg = x.clone().requires_grad_(True)
+        xi = (4 * x).round().to(torch.int32)
         if fallback:
-            s.step(toy_model(xg, s.timesteps[0]), s.timesteps[0], xg)
-            assert "grad" in s.fused_reason
+            s.step(toy_model(x, s.timesteps[0]), s.timesteps[0], xi)
+            assert "torch.int32 is not fused" in s.fused_reason
         else:
             with pytest.raises(ValueError, match="^fused_backend: 'torch' was named, but this step cannot be fused: "
-                                                 "inputs require grad"):
-                s.step(toy_model(xg, s.timesteps[0]), s.timesteps[0], xg)
+                                                 "sample: a torch.int32 is not fused"):
+                s.step(toy_model(x, s.timesteps[0]), s.timesteps[0], xi)
     # ... and a configuration the module does not know (here: one it is told not to know), also when the named
     # backend is set after "auto" fell back at the first step of a trajectory
     unknown = type("Unknown", (FusedDPMSolverMultistepScheduler,),

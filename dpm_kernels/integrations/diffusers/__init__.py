@@ -55,7 +55,9 @@ Fallback (with `fused_backend="auto"`; a backend named there runs every step or 
 name raises when set): a configuration that is not fused runs diffusers' own `step()` for the whole trajectory, and
 `scheduler.fused_reason` says why (None: fused): a prediction type or solver order outside what diffusers defines,
 options unknown to this module set to non-default values (checked with diffusers 0.42), and, decided at the first
-step, unsupported dtypes, model outputs that do not fit the sample, inputs requiring grad (the op has no autograd).
+step, unsupported dtypes, model outputs that do not fit the sample. Inputs that require grad are fused: the step
+runs the op's differentiable form (`dpm_kernels.step_autograd`), reading earlier outputs as the tensors autograd
+tracks, so the result and pred_original_sample carry gradients.
 
 State: `step_index`, `lower_order_nums` and (singlestep) `sample` evolve as in diffusers. The parent's
 `model_outputs` list is not maintained during a fused trajectory: reading it gives a tuple of views into the ring

@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 import inspect
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -21,6 +21,7 @@ from ... import coefficients as C
 from ... import planner as P
 from ...backends import registry
 from ...ops import FLOAT_DTYPES, BoundStep, bind, default_history_dtype
+from ...step_autograd import any_requires_grad
 
 # diffusers' prediction types -> the conversion's model types (flow_prediction: see `FusedStepMixin._conversion`)
 MODEL_TYPE = {"epsilon": "noise", "sample": "x_start", "v_prediction": "v", "flow_prediction": "flow"}
@@ -45,6 +46,7 @@ class Trajectory:
     sde: bool  # noise is drawn every step (diffusers' RNG use)
     model_dtype_result: bool  # the result has model_output's dtype (else the working dtype)
     calls: int = 0
+    tracked: dict = field(default_factory=dict)  # ring slot -> its output as autograd tracks it (steps under autograd)
 
 
 def _output_fast(prev: torch.Tensor) -> SchedulerOutput:
@@ -206,8 +208,6 @@ class FusedStepMixin:
                     "not fused")
         if self._threshold() is not None and sample.dim() < 2:
             return "thresholding needs [B, C, ...] samples"
-        if torch.is_grad_enabled() and (sample.requires_grad or model_output.requires_grad):
-            return "inputs require grad: the fused op has no autograd"
         return None
 
     # ----- planning -----
@@ -315,21 +315,44 @@ class FusedStepMixin:
         if sample.shape != traj.shape or mo.shape != traj.shape or sample.device != traj.device:
             raise ValueError(f"step: sample/model_output {tuple(sample.shape)}/{tuple(model_output.shape)} on "
                              f"{sample.device} changed within a trajectory ({tuple(traj.shape)} on {traj.device})")
-        if torch.is_grad_enabled() and (sample.requires_grad or model_output.requires_grad):
-            raise RuntimeError("step: inputs require grad, but this fused trajectory has no autograd")
         w, ev = traj.dtype, evals[k]
         z = self._noise(model_output, sample, generator, variance_noise, ev) if traj.sde else None  # as diffusers
         x_now = sample if sample.dtype == w else sample.to(w)
         x, x_eval = self._start_point(ev, sample, x_now)
         slots = traj.slots
-        h = ([x_eval] if ev.reads_eval else []) + [slots[s] for s in ev.read_slots] + [None, None, None]
-        out = torch.empty_like(x_now, memory_format=torch.contiguous_format)
-        traj.step(x, mo if mo.dtype == w else mo.to(w), traj.table.rows[k], out, self._hist_out(ev, slots), h[0],
-                  h[1], x_eval, z.to(w) if z is not None and ev.noisy else None, hist3=h[2])
+        mo = mo if mo.dtype == w else mo.to(w)
+        z = z.to(w) if z is not None and ev.noisy else None
+        if torch.is_grad_enabled() and (traj.tracked or any_requires_grad(x, mo, x_eval, z)):
+            out = self._tracked_step(traj, ev, x, mo, x_eval, z)
+        else:
+            h = ([x_eval] if ev.reads_eval else []) + [slots[s] for s in ev.read_slots] + [None, None, None]
+            out = torch.empty_like(x_now, memory_format=torch.contiguous_format)
+            traj.step.mutating(x, mo, traj.table.rows[k], out, self._hist_out(ev, slots), h[0], h[1], x_eval, z,
+                               hist3=h[2])
+            if traj.tracked:  # the slot written no longer holds the tracked output of an earlier step
+                traj.tracked.pop(ev.write_slot, None)
         traj.calls += 1
         self._step_index += 1
         self._advanced(ev, sample)
         return out.to(model_output.dtype) if traj.model_dtype_result and model_output.dtype != w else out
+
+    def _tracked_step(self, traj: Trajectory, ev: P.Eval, x, mo, x_eval, z) -> torch.Tensor:
+        """The step under autograd (grad mode on and an input requiring grad, or outputs of such steps in the ring):
+        the functional op, reading stored outputs as the tensors autograd tracks. The ring slot (and a returned
+        pred_original_sample) still receive the values, so diffusers' state reads the same as on the fused path."""
+        slots, tracked = traj.slots, traj.tracked
+        h = ([x_eval] if ev.reads_eval else []) + [tracked.get(s, slots[s]) for s in ev.read_slots] + [None] * 3
+        hist_out = self._hist_out(ev, slots)
+        res, m = traj.step.tracked(x, mo, traj.table.rows[traj.calls], h[0], h[1], x_eval, z, None, h[2],
+                                   None if hist_out is None else hist_out.dtype)
+        if hist_out is not None:
+            with torch.no_grad():
+                hist_out.copy_(m)
+            if ev.write_slot is not None and hist_out is slots[ev.write_slot]:
+                tracked[ev.write_slot] = m
+            if self.__dict__.get("_fz_pred") is hist_out:  # returned as pred_original_sample: the tracked one
+                self._fz_pred = m
+        return res
 
     # ----- hooks: the defaults serve diffusers' VP schedulers (multistep, singlestep, inverse) -----
     PREDICTION_TYPES: tuple[str, ...] = tuple(MODEL_TYPE)  # the class's prediction types that are fused

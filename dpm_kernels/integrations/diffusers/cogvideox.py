@@ -88,7 +88,7 @@ class FusedCogVideoXDPMScheduler(FusedStepMixin, CogVideoXDPMScheduler):
         why = self._data_reason(model_output, sample)
         if why is None and old is not None and not (
                 isinstance(old, torch.Tensor) and old.is_floating_point() and old.shape == sample.shape
-                and old.device == sample.device and not (torch.is_grad_enabled() and old.requires_grad)):
+                and old.device == sample.device):
             why = "old_pred_original_sample: not a floating tensor of the sample's shape and device: not fused"
         if why is None:
             try:
