@@ -59,6 +59,7 @@ class BoundStep:
         self.backend = registry.resolve(registry.validate(backend), device)
         self._fixed = (cfg_mode(cfg),) + threshold_args(threshold, threshold_name)
         self._impl = self.backend.impl
+        self._eager = self.backend.eager_impl
         self._check = not self.backend.self_checking
 
     def __call__(self, x, model_out, coef, out, hist_out=None, hist1=None, hist2=None, x_eval=None, noise=None,
@@ -74,13 +75,17 @@ class BoundStep:
         """The mutating op itself, autograd not consulted: for callers that know no input requires grad (or run
         under no_grad). Same arguments and result as calling the step."""
         cfg, thr, ratio, lo, hi = self._fixed
-        if self._check and not torch.compiler.is_compiling():
-            # traced: shapes and dtypes are checked by the fake implementation; overlaps and coefficient values
-            # are data the tracer cannot read (checked on the eager path, and by the planner)
+        if torch.compiler.is_compiling():
+            # traced: the op itself; shapes and dtypes are checked by the fake implementation; overlaps and
+            # coefficient values are data the tracer cannot read (checked on the eager path, and by the planner)
+            self._impl(x, model_out, model_cond, x_eval, hist1, hist2, hist3, noise, coef, cfg, thr, ratio, lo, hi,
+                       out, hist_out)
+            return out
+        if self._check:
             check_step_args(x, model_out, model_cond, x_eval, hist1, hist2, hist3, noise, coef, cfg, thr, ratio, lo,
                             hi, out, hist_out)
-        self._impl(x, model_out, model_cond, x_eval, hist1, hist2, hist3, noise, coef, cfg, thr, ratio, lo, hi, out,
-                   hist_out)
+        self._eager(x, model_out, model_cond, x_eval, hist1, hist2, hist3, noise, coef, cfg, thr, ratio, lo, hi, out,
+                    hist_out)
         return out
 
     def tracked(self, x, model_out, coef, hist1=None, hist2=None, x_eval=None, noise=None, model_cond=None,
