@@ -61,6 +61,9 @@ class BoundStep:
         self._impl = self.backend.impl
         self._eager = self.backend.eager_impl
         self._check = not self.backend.self_checking
+        # "auto" on a GPU with both backends: large plain steps on Triton (registry.large_step_backend); eager only
+        large = registry.large_step_backend(backend, device, self._fixed[1])
+        self._large = None if large is None else large.eager_impl
 
     def __call__(self, x, model_out, coef, out, hist_out=None, hist1=None, hist2=None, x_eval=None, noise=None,
                  model_cond=None, hist3=None):
@@ -84,8 +87,9 @@ class BoundStep:
         if self._check:
             check_step_args(x, model_out, model_cond, x_eval, hist1, hist2, hist3, noise, coef, cfg, thr, ratio, lo,
                             hi, out, hist_out)
-        self._eager(x, model_out, model_cond, x_eval, hist1, hist2, hist3, noise, coef, cfg, thr, ratio, lo, hi, out,
-                    hist_out)
+        impl = self._eager if self._large is None or x.numel() < registry.TRITON_MIN_ELEMENTS else self._large
+        impl(x, model_out, model_cond, x_eval, hist1, hist2, hist3, noise, coef, cfg, thr, ratio, lo, hi, out,
+             hist_out)
         return out
 
     def tracked(self, x, model_out, coef, hist1=None, hist2=None, x_eval=None, noise=None, model_cond=None,
@@ -185,7 +189,9 @@ def fused_step(
         threshold: (ratio, lo, hi) to apply dynamic thresholding to the converted prediction:
             s = clamp(quantile(|y|, ratio), lo, hi) per sample, y = clamp(y, -s, s) / s.
         backend: one of `registry.CHOICES`: "auto" (deterministic: the first backend that can serve x's device),
-            "fastest" (measured once per device), or a backend's name (`registry.NAMES`).
+            "fastest" (the same as "auto"), or a backend's name (`registry.NAMES`). On a GPU where both the CUDA and
+            the Triton kernels load, "auto" runs plain steps of 2^24+ elements on Triton
+            (`registry.TRITON_MIN_ELEMENTS`).
 
     Returns:
         ``out``. Nothing is written when an argument is invalid.

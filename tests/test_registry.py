@@ -11,7 +11,9 @@ import textwrap
 import pytest
 import torch
 
-from dpm_kernels.backends import registry, tuning
+from dpm_kernels import layout as L
+from dpm_kernels import ops
+from dpm_kernels.backends import registry
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -88,17 +90,37 @@ def test_public_op_without_the_extensions_runs_the_reference():
     assert out.split()[-1] == "torch"
 
 
-def test_auto_is_deterministic_and_never_measures(monkeypatch):
-    def measure(*a, **k):
-        raise AssertionError("auto must not time backends")
-
-    monkeypatch.setattr(tuning, "_time_backend", measure)
+def test_auto_is_deterministic_and_fastest_is_auto():
     cpu = torch.device("cpu")
     picks = {registry.choose("auto", cpu) for _ in range(5)}
     assert len(picks) == 1
     want = next(b for b in registry.auto_order(cpu) if b.why_not(cpu) is None)
     assert picks == {want}
-    assert registry.choose("fastest", cpu) is want  # one compiled backend on a CPU: nothing to measure
+    assert registry.choose("fastest", cpu) is want  # no timing at run time: the size rule replaced it
+
+
+def test_auto_runs_large_plain_gpu_steps_on_triton(monkeypatch):
+    """The size rule of "auto" where both GPU backends load (registry.large_step_backend), wired into a bound step:
+    plain steps of TRITON_MIN_ELEMENTS+ elements on Triton, smaller or thresholded ones and named backends on CUDA.
+    The GPU is simulated (resolve and availability patched; each backend's eager implementation records its name)."""
+    gpu = torch.device("cuda", 0)
+    monkeypatch.setattr(registry, "resolve", lambda name, device: registry.by_name(name) if name in registry.NAMES
+                        else registry.CUDA)
+    monkeypatch.setattr(registry.Backend, "why_not", lambda self, device: None)
+    assert registry.large_step_backend("auto", gpu, False) is registry.TRITON
+    assert registry.large_step_backend("fastest", gpu, False) is registry.TRITON
+    assert registry.large_step_backend("auto", gpu, True) is None  # thresholded: CUDA at every size
+    assert registry.large_step_backend("cuda", gpu, False) is None  # a named backend is that backend
+    assert registry.large_step_backend("auto", torch.device("cpu"), False) is None
+    calls = []
+    monkeypatch.setattr(registry.Backend, "eager_impl", property(lambda self: lambda *a: calls.append(self.name)))
+    monkeypatch.setattr(registry, "TRITON_MIN_ELEMENTS", 64)
+    coef = torch.zeros(L.NCOEF, dtype=torch.float64)
+    for backend, thr, n, want in (("auto", None, 63, "cuda"), ("auto", None, 64, "triton"),
+                                  ("auto", (0.995, 1.0, 1.0), 64, "cuda"), ("cuda", None, 64, "cuda")):
+        x = torch.zeros(1, n)
+        ops.BoundStep(backend, gpu, threshold=thr).mutating(x, x, coef, torch.empty_like(x))
+        assert calls.pop() == want, (backend, thr, n)
 
 
 def test_decisions_are_per_device_index():

@@ -7,7 +7,9 @@ taking the op schema's positional arguments). `BACKENDS` is in priority order. A
 - ``"auto"``: deterministic -- the first backend of `BACKENDS` that takes part in "auto" for the device type and
   can serve the device (CUDA: cuda, triton, torch; CPU: cpu, torch). Same inputs, same machine: same backend and
   the same bits in every run. Falling back to the reference is logged once per device type, with the reasons.
-- ``"fastest"``: an explicit opt-in that times the compiled backends on the device once (`tuning.fastest`).
+  Where both GPU backends load, a bound step ("auto") runs its large plain steps on Triton by a written-down size
+  rule (`large_step_backend`), never by timing at run time.
+- ``"fastest"``: the same as "auto" (it once timed the backends at run time; the size rule replaced that).
 - a backend's own name: that backend, or a ValueError saying why it cannot serve the device.
 
 Decisions are cached per (name, device) -- device index included, so two GPUs of one process decide alone.
@@ -145,11 +147,7 @@ def choose(name: str, device: torch.device | str) -> Backend:
     """The backend that serves `name` on `device` (not cached); ValueError with every reason when none can."""
     device = torch.device(device)
     validate(name)
-    if name == "fastest":
-        from . import tuning
-
-        return by_name(tuning.fastest(device))
-    if name != "auto":
+    if name not in ("auto", "fastest"):
         b = by_name(name)
         why = b.why_not(device)
         if why is not None:
@@ -184,6 +182,23 @@ def resolve(name: str, device: torch.device) -> Backend:
                            "eagerly) first")
     b = _resolved[key] = choose(name, device)
     return b
+
+
+# The size rule of "auto" on a CUDA device where both GPU backends load, from one H100's measurements (2026-12-05,
+# torch 2.11, benchmarks/gpu_check.sh re-measures it): a plain step of 2^24+ elements is device-bound and Triton's
+# runs closer to the byte floor (1.04-1.07x at 2^24 and 1.00x at 2^26, against CUDA's 1.08-1.12x and 1.04-1.05x);
+# below that a step is host-bound at latent sizes (the CUDA path's host cost was the lower), and a thresholded step
+# is faster on CUDA at every size (2.3-2.9x the floor against 4.3-6.1x at 2^24-2^26).
+TRITON_MIN_ELEMENTS = 1 << 24
+
+
+def large_step_backend(name: str, device: torch.device, thresholding: bool) -> Backend | None:
+    """The backend that runs "auto"'s plain steps of at least `TRITON_MIN_ELEMENTS` elements on `device` when it is
+    not the one `resolve` chose (Triton beside the CUDA kernels); None where the rule changes nothing."""
+    if (name not in ("auto", "fastest") or thresholding or device.type != "cuda"
+            or resolve(name, device) is not CUDA or TRITON.why_not(device) is not None):
+        return None
+    return TRITON
 
 
 def prepare(name: str, device: torch.device | str) -> str:
