@@ -111,8 +111,9 @@ def fused_step_triton(
     # element by element; a non-contiguous one was copied by c() before anything is written.
     o, ho = _contig_out(out), _contig_out(hist_out)
     # Triton launches on the current device: make it x's (a no-op on one GPU and for CPU tensors)
-    guard = torch.cuda.device(x.device) if x.device.type == "cuda" else contextlib.nullcontext()
-    with guard:
+    # (entering and leaving a device context costs a few us a step: only where x is not on the current device)
+    switch = x.device.type == "cuda" and x.device.index != torch.cuda.current_device()
+    with torch.cuda.device(x.device) if switch else contextlib.nullcontext():
         triton_kernels.fused_step(c(x), c(model_out), c(model_cond), c(x_eval), c(hist1), c(hist2), c(hist3),
                                   c(noise), c(coef), cfg, threshold, thr_ratio, thr_min, thr_max, o, ho)
     if o is not out:
