@@ -63,3 +63,27 @@ def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
         return 0.0
     scale = max(1.0, float(r64.abs().max()))
     return float((a64 - r64).abs().max()) / scale
+
+
+def assert_drop_in_surface(src, fused_cls, tmp_path, methods=("set_timesteps", "step", "scale_model_input",
+                                                               "add_noise")):
+    """A drop-in made from diffusers scheduler `src`'s config has diffusers' whole surface: the same config keys and
+    values (fused_backend is an attribute, not config), from_config and save/load round trips both ways, diffusers'
+    `_compatibles`, and the signatures of `methods` (pipelines introspect them). Returns the drop-in."""
+    import inspect
+
+    parent = type(src)
+    ours = fused_cls.from_config(src.config)
+    strip = lambda c: {k: v for k, v in c.items() if not k.startswith("_")}  # noqa: E731
+    assert strip(ours.config) == strip(src.config)
+    assert ours.fused_backend == "auto" and "fused_backend" not in ours.config and ours.fused_reason is None
+    ours.save_config(tmp_path)
+    assert strip(fused_cls.from_pretrained(tmp_path).config) == strip(src.config)
+    assert strip(parent.from_config(ours.config).config) == strip(src.config)
+    assert set(parent._compatibles) <= set(fused_cls._compatibles)
+    for name in methods:
+        params = [[(q.name, q.default) for q in inspect.signature(getattr(o, name)).parameters.values()]
+                  for o in (ours, src)]
+        assert params[0] == params[1], name
+    return ours
+

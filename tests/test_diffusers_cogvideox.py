@@ -15,11 +15,10 @@ timestep_spacing="trailing"); the matrix covers every option of its __init__ and
 from __future__ import annotations
 
 import contextlib
-import inspect
 
 import pytest
 import torch
-from conftest import backends_for
+from conftest import assert_drop_in_surface, backends_for
 from test_diffusers_family import err
 
 try:
@@ -224,14 +223,5 @@ def test_options_matter():
 
 def test_config_and_signatures_are_diffusers(tmp_path):
     src = CogVideoXDPMScheduler(timestep_spacing="trailing")
-    ours = FusedCogVideoXDPMScheduler.from_config(src.config)
-    strip = lambda c: {k: v for k, v in c.items() if not k.startswith("_")}  # noqa: E731
-    assert strip(ours.config) == strip(src.config) and ours.fused_reason is None
-    ours.save_config(tmp_path)
-    assert strip(FusedCogVideoXDPMScheduler.from_pretrained(tmp_path).config) == strip(src.config)
-    assert strip(CogVideoXDPMScheduler.from_config(ours.config).config) == strip(src.config)
-    assert set(CogVideoXDPMScheduler._compatibles) <= set(FusedCogVideoXDPMScheduler._compatibles)
-    for name in ("set_timesteps", "step", "scale_model_input", "add_noise", "get_velocity"):
-        params = [[(q.name, q.default) for q in inspect.signature(getattr(o, name)).parameters.values()]
-                  for o in (ours, src)]
-        assert params[0] == params[1], name
+    assert_drop_in_surface(src, FusedCogVideoXDPMScheduler, tmp_path,
+                           ("set_timesteps", "step", "scale_model_input", "add_noise", "get_velocity"))

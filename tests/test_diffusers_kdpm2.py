@@ -27,7 +27,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import backends_for
+from conftest import assert_drop_in_surface, backends_for
 from test_diffusers_family import assert_fused, err, toy_model
 
 try:
@@ -315,17 +315,7 @@ def test_half_precision(kind):
 def test_config_and_signatures_are_diffusers(kind, tmp_path):
     parent, fused = PAIRS[kind]
     src = parent(**BASE)
-    ours = fused.from_config(src.config)
-    strip = lambda c: {k: v for k, v in c.items() if not k.startswith("_")}  # noqa: E731
-    assert strip(ours.config) == strip(src.config) and ours.fused_reason is None
-    ours.save_config(tmp_path)
-    assert strip(fused.from_pretrained(tmp_path).config) == strip(src.config)
-    assert strip(parent.from_config(ours.config).config) == strip(src.config)
-    assert set(parent._compatibles) <= set(fused._compatibles)
-    for name in ("set_timesteps", "step", "scale_model_input", "add_noise"):
-        params = [[(q.name, q.default) for q in inspect.signature(getattr(o, name)).parameters.values()]
-                  for o in (ours, src)]
-        assert params[0] == params[1], name
+    assert_drop_in_surface(src, fused, tmp_path)
 
 
 def test_options_matter_and_fallbacks():

@@ -12,14 +12,13 @@ failed assertion), the better-defined result is checked against an independent r
 
 from __future__ import annotations
 
-import inspect
 import logging
 import warnings
 
 import numpy as np
 import pytest
 import torch
-from conftest import backends_for
+from conftest import assert_drop_in_surface, backends_for
 
 try:
     import diffusers
@@ -367,21 +366,11 @@ def test_switch_and_config_round_trip(tmp_path):
     got, s = run(None, {}, 10, sched=s)
     assert_fused(s, 10)
     assert err(got, want) < 1e-6
-    strip = lambda c: {k: v for k, v in c.items() if not k.startswith("_")}  # noqa: E731
     src = UniPCMultistepScheduler(solver_order=3, solver_type="bh1", predict_x0=False, disable_corrector=[1, 2],
                                   use_flow_sigmas=True, flow_shift=5.0, thresholding=True)
-    ours = FusedUniPCMultistepScheduler.from_config(src.config)
-    assert strip(ours.config) == strip(src.config)
-    assert ours.fused_backend == "auto" and "fused_backend" not in ours.config
-    ours.save_config(tmp_path)
-    assert strip(FusedUniPCMultistepScheduler.from_pretrained(tmp_path).config) == strip(src.config)
-    assert strip(UniPCMultistepScheduler.from_config(ours.config).config) == strip(src.config)
-    assert set(UniPCMultistepScheduler._compatibles) <= set(FusedUniPCMultistepScheduler._compatibles)
-    for name in ("set_timesteps", "step", "scale_model_input", "add_noise", "convert_model_output",
-                 "multistep_uni_p_bh_update", "multistep_uni_c_bh_update"):
-        params = [[(q.name, q.default) for q in inspect.signature(getattr(o, name)).parameters.values()]
-                  for o in (ours, src)]
-        assert params[0] == params[1], name
+    ours = assert_drop_in_surface(src, FusedUniPCMultistepScheduler, tmp_path,
+                                  ("set_timesteps", "step", "scale_model_input", "add_noise", "convert_model_output",
+                                   "multistep_uni_p_bh_update", "multistep_uni_c_bh_update"))
     for s in (src, ours):
         s.set_timesteps(10)
     x, n, t = torch.randn(SHAPE), torch.randn(SHAPE), src.timesteps[[2, 5]]

@@ -12,13 +12,12 @@ over all steps.
 
 from __future__ import annotations
 
-import inspect
 import logging
 import types
 
 import pytest
 import torch
-from conftest import backends_for
+from conftest import assert_drop_in_surface, backends_for
 
 try:
     import diffusers
@@ -269,17 +268,7 @@ def test_state_and_model_outputs_views():
 def test_from_config_round_trip(tmp_path):
     src = DPMSolverMultistepScheduler(solver_order=3, algorithm_type="sde-dpmsolver++", use_karras_sigmas=True,
                                       beta_schedule="scaled_linear", thresholding=True)
-    fused = FusedDPMSolverMultistepScheduler.from_config(src.config)
-    strip = lambda c: {k: v for k, v in c.items() if not k.startswith("_")}  # noqa: E731
-    assert strip(fused.config) == strip(src.config)
-    assert fused.fused_backend == "auto" and "fused_backend" not in fused.config and fused.fused_reason is None
-    fused.save_config(tmp_path)
-    assert strip(FusedDPMSolverMultistepScheduler.from_pretrained(tmp_path).config) == strip(src.config)
-    assert strip(DPMSolverMultistepScheduler.from_config(fused.config).config) == strip(src.config)
-    for name in ("set_timesteps", "step"):  # pipelines introspect these (retrieve_timesteps, extra step kwargs)
-        params = [[(q.name, q.default) for q in inspect.signature(getattr(o, name)).parameters.values()]
-                  for o in (fused, src)]
-        assert params[0] == params[1], name
+    fused = assert_drop_in_surface(src, FusedDPMSolverMultistepScheduler, tmp_path)
     for s in (src, fused):
         s.set_timesteps(10)
     x, n, t = torch.randn(SHAPE), torch.randn(SHAPE), src.timesteps[[2, 5]]

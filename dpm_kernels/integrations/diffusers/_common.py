@@ -461,6 +461,17 @@ class FusedStepMixin:
             self.lower_order_nums += 1
 
 
+class TwoCallStep(FusedStepMixin):
+    """The schedulers that take two calls per interval and keep its start in diffusers' ``self.sample`` (DPMSolverSDE,
+    KDPM2): the second call's update restarts from there, at the midpoint sample it is given."""
+
+    def _start_point(self, ev: P.Eval, sample, x_now):
+        if ev.source == "u":
+            start = self.sample if self.sample.dtype == x_now.dtype else self.sample.to(x_now.dtype)
+            return start, x_now
+        return x_now, None
+
+
 class StepWithGenerator(FusedStepMixin):
     """`step(model_output, timestep, sample, generator=None, return_dict=True)`: the singlestep, EDM and cosine
     schedulers' signature."""

@@ -16,11 +16,11 @@ from diffusers import KDPM2AncestralDiscreteScheduler, KDPM2DiscreteScheduler
 from diffusers.utils.torch_utils import randn_tensor
 
 from ... import planner as P
-from ._common import FusedStepMixin
+from ._common import TwoCallStep
 from .sde import _SDE_TYPES
 
 
-class _KDPM2Step(FusedStepMixin):
+class _KDPM2Step(TwoCallStep):
     GRID_KEYS = frozenset({"num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas",
                            "use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "timestep_spacing",
                            "steps_offset"})
@@ -68,12 +68,6 @@ class _KDPM2Step(FusedStepMixin):
                              "sigmas (an ancestral sigma_down that rounds to 0 in float32 puts the interpolated "
                              "sigma at log(0)); its own step and timesteps are NaN there: take more steps")
         return P.plan_two_stage(np.append(starts, ends[-1]), "dpm2", starts=starts, mids=mids, ends=ends, noise=noise)
-
-    def _start_point(self, ev: P.Eval, sample, x_now):
-        if ev.source == "u":  # the second call restarts from the interval's start, diffusers' `self.sample`
-            start = self.sample if self.sample.dtype == x_now.dtype else self.sample.to(x_now.dtype)
-            return start, x_now
-        return x_now, None
 
     def _hist_out(self, ev: P.Eval, slots):
         # every call returns its x0 (pred_original_sample) in a tensor of its own, in the working dtype (that of x_eval,

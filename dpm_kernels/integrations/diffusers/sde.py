@@ -13,14 +13,14 @@ import torch
 from diffusers import DPMSolverSDEScheduler
 
 from ... import planner as P
-from ._common import FusedStepMixin
+from ._common import TwoCallStep
 from .ve import brownian_tree
 
 _SDE_TYPES = {"epsilon": P.Conversion("noise"), "v_prediction": P.Conversion("edm_v", sigma_data=1.0),
               "sample": P.Conversion("x_start")}
 
 
-class FusedDPMSolverSDEScheduler(FusedStepMixin, DPMSolverSDEScheduler):
+class FusedDPMSolverSDEScheduler(TwoCallStep, DPMSolverSDEScheduler):
     """`DPMSolverSDEScheduler` with a fused `step()`: same config, calls and results (`pred_original_sample` too).
 
     Each interval sigma_i -> sigma_{i+1} is two calls -- an ancestral step to the lambda midpoint, then from x_i
@@ -91,12 +91,6 @@ class FusedDPMSolverSDEScheduler(FusedStepMixin, DPMSolverSDEScheduler):
         t, t_next = self.sigmas[i].log().neg(), self.sigmas[i + 1].log().neg()
         to = t + (t_next - t) * 0.5 if to_midpoint else t_next
         return t.neg().exp(), to.neg().exp()
-
-    def _start_point(self, ev: P.Eval, sample, x_now):
-        if ev.source == "u":  # the second call restarts from the interval's start, diffusers' `self.sample`
-            start = self.sample if self.sample.dtype == x_now.dtype else self.sample.to(x_now.dtype)
-            return start, x_now
-        return x_now, None
 
     def _hist_out(self, ev: P.Eval, slots):
         # every call returns its x0 (pred_original_sample) in a tensor of its own; no later call reads it (r = 1/2)
