@@ -99,7 +99,7 @@ def test_auto_is_deterministic_and_fastest_is_auto():
     assert registry.choose("fastest", cpu) is want  # no timing at run time: the size rule replaced it
 
 
-def test_auto_runs_large_plain_gpu_steps_on_triton(monkeypatch):
+def test_auto_size_rule_picks_triton_for_large_plain_steps(monkeypatch):
     """The size rule of "auto" where both GPU backends load (registry.large_step_backend), wired into a bound step:
     plain steps of TRITON_MIN_ELEMENTS+ elements on Triton, smaller or thresholded ones and named backends on CUDA.
     The GPU is simulated (resolve and availability patched; each backend's eager implementation records its name)."""
