@@ -5,7 +5,8 @@
     python benchmarks/bench_diffusers_step.py --schedulers all --shapes latent64,latent128 --thresholding off
                                                                  # every drop-in against its diffusers class
 
-Configurations: a 1x4x64x64 and a 1x4x128x128 latent and a 2x3x256x256 pixel batch, solver order 2 and 3,
+Configurations: a 1x4x64x64 and a 1x4x128x128 latent and a 2x3x256x256 pixel batch (and, asked for by name, a
+1x16x21x60x90 video latent), solver order 2 and 3,
 thresholding off and on (sample_max_value 1.5), DPMSolverMultistepScheduler's defaults otherwise (dpmsolver++,
 epsilon, 20 steps). `--schedulers` picks the scheduler classes (default: the multistep one; "all": every drop-in,
 SDE ones with a seeded generator, the cosine and SDE schedulers with diffusers' Brownian tree, whose queries are
@@ -39,7 +40,9 @@ from dpm_kernels.integrations import diffusers as fused_diffusers
 
 RESULTS = Path(__file__).resolve().parent / "results"  # this checkout's record, wherever it is run from
 
-SHAPES = {"latent64": (1, 4, 64, 64), "latent128": (1, 4, 128, 128), "pixels256": (2, 3, 256, 256)}
+SHAPES = {"latent64": (1, 4, 64, 64), "latent128": (1, 4, 128, 128), "pixels256": (2, 3, 256, 256),
+          "video": (1, 16, 21, 60, 90)}  # a video latent (Wan / CogVideoX: 16 channels, 21 latent frames, 480x720)
+DEFAULT_SHAPES = ("latent64", "latent128", "pixels256")
 SMOKE_SHAPES = {"tiny": (1, 4, 8, 8)}
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # name: (diffusers class name, config, highest order timed); the drop-in is "Fused" + the class name. The SDE
@@ -171,7 +174,10 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=str(RESULTS), help="results directory ('' to skip writing)")
     p.add_argument("--schedulers", default="multistep",
                    help=f"comma-separated of {', '.join(SCHEDULERS)}, or 'all' (default: %(default)s)")
-    p.add_argument("--shapes", default="all", help=f"comma-separated of {', '.join(SHAPES)}, or 'all'")
+    p.add_argument("--shapes", default="all", help=f"comma-separated of {', '.join(SHAPES)}, or 'all' (all but "
+                                                   "video)")
+    p.add_argument("--kind", default="", help="results file kind (default: diffusers_step for the multistep "
+                                              "scheduler alone, else diffusers_family)")
     p.add_argument("--orders", default="2,3", help="solver orders (default: %(default)s)")
     p.add_argument("--thresholding", default="both", choices=("off", "on", "both"))
     a = p.parse_args(argv)
@@ -183,7 +189,7 @@ def main(argv=None) -> int:
     if a.threads:
         torch.set_num_threads(a.threads)
     device = torch.device(a.device)
-    shapes = SHAPES if a.shapes == "all" else {n: SHAPES[n] for n in a.shapes.split(",")}
+    shapes = {n: SHAPES[n] for n in (DEFAULT_SHAPES if a.shapes == "all" else a.shapes.split(","))}
     shapes, steps, reps = (SMOKE_SHAPES, 6, 1) if a.smoke else (shapes, a.steps, a.reps)
     thresholds = {"off": (False,), "on": (True,), "both": (False, True)}[a.thresholding]
     load = load_average()
@@ -196,7 +202,7 @@ def main(argv=None) -> int:
     print(head)
     print(table)
     if a.out:
-        kind = "diffusers_step" if schedulers == ["multistep"] else "diffusers_family"
+        kind = a.kind or ("diffusers_step" if schedulers == ["multistep"] else "diffusers_family")
         csv_path = results_csv(rows, Path(a.out), kind, device)
         md_path = csv_path.with_suffix(".md")
         md_path.write_text(f"# diffusers scheduler step() benchmark\n\n{head}\n{table}\n")
