@@ -122,9 +122,10 @@ def test_performance_figures_come_from_the_newest_results_files_they_name():
     """The README's speed-ups were those of an older file (2026-11-26) than the newest (2026-12-01): every figure now
     names its results file and date, the file is the newest of its kind, and the figures are that file's."""
     text = " ".join(_section("Performance").split())
-    cited = re.findall(r"`((fused_step|diffusers_step|diffusers_family)-[a-z0-9-]+-(\d{4}-\d{2}-\d{2})\.md)`, "
-                       r"(\d{4}-\d{2}-\d{2})", text)
-    assert sorted(kind for _, kind, _, _ in cited) == ["diffusers_family", "diffusers_step", "fused_step"], cited
+    cited = re.findall(r"`((fused_step|diffusers_step|diffusers_family|diffusers_samplers)-[a-z0-9-]+-"
+                       r"(\d{4}-\d{2}-\d{2})\.md)`, (\d{4}-\d{2}-\d{2})", text)
+    assert sorted(kind for _, kind, _, _ in cited) == ["diffusers_family", "diffusers_samplers", "diffusers_step",
+                                                       "fused_step"], cited
     files = {}
     for name, kind, date, said in cited:
         assert (RESULTS / name).is_file() and said == date, name
@@ -151,6 +152,10 @@ def test_performance_figures_come_from_the_newest_results_files_they_name():
         (r"EDM\) \S+ without and (\S+)-(\S+)x with thresholding", "diffusers_family", {"singlestep", "inverse", "edm"},
          "on"),
         (r"SDE schedulers gain less \((\S+)-(\S+)x without", "diffusers_family", {"multistep-sde", "edm-sde"}, "off"),
+        (r"UniPC (\S+)-(\S+)x", "diffusers_samplers", {"unipc"}, "off"),
+        (r"KDPM2 (\S+)-(\S+)x", "diffusers_samplers", {"kdpm2"}, "off"),
+        (r"KDPM2 ancestral (\S+)-(\S+)x", "diffusers_samplers", {"kdpm2-ancestral"}, "off"),
+        (r"CogVideoX (\S+)-(\S+)x", "diffusers_samplers", {"cogvideox"}, "off"),
     ]
     for pattern, kind, schedulers, thr in ranges:
         lo, hi = re.search(pattern, text).groups()
