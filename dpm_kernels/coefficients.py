@@ -62,6 +62,10 @@ class Point:
 
     def __getitem__(self, idx) -> Point:
         """The points at `idx` of array fields."""
+        a, s, lam = self.alpha, self.sigma, self.lam
+        if type(a) is np.ndarray and type(s) is np.ndarray and type(lam) is np.ndarray and a.shape == s.shape == \
+                lam.shape:  # the planner's case, without broadcasting's cost (a plan indexes points many times)
+            return Point(a[idx], s[idx], lam[idx])
         shape = np.broadcast_shapes(np.shape(self.alpha), np.shape(self.sigma), np.shape(self.lam))
         return Point(*(np.broadcast_to(v, shape)[idx] for v in (self.alpha, self.sigma, self.lam)))
 
