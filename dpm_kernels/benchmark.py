@@ -16,10 +16,12 @@ the step can write).
 
 A shared machine disturbs timings (another process starts, the whole run is 7x slower than the last), and a
 disturbed run must say so. Per configuration the providers are timed interleaved, round by round, so that a change
-of the machine's speed hits all of them alike, and the copy floor is measured before and after: a floor that moved
-marks the row, as do a wide spread and a step "faster" than 1/4 of the copy floor. Per run: the load average at the
+of the machine's speed hits all of them alike -- the copy floor too, timed in the same rounds, so the ratios to it
+hold; a floor whose own spread in the row exceeds 1.25x marks the row, as do a wide spread and a step "faster" than
+1/4 of the copy floor. Per run: the load average at the
 start and the end against the CPU count, and the copy bandwidth against the earlier runs on the same device in the
-results directory. Any run-level finding, or many marked rows, labels the run DISTURBED, in the table and on stderr.
+results directory. A run-level finding labels the run DISTURBED -- its numbers are not to be used -- and many marked
+measurements label it NOISY (the unmarked figures stand), in the table and on stderr.
 Results go to a results directory (default ~/.cache/dpm_kernels/benchmarks; `--out benchmarks/results` in a
 checkout) as CSV rows and a markdown table with the device (the CPU's model name and core count), torch version,
 date and the run's conditions.
@@ -126,9 +128,10 @@ def measure(fn, device: torch.device, min_time: float = 0.3, min_reps: int = 5, 
 
 NOISY_SPREAD = 0.5  # a measurement whose 20-80% range exceeds half its median says little about a ratio
 IMPLAUSIBLE_X_FLOOR = 0.25  # a step can beat copy_ (no write-allocate on out), but not by 4x: the floor was disturbed
-FLOOR_DRIFT = 1.25  # the copy floor before and after a row differing by more: the machine's speed changed meanwhile
+FLOOR_DRIFT = 1.25  # the copy floor's 80% over its 20% quantile in a row's rounds: the machine's speed moved
 OTHER_RUNS = 1.5  # this run's copy bandwidth this far from the earlier runs' on the same device: one of them disturbed
 NOISY_RUN = 0.2  # the share of suspect measurements that labels a whole run disturbed
+COPY = "copy floor"  # the copy timed with the providers of a row (not a provider of the results)
 
 
 def is_noisy(median: float, lo: float, hi: float) -> bool:
@@ -137,7 +140,8 @@ def is_noisy(median: float, lo: float, hi: float) -> bool:
 
 
 def row_reasons(median: float, lo: float, hi: float, x_floor: float, compiled: bool, floor_drift: float) -> list[str]:
-    """Why one measurement is suspect (empty: it is not)."""
+    """Why one measurement is suspect (empty: it is not). floor_drift: the 80% over the 20% quantile of the copy
+    floor timed in the same rounds."""
     why = []
     if is_noisy(median, lo, hi):
         why.append(f"spread {(hi - lo) / median:.0%} of the median")
@@ -308,13 +312,13 @@ def run(sizes, orders, dtypes, thresholds, providers, device, out_dir: Path | No
                 fns["diffusers"] = case.diffusers()
             except ImportError:
                 pass
-        # the copy floor before and after the providers, timed round by round in between
+        # the copy floor timed round by round with the providers: whatever slows the machine during the row slows
+        # both, so the ratios to the floor hold; the floor's own spread says how much the machine's speed moved
         copy, copy_bytes = copy_case(case.footprint(), dtype, device)
-        before = quantiles(measure(copy, device, min_time / 2, clock=clock))[0]
-        times = measure_rounds(fns, device, min_time, clock=clock)
-        after = quantiles(measure(copy, device, min_time / 2, clock=clock))[0]
-        bw = copy_bytes / statistics.mean([before, after])
-        floor, drift = case.bytes_moved() / bw, max(before, after) / min(before, after)
+        times = measure_rounds({**fns, COPY: copy}, device, min_time, clock=clock)
+        c_med, c20, c80 = quantiles(times.pop(COPY))
+        bw = copy_bytes / c_med
+        floor, drift = case.bytes_moved() / bw, c80 / c20
         for name, ts in times.items():
             med, q20, q80 = quantiles(ts)
             why = row_reasons(med, q20, q80, med / floor, name in natives, drift)
@@ -324,7 +328,8 @@ def run(sizes, orders, dtypes, thresholds, providers, device, out_dir: Path | No
                 "median_ms": med * 1e3, "p20_ms": q20 * 1e3, "p80_ms": q80 * 1e3,
                 "GBps": case.bytes_moved() / med / 1e9, "floor_ms": floor * 1e3, "x_floor": med / floor,
                 "copy_GBps": bw / 1e9, "spread": (q80 - q20) / med, "suspect": int(bool(why)),
-                "run": started, "floor_before_ms": before * 1e3, "floor_after_ms": after * 1e3, "floor_drift": drift,
+                "run": started, "floor_q20_ms": floor * c20 / c_med * 1e3, "floor_q80_ms": floor * c80 / c_med * 1e3,
+                "floor_drift": drift,
                 "load_start": load_start, "why": "; ".join(why),
             })
     load_end = load_average()
@@ -378,20 +383,31 @@ def markdown(rows) -> str:
 
 
 def noise_summary(rows, earlier=(), cpus: int | None = None, threads: int | None = None) -> tuple[bool, str]:
-    """(disturbed, one line): whether the run shows signs of a disturbance (`run_reasons`: the load average, the copy
-    bandwidth against `earlier` runs' rows) or too many suspect measurements to trust its numbers."""
+    """(flagged, one line). A run is DISTURBED when something outside it changed the machine's speed for the whole run
+    (`run_reasons`: the load average, the copy bandwidth against `earlier` runs' rows): its numbers are not to be
+    used. It is NOISY when over a fifth of its measurements are marked (`row_reasons`: their own spread, a floor that
+    moved within their row -- its providers were timed in the same rounds, so a move hits them alike and only widens
+    their spread): the unmarked figures stand. On this project's 2-core VM the copy bandwidth itself wanders within
+    a row and the eager reference's allocations spread widely."""
     bad = sum(1 for r in rows if r.get("suspect"))
     cpus = (os.cpu_count() or 1) if cpus is None else cpus
     threads = torch.get_num_threads() if threads is None else threads
     load = (rows[0].get("load_start"), rows[0].get("load_end")) if rows else (None, None)
     why = run_reasons(rows, list(earlier), load, cpus, threads)
-    if bad > NOISY_RUN * max(1, len(rows)):
-        why.append(f"over {NOISY_RUN:.0%} of the measurements suspect")
     line = (f"{bad} of {len(rows)} measurements suspect (\"?\": 20-80% spread over {NOISY_SPREAD:.0%} of the median,"
             f" x floor under {IMPLAUSIBLE_X_FLOOR}, or the copy floor moving over {FLOOR_DRIFT}x during the row)")
     if why:
-        line = "DISTURBED RUN -- do not use these numbers, rerun on a quiet machine: " + "; ".join(why) + ". " + line
-    return bool(why), line
+        return True, "DISTURBED RUN -- do not use these numbers, rerun on a quiet machine: " + "; ".join(why) + ". " + \
+            line
+    if bad > NOISY_RUN * max(1, len(rows)):
+        return True, (f"NOISY RUN -- over {NOISY_RUN:.0%} of the measurements spread widely: only the figures "
+                      "without \"?\" stand (rerun, or a longer --min-time, for the rest). " + line)
+    return False, line
+
+
+def run_label(line: str) -> str:
+    """' (DISTURBED RUN)', ' (NOISY RUN)' or '' for a results file's title, from `noise_summary`'s line."""
+    return next((f" ({w})" for w in ("DISTURBED RUN", "NOISY RUN") if line.startswith(w)), "")
 
 
 def conditions(rows) -> str:
@@ -440,8 +456,8 @@ def write_results(rows, out_dir: Path, device: torch.device, earlier=()) -> tupl
     csv_path = results_csv(rows, out_dir, "fused_step", device)
     stamp = _dt.date.today().isoformat()
     md_path = csv_path.with_suffix(".md")
-    disturbed, summary = noise_summary(rows, earlier)
-    header = (f"# Fused step benchmark{' (DISTURBED RUN)' if disturbed else ''}\n\ndevice: {device_name(device)}; "
+    _, summary = noise_summary(rows, earlier)
+    header = (f"# Fused step benchmark{run_label(summary)}\n\ndevice: {device_name(device)}; "
               f"torch {torch.__version__}; date {stamp}; {conditions(rows)}\n\n"
               "Times are medians of one step; `x floor` = time / (bytes the fused step must move / copy bandwidth "
               f"measured over the same footprint); `A vs B` = B's time / A's time. {summary}\n\n")

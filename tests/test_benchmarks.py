@@ -104,34 +104,39 @@ def test_providers_are_timed_round_by_round():
     assert times["b"] == pytest.approx([2e-3] * len(times["b"])) and len(times["a"]) == len(times["c"]) >= 3
 
 
-def _fake_run(monkeypatch, slow_after_start: bool):
-    """`run` on a fake clock: the copy floor takes 1 ms, or 8 ms once the step has run (another process started
-    during the row) when `slow_after_start`; the step always 2 ms."""
+def _fake_run(monkeypatch, slow_after: int | None):
+    """`run` on a fake clock: the copy floor takes 1 ms, or 8 ms once the step has run `slow_after` times (another
+    process started during the row); the step always 2 ms."""
     import torch
 
     from dpm_kernels import benchmark
 
-    clock, state = FakeClock(), {"started": False}
-    copy = clock.work(lambda: 8e-3 if state["started"] and slow_after_start else 1e-3)
+    clock, state = FakeClock(), {"steps": 0}
+    copy = clock.work(lambda: 8e-3 if slow_after is not None and state["steps"] > slow_after else 1e-3)
     step = clock.work(2e-3)
     monkeypatch.setattr(benchmark, "copy_case", lambda footprint, dtype, device: (copy, 10**6))
-    monkeypatch.setattr(benchmark.StepCase, "eager", lambda self: lambda: (state.update(started=True), step()))
+    monkeypatch.setattr(benchmark.StepCase, "eager",
+                        lambda self: lambda: (state.update(steps=state["steps"] + 1), step()))
     return benchmark.run([10], [2], ["float32"], [False], ["eager"], torch.device("cpu"), None, progress=False,
                          min_time=0.02, clock=clock)
 
 
-def test_a_floor_that_moves_during_a_row_marks_it(monkeypatch):
+def test_the_floor_is_timed_with_the_providers_and_a_floor_that_moves_marks_the_row(monkeypatch):
     from dpm_kernels import benchmark
 
-    quiet = _fake_run(monkeypatch, slow_after_start=False)
-    assert [(r["floor_before_ms"], r["floor_after_ms"], r["suspect"], r["why"]) for r in quiet] == [
-        (pytest.approx(1.0), pytest.approx(1.0), 0, "")]
+    quiet = _fake_run(monkeypatch, slow_after=None)
+    assert [(r["floor_q20_ms"], r["floor_q80_ms"], r["suspect"], r["why"]) for r in quiet] == [
+        (pytest.approx(0.02048), pytest.approx(0.02048), 0, "")]
     # 5 tensors of 2^10 float32 elements moved at the fake copy's 1 GB/s (10^6 bytes a millisecond): 0.02048 ms
     assert quiet[0]["median_ms"] == pytest.approx(2.0) and quiet[0]["floor_ms"] == pytest.approx(0.02048)
-    loud = _fake_run(monkeypatch, slow_after_start=True)
+    # slower from the start of the row on (the warm-up call already): the floor was timed under the same conditions
+    # as the step, so the ratio to it holds and nothing moved within the row
+    slow = _fake_run(monkeypatch, slow_after=0)
+    assert slow[0]["floor_ms"] == pytest.approx(8 * 0.02048) and slow[0]["suspect"] == 0
+    loud = _fake_run(monkeypatch, slow_after=4)  # slower from the fourth round on: the floor moved within the row
     assert loud[0]["suspect"] == 1 and "copy floor moved 8.00x during the row" in loud[0]["why"], loud[0]["why"]
-    disturbed, line = benchmark.noise_summary(loud, cpus=2, threads=2)
-    assert disturbed and line.startswith("DISTURBED RUN") and "?" in benchmark.markdown(loud)
+    flagged, line = benchmark.noise_summary(loud, cpus=2, threads=2)
+    assert flagged and line.startswith("NOISY RUN") and "?" in benchmark.markdown(loud)
 
 
 def _rows(copy_gbps, load_start=0.5, load_end=1.5, run="2026-12-05T10:00:00"):
