@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
@@ -20,6 +21,7 @@ pytestmark = pytest.mark.slow
 def _dry_run(out: Path, files: list[str]) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["GPU_CHECK_TEST_FILES"] = " ".join(files)
+    env["PYTHON"] = sys.executable  # this interpreter, whatever `python3` is on the PATH
     return subprocess.run([str(SCRIPT), str(out), "--dry-run"], capture_output=True, text=True, env=env, cwd=ROOT,
                           timeout=900)
 
