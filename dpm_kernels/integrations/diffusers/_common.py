@@ -211,7 +211,7 @@ class FusedStepMixin:
         return None
 
     # ----- planning -----
-    def _plan(self, model_output: torch.Tensor, sample: torch.Tensor) -> Trajectory:
+    def _plan(self, model_output: torch.Tensor, sample: torch.Tensor, step: BoundStep) -> Trajectory:
         start, n = self.step_index, self._grid_length()
         sigmas = self.sigmas[start:n + 1].numpy().astype(np.float64)  # a CPU tensor in diffusers: no device sync
         dev, w = sample.device, self._working_dtype(sample, model_output)
@@ -224,7 +224,7 @@ class FusedStepMixin:
         if ring is None or ring[0].shape != shape or ring[0].dtype != hd or ring[0].device != dev:
             buf = torch.empty(shape, dtype=hd, device=dev)
             ring = self._fz_ring = (buf, buf.unbind(0))
-        return Trajectory(start, plan, table, self._bound_step(dev), ring[1], sample.shape, w, dev, self._draws_noise(),
+        return Trajectory(start, plan, table, step, ring[1], sample.shape, w, dev, self._draws_noise(),
                           self._result_in_model_dtype())
 
     def _config_key(self) -> str:
@@ -290,9 +290,9 @@ class FusedStepMixin:
                     self._init_step_index(timestep)
                 why = self._data_reason(model_output, sample)
             if why is None:
-                self._bound_step(sample.device)  # a named backend that cannot serve the device raises here
+                step = self._bound_step(sample.device)  # a named backend that cannot serve the device raises here
                 try:
-                    traj = self._plan(model_output, sample)
+                    traj = self._plan(model_output, sample, step)
                 except (ValueError, ArithmeticError) as exc:  # e.g. an SDE sigma grid that goes backwards
                     if not self.FALL_BACK_ON_PLANNING_ERRORS:
                         raise
